@@ -1,0 +1,209 @@
+"""What every FlashInfer adapter shares: request facts, workspaces, scales, LSE base, fast checks.
+
+FlashInfer's entry points differ in how they take FP8 scales (host floats
+folded into ``sm_scale``, device tensors, per-head arrays, ``bmm1``/``bmm2``
+products) and in which LSE base they return.  The adapters in
+``flashinfer`` and ``flashinfer_trtllm`` translate the op contract into each
+of them with these helpers, so the rules live in one place:
+
+* a Python float scale goes to the library as a float (no kernel launch);
+* a one-element fp32 device tensor is applied on the device, never read on
+  the host (``run()`` must not synchronise), either by the library itself or
+  by scaling the query into a buffer planned for it;
+* FlashInfer's base-2 LSE is turned into the contract's natural log.
+
+torch is imported inside functions only: importing this module is free.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+from registry.adapters.base import Adapter, check_tensor, import_library, torch_dtype, workspace
+from registry.errors import AdapterInputError, UnsupportedFeatureError
+
+if TYPE_CHECKING:
+    import torch
+
+LN2 = math.log(2.0)
+"""FlashInfer's LSE is ``log2`` of the softmax denominator; ``ln x = log2 x * ln 2``."""
+
+FLOAT_WORKSPACE_BYTES = 128 << 20
+"""Split-KV scratch of FlashInfer's FA wrappers (the size FlashInfer's docs recommend)."""
+
+XQA_WORKSPACE_BYTES = 256 << 20
+"""XQA: the first 8 MiB are semaphores that must start at zero, the rest is scratch (XQA-MLA wants >= 128 MiB)."""
+
+TRTLLM_GEN_WORKSPACE_BYTES = 256 << 20
+"""trtllm-gen: multi-CTA partial outputs and softmax statistics."""
+
+
+def flashinfer() -> Any:
+    """``import flashinfer`` with the install hint on failure."""
+    return import_library("flashinfer", "flashinfer")
+
+
+def float_workspace(device: Any, tag: str, nbytes: int) -> "torch.Tensor":
+    """A zeroed per-device scratch buffer; each ``tag`` is a separate buffer (their contents differ)."""
+    return workspace(device, nbytes, tag=tag)
+
+
+def split_scales(*scales: Any) -> tuple[float, list]:
+    """Multiply the float scales together; return the product and the tensor scales left over."""
+    host, dev = 1.0, []
+    for s in scales:
+        if isinstance(s, float):
+            host *= s
+        elif isinstance(s, int) and not isinstance(s, bool):
+            host *= float(s)
+        else:
+            dev.append(s)
+    return host, dev
+
+
+def check_scale(name: str, scale: Any, device_index: int) -> None:
+    """A scale is a number or a one-element fp32 tensor on the kernel's device (else a clear error)."""
+    import torch
+
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1:
+        raise AdapterInputError(f"{name}: expected a float or a one-element fp32 tensor, got {scale!r}")
+    if scale.dtype != torch.float32:
+        raise AdapterInputError(f"{name}: dtype {str(scale.dtype).removeprefix('torch.')} not in [float32]")
+    if scale.get_device() != device_index:
+        raise AdapterInputError(f"{name}: on {scale.device}, expected cuda:{device_index}")
+
+
+def scale_product(buf: "torch.Tensor", host: float, dev: Sequence["torch.Tensor"]) -> Any:
+    """``host * prod(dev)`` as a float when ``dev`` is empty, else written into the 1-element ``buf``.
+
+    Capturable: no host read, no allocation (``buf`` is planned).
+    """
+    import torch
+
+    if not dev:
+        return host
+    torch.mul(dev[0].view(1), host, out=buf)
+    for t in dev[1:]:
+        buf.mul_(t.view(1))
+    return buf
+
+
+class FlashInferAdapter(Adapter):
+    """Shared by every FlashInfer adapter: request facts, feature refusals, buffers, fast input checks.
+
+    Subclasses set ``op`` and the class flags below (what their FlashInfer
+    path cannot do, so a request for it is refused instead of dropped), and
+    implement ``plan()`` / ``run()``.
+    """
+
+    drops: dict = {}
+    """feature -> why: request features this FlashInfer path would accept and silently ignore,
+    or not do at all; the adapter raises instead (the manifest must not declare them)."""
+
+    def __init__(self, spec: Any, request: Any) -> None:
+        super().__init__(spec, request)
+        for feature, why in self.drops.items():
+            if getattr(request, feature, False):
+                raise UnsupportedFeatureError(f"{spec.name}: {feature} is not supported: {why}")
+        self._fi = flashinfer()
+        self.q_dtype = torch_dtype(request.q_dtype)
+        self.kv_dtype = torch_dtype(request.kv_dtype)
+        self.out_dtype = self._default_out_dtype(request)
+        self._device = None
+        self._device_index = -1
+        self._pdl = False
+        self._buffers: dict = {}
+
+    @staticmethod
+    def _default_out_dtype(request: Any) -> "torch.dtype":
+        import torch
+
+        if getattr(request, "out_dtype", None) is not None:
+            return torch_dtype(request.out_dtype)
+        q = torch_dtype(request.q_dtype)
+        return torch.bfloat16 if q in (torch.float8_e4m3fn, torch.float8_e5m2) else q
+
+    # -- plan-time helpers --------------------------------------------------
+
+    def _bind_device(self, t: "torch.Tensor") -> None:
+        """Fix the device from the plan metadata; FlashInfer needs CUDA tensors."""
+        if not t.is_cuda:
+            raise AdapterInputError(f"{self.spec.name}: plan metadata is on {t.device}; FlashInfer kernels need CUDA tensors")
+        self._device = t.device
+        self._device_index = t.get_device()
+        self._pdl = bool(self._fi.utils.device_support_pdl(t.device))
+
+    def _check_options(self, metadata: Any, *, causal: Optional[bool] = None) -> None:
+        """Refuse plan options the request did not select this kernel for."""
+        self._refuse("sliding_window", metadata.window_left >= 0 and not self.request.sliding_window)
+        self._refuse("logits_soft_cap", metadata.logits_soft_cap > 0 and not self.request.logits_soft_cap)
+        if causal is not None:
+            self._refuse("non_causal", not causal and not getattr(self.request, "non_causal", False))
+
+    def _sm_scale(self, metadata: Any, head_dim: int) -> float:
+        return metadata.sm_scale if metadata.sm_scale is not None else 1.0 / math.sqrt(head_dim)
+
+    # -- run-time helpers (hot path: keep them cheap) ----------------------
+
+    def _expect(self, name: str, t: Any, shape: tuple, dtype: "torch.dtype", *, tail: bool = False) -> None:
+        """Cheap check of shape (or ``shape[1:]`` with ``tail``), dtype and device; the slow path explains."""
+        try:
+            ok = (
+                t.dtype == dtype
+                and (t.shape[1:] if tail else t.shape) == shape
+                and t.get_device() == self._device_index
+            )
+        except AttributeError:
+            ok = False
+        if not ok:
+            want = ((None,) + tuple(shape)) if tail else shape
+            check_tensor(name, t, shape=want, dtype=dtype, contract=f"{self.spec.name}, {self.op}")
+            raise AdapterInputError(
+                f"{name}: on {t.device}, expected {self._device} ({self.spec.name}, {self.op})"
+            )
+
+    def _scales(self, names: tuple, scales: tuple) -> tuple[float, list]:
+        """Validate scales (floats skip the checks) and split them into a host product and tensors."""
+        host, dev = split_scales(*scales)
+        for name, s in zip(names, scales):
+            if not isinstance(s, float):
+                check_scale(name, s, self._device_index)
+        return host, dev
+
+    def _lse_wanted(self, lse: Any) -> bool:
+        """The LSE is returned iff the request asked for it; a buffer without the request is refused."""
+        want = bool(self.request.return_lse)
+        if lse is not None and not want:
+            self._refuse("return_lse (an lse= buffer)", True)
+        return want
+
+    def _prescaled(self, q: "torch.Tensor", host: float, dev: Sequence["torch.Tensor"], slot: str = "q") -> "torch.Tensor":
+        """``q * host * prod(dev)`` into a buffer planned for it (for scales a library cannot take).
+
+        The buffer is allocated by ``plan()`` when the request's dtypes make
+        scales likely (FP8), else on first use.
+        """
+        import torch
+
+        buf = self._buffers.get(slot)
+        if buf is None or buf.shape != q.shape or buf.dtype != q.dtype:
+            buf = self._buffers[slot] = torch.empty_like(q)
+        if dev:
+            torch.mul(q, dev[0].view(1), out=buf)
+            for t in dev[1:]:
+                buf.mul_(t.view(1))
+            if host != 1.0:
+                buf.mul_(host)
+        else:
+            torch.mul(q, host, out=buf)
+        return buf
+
+    def _plan_buffer(self, slot: str, shape: tuple, dtype: "torch.dtype") -> None:
+        import torch
+
+        buf = self._buffers.get(slot)
+        if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
+            self._buffers[slot] = torch.empty(shape, dtype=dtype, device=self._device)

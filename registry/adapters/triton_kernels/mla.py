@@ -1,0 +1,150 @@
+"""Absorbed MLA decode over a paged latent cache ``[P, S, R + Dr]``.
+
+Every query head reads the same latent row, so one program owns a tile of
+rows (new token, head) of one request -- up to 64, enough for Hopper's
+warpgroup MMA -- and a split of its keys; each cache row is loaded once and
+used twice: the whole row as the key (``q_nope . c + q_pe . k_pe``) and its
+first ``R`` columns as the value.  Head tiles of one request are adjacent in
+the grid, so their repeated reads of a split hit L2, not HBM.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import triton
+import triton.language as tl
+
+from registry.adapters.triton_kernels.merge import load_scale, merge_splits, write_rows
+from registry.adapters.triton_kernels.paged_mha import _tanh
+
+
+@triton.jit
+def _mla_decode_kernel(
+    QN, QP, KV, BlockTable, SeqLens, Sinks, QScale, KVScale, Out, Lse, OPart, LsePart,
+    sm_scale, kv_mul, soft_cap, window_left, q_len, num_tokens,
+    stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_kvp, stride_kvs,
+    stride_bt, stride_ot, stride_oh, stride_lt, stride_lh,
+    HEADS: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    Q_SCALE_PTR: tl.constexpr, KV_SCALE_PTR: tl.constexpr, WRITE_LSE: tl.constexpr, FINAL: tl.constexpr,
+):
+    mblk = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
+    kv_len = tl.load(SeqLens + b)
+    rows = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len * HEADS
+    tok = rows // HEADS
+    h_idx = rows % HEADS
+    t_idx = b * q_len + tok
+    q_pos = kv_len - q_len + tok
+
+    first_tok = (mblk * BLOCK_M) // HEADS
+    last_tok = tl.minimum((mblk * BLOCK_M + BLOCK_M - 1) // HEADS, q_len - 1)
+    hi = kv_len - q_len + last_tok + 1
+    if HAS_WINDOW:
+        lo = tl.maximum(kv_len - q_len + first_tok - window_left, 0)
+    else:
+        lo = 0
+    chunk = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, hi)
+
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    offs_dr = tl.arange(0, BLOCK_DR)
+    dr_ok = offs_dr < DR
+    t64 = t_idx.to(tl.int64)
+    qn = tl.load(
+        QN + t64[:, None] * stride_qnt + h_idx[:, None] * stride_qnh + offs_r[None, :],
+        mask=row_ok[:, None] & r_ok[None, :], other=0.0,
+    )
+    qp = tl.load(
+        QP + t64[:, None] * stride_qpt + h_idx[:, None] * stride_qph + offs_dr[None, :],
+        mask=row_ok[:, None] & dr_ok[None, :], other=0.0,
+    )
+    qk_scale = load_scale(load_scale(sm_scale * kv_mul, QScale, Q_SCALE_PTR), KVScale, KV_SCALE_PTR)
+    if HAS_SOFTCAP:
+        cap_in = qk_scale / soft_cap
+        cap_out = soft_cap * 1.4426950408889634
+    else:
+        qk_scale = qk_scale * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    bt = BlockTable + b.to(tl.int64) * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        page = tl.load(bt + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
+        row_base = KV + page * stride_kvp + (offs_n % PAGE_SIZE) * stride_kvs
+        c = tl.load(row_base[:, None] + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        kpe = tl.load(row_base[:, None] + R + offs_dr[None, :], mask=n_ok[:, None] & dr_ok[None, :], other=0.0)
+        c = c.to(qn.dtype)
+        s = tl.dot(qn, tl.trans(c))
+        s = tl.dot(qp, tl.trans(kpe.to(qp.dtype)), s)
+        if HAS_SOFTCAP:
+            s = cap_out * _tanh(s * cap_in)
+        else:
+            s = s * qk_scale
+        seen = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            seen = seen & (offs_n[None, :] >= q_pos[:, None] - window_left)
+        s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(qn.dtype), c, acc * alpha[:, None])
+        m_i = m_new
+
+    write_rows(
+        acc, m_i, l_i, t_idx, h_idx, row_ok, offs_r, r_ok,
+        Sinks, KVScale, kv_mul, Out, stride_ot, stride_oh, Lse, stride_lt, stride_lh,
+        OPart, LsePart, split, num_tokens, HEADS,
+        R, HAS_SINKS, KV_SCALE_PTR, WRITE_LSE, FINAL,
+    )
+
+
+def mla_decode(
+    q_nope: Any, q_pe: Any, kv_cache: Any, block_table: Any, seq_lens: Any, out: Any, lse: Optional[Any], *,
+    q_len: int, sm_scale: float, window_left: int, soft_cap: float, sinks: Any,
+    q_scale: tuple, kv_scale: tuple,
+    o_part: Any, lse_part: Any, block_m: int, block_n: int, num_warps: int, num_stages: int,
+) -> None:
+    """Launch stage 1 (and the merge when ``o_part`` holds more than one split); causal within ``q_len``."""
+    num_tokens, heads, rank = q_nope.shape
+    rope = q_pe.shape[2]
+    page_size = kv_cache.shape[1]
+    batch = block_table.shape[0]
+    num_splits = 1 if o_part is None else o_part.shape[0]
+    if batch == 0:
+        return
+    final = num_splits == 1
+    dummy = out
+    grid = (triton.cdiv(q_len * heads, block_m), num_splits, batch)
+    _mla_decode_kernel[grid](
+        q_nope, q_pe, kv_cache, block_table, seq_lens,
+        dummy if sinks is None else sinks,
+        dummy if q_scale[1] is None else q_scale[1], dummy if kv_scale[1] is None else kv_scale[1],
+        out, dummy if lse is None else lse,
+        dummy if final else o_part, dummy if final else lse_part,
+        sm_scale * q_scale[0], kv_scale[0], soft_cap, window_left, q_len, num_tokens,
+        q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1),
+        block_table.stride(0), out.stride(0), out.stride(1),
+        0 if lse is None else lse.stride(0), 0 if lse is None else lse.stride(1),
+        HEADS=heads, R=rank, DR=rope, BLOCK_R=triton.next_power_of_2(rank),
+        BLOCK_DR=max(16, triton.next_power_of_2(rope)),
+        PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=soft_cap > 0, HAS_SINKS=sinks is not None and final,
+        Q_SCALE_PTR=q_scale[1] is not None, KV_SCALE_PTR=kv_scale[1] is not None,
+        WRITE_LSE=lse is not None and final, FINAL=final,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not final:
+        merge_splits(o_part, lse_part, out, lse, sinks=sinks, v_mul=kv_scale[0], v_scale_ptr=kv_scale[1])

@@ -1,0 +1,196 @@
+"""Paged MHA/GQA attention over an NHD cache: ``mha_decode`` and ``mha_extend``.
+
+One program owns a tile of query *rows* of one request and one KV head,
+where a row is a (new token, query head of that KV head) pair, token-major:
+all ``q_len x group`` query heads of a KV head share each K/V load, so the
+cache is read once per KV head, not once per query head.  Decode tiles are
+computed from the program id (uniform ``q_len``); extend tiles come from a
+table built at plan time (ragged ``cu_seqlens_q``).
+
+The third grid axis splits the tile's key range (flash-decoding) so long
+contexts fill the GPU at small batch; chunk bounds are computed on the
+device from ``seq_lens``, so the plan's split count stays valid for any
+lengths a CUDA graph is later replayed with.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import triton
+import triton.language as tl
+
+from registry.adapters.triton_kernels.merge import load_scale, merge_splits, write_rows
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from exp2 (portable: no libdevice, runs in the interpreter)."""
+    e = tl.exp2(x * 2.8853900817779268)  # e^(2x)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def _paged_mha_kernel(
+    Q, K, V, BlockTable, SeqLens, CuSeqlensQ, TileReq, TileRow,
+    Sinks, QScale, KScale, VScale, Out, Lse, OPart, LsePart,
+    sm_scale, v_mul, soft_cap, window_left, q_len, tiles_per_req, num_tokens, num_q_heads,
+    stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    stride_bt, stride_ot, stride_oh, stride_lt, stride_lh,
+    GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    RAGGED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr, Q_SCALE_PTR: tl.constexpr, K_SCALE_PTR: tl.constexpr, V_SCALE_PTR: tl.constexpr,
+    WRITE_LSE: tl.constexpr, FINAL: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    if RAGGED:
+        b = tl.load(TileReq + tile)
+        row0 = tl.load(TileRow + tile)
+        q_start = tl.load(CuSeqlensQ + b)
+        n_q = tl.load(CuSeqlensQ + b + 1) - q_start
+    else:
+        b = tile // tiles_per_req
+        row0 = (tile % tiles_per_req) * BLOCK_M
+        q_start = b * q_len
+        n_q = q_len
+    kv_len = tl.load(SeqLens + b)
+
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_q * GROUP
+    tok = rows // GROUP
+    h_idx = kvh * GROUP + rows % GROUP
+    t_idx = q_start + tok
+    q_pos = kv_len - n_q + tok  # bottom-right aligned
+
+    # Keys any row of this tile may see, then this split's share of them.
+    first_tok = row0 // GROUP
+    last_tok = tl.minimum((row0 + BLOCK_M - 1) // GROUP, n_q - 1)
+    if CAUSAL:
+        hi = kv_len - n_q + last_tok + 1
+    else:
+        hi = kv_len
+    if HAS_WINDOW:
+        lo = tl.maximum(kv_len - n_q + first_tok - window_left, 0)
+    else:
+        lo = 0
+    chunk = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, hi)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < DV
+    q = tl.load(
+        Q + t_idx.to(tl.int64)[:, None] * stride_qt + h_idx[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+    qk_scale = load_scale(load_scale(sm_scale, QScale, Q_SCALE_PTR), KScale, K_SCALE_PTR)
+    if HAS_SOFTCAP:
+        cap_in = qk_scale / soft_cap
+        cap_out = soft_cap * 1.4426950408889634
+    else:
+        qk_scale = qk_scale * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    bt = BlockTable + b.to(tl.int64) * stride_bt
+    k_base = K + kvh * stride_kh
+    v_base = V + kvh * stride_vh
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        page = tl.load(bt + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
+        slot = offs_n % PAGE_SIZE
+        k = tl.load(
+            k_base + page[:, None] * stride_kp + slot[:, None] * stride_ks + offs_d[None, :],
+            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k.to(q.dtype)))
+        if HAS_SOFTCAP:
+            s = cap_out * _tanh(s * cap_in)
+        else:
+            s = s * qk_scale
+        seen = n_ok[None, :]
+        if CAUSAL:
+            seen = seen & (offs_n[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            seen = seen & (offs_n[None, :] >= q_pos[:, None] - window_left)
+        s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + page[:, None] * stride_vp + slot[:, None] * stride_vs + offs_dv[None, :],
+            mask=n_ok[:, None] & dv_ok[None, :], other=0.0,
+        )
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
+        m_i = m_new
+
+    write_rows(
+        acc, m_i, l_i, t_idx, h_idx, row_ok, offs_dv, dv_ok,
+        Sinks, VScale, v_mul, Out, stride_ot, stride_oh, Lse, stride_lt, stride_lh,
+        OPart, LsePart, split, num_tokens, num_q_heads,
+        DV, HAS_SINKS, V_SCALE_PTR, WRITE_LSE, FINAL,
+    )
+
+
+def paged_mha(
+    q: Any, k_cache: Any, v_cache: Any, block_table: Any, seq_lens: Any, out: Any, lse: Optional[Any], *,
+    q_len: int = 0, cu_seqlens_q: Any = None, tile_req: Any = None, tile_row: Any = None,
+    causal: bool, sm_scale: float, window_left: int, soft_cap: float, sinks: Any,
+    q_scale: tuple, k_scale: tuple, v_scale: tuple,
+    o_part: Any, lse_part: Any, block_m: int, block_n: int, num_warps: int, num_stages: int,
+) -> None:
+    """Launch stage 1 (and the merge when ``o_part`` holds more than one split).
+
+    Uniform mode (decode): ``q_len`` tokens per request.  Ragged mode
+    (extend): ``cu_seqlens_q`` plus the plan's tile table ``tile_req`` /
+    ``tile_row``.  Scales are ``(float, tensor-or-None)`` pairs.  All shapes
+    and dtypes were checked by the adapter; nothing here allocates or syncs.
+    """
+    num_tokens, hq, d = q.shape
+    page_size, hkv, dv = v_cache.shape[1:]
+    group = hq // hkv
+    ragged = tile_req is not None
+    num_splits = 1 if o_part is None else o_part.shape[0]
+    if ragged:
+        num_tiles, tiles_per_req = tile_req.shape[0], 0
+    else:
+        tiles_per_req = triton.cdiv(q_len * group, block_m)
+        num_tiles = block_table.shape[0] * tiles_per_req
+    if num_tiles == 0 or num_tokens == 0:
+        return
+    final = num_splits == 1
+    dummy = out
+    _paged_mha_kernel[(num_tiles, hkv, num_splits)](
+        q, k_cache, v_cache, block_table, seq_lens,
+        dummy if cu_seqlens_q is None else cu_seqlens_q,
+        dummy if tile_req is None else tile_req, dummy if tile_row is None else tile_row,
+        dummy if sinks is None else sinks,
+        dummy if q_scale[1] is None else q_scale[1], dummy if k_scale[1] is None else k_scale[1],
+        dummy if v_scale[1] is None else v_scale[1],
+        out, dummy if lse is None else lse,
+        dummy if final else o_part, dummy if final else lse_part,
+        sm_scale * q_scale[0] * k_scale[0], v_scale[0], soft_cap, window_left, q_len, tiles_per_req,
+        num_tokens, hq,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_table.stride(0), out.stride(0), out.stride(1),
+        0 if lse is None else lse.stride(0), 0 if lse is None else lse.stride(1),
+        GROUP=group, D=d, DV=dv, BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=triton.next_power_of_2(dv),
+        PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        RAGGED=ragged, CAUSAL=causal, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=soft_cap > 0,
+        HAS_SINKS=sinks is not None and final,
+        Q_SCALE_PTR=q_scale[1] is not None, K_SCALE_PTR=k_scale[1] is not None,
+        V_SCALE_PTR=v_scale[1] is not None and final, WRITE_LSE=lse is not None and final, FINAL=final,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not final:
+        merge_splits(o_part, lse_part, out, lse, sinks=sinks, v_mul=v_scale[0], v_scale_ptr=v_scale[1])

@@ -1,0 +1,307 @@
+"""The manifest's pydantic models: the authority on what ``kernels.yaml`` may say.
+
+Frozen, ``extra`` keys rejected with a did-you-mean, closed vocabularies,
+cross-field checks (op/field fit, priority band vs solution, unique names,
+adapter paths inside ``registry.adapters``).  Loading from YAML with line
+numbers is ``registry.loader``'s job.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.util
+import re
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from registry.constraints import ArchSpec, DTypeSet, IntRange, OneOf, arch_spec, shape_constraint
+from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
+from registry.priority import PRIORITY_MAX, Band, band_of
+from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean
+
+ADAPTER_PACKAGE = "registry.adapters"
+
+
+class StrictModel(BaseModel):
+    """Frozen, and an unknown key is an error that lists the known ones."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = set(cls.model_fields)
+            unknown = [k for k in data if k not in known]
+            if unknown:
+                key = unknown[0]
+                raise ValueError(
+                    f"unknown key {key!r}{did_you_mean(str(key), sorted(known))}; "
+                    f"expected one of: {', '.join(sorted(known))}"
+                )
+        return data
+
+
+def _dtypes(raw: Any) -> Any:
+    if isinstance(raw, list):
+        return {"values": raw}
+    if isinstance(raw, str):
+        return {"values": [raw]}
+    return raw
+
+
+DTypes_ = Annotated[Optional[DTypeSet], BeforeValidator(_dtypes)]
+ShapeC = Annotated[Optional[Union[OneOf, IntRange]], BeforeValidator(lambda v: v if v is None else shape_constraint(v))]
+
+
+class DTypes(StrictModel):
+    """Allowed dtypes per tensor role; the keys are the request fields they constrain."""
+
+    q_dtype: DTypes_ = Field(description="query dtype")
+    kv_dtype: DTypes_ = Field(description="KV-cache (or K/V) dtype")
+    out_dtype: DTypes_ = Field(default=None, description="output dtype; unconstrained when absent")
+
+
+class Shapes(StrictModel):
+    """Shape constraints: a list is a set of allowed values, a mapping a range (min/max/multiple_of)."""
+
+    head_dim_qk: ShapeC = Field(default=None, description="query/key head dim (MHA)")
+    head_dim_vo: ShapeC = Field(default=None, description="value/output head dim (MHA)")
+    num_qo_heads: ShapeC = Field(default=None, description="query heads")
+    num_kv_heads: ShapeC = Field(default=None, description="KV heads (MHA)")
+    gqa_group_size: ShapeC = Field(default=None, description="num_qo_heads / num_kv_heads")
+    page_size: ShapeC = Field(default=None, description="tokens per KV-cache page")
+    q_len: ShapeC = Field(default=None, description="query tokens per request in one decode step (MTP / speculative)")
+    kv_lora_rank: ShapeC = Field(default=None, description="MLA latent (compressed KV) width")
+    qk_rope_head_dim: ShapeC = Field(default=None, description="MLA rope part of the query/key head")
+    qk_nope_head_dim: ShapeC = Field(default=None, description="MLA non-rope query/key head dim before absorption")
+    topk: ShapeC = Field(default=None, description="sparse MLA: selected positions per query token")
+
+
+class Features(StrictModel):
+    """What a kernel supports.  Anything not declared ``true`` is unsupported."""
+
+    sinks: bool = Field(default=False, description="attention sinks: one fp32 logit per head in the softmax denominator")
+    sliding_window: bool = Field(default=False, description="sliding-window (local) attention via window_left")
+    logits_soft_cap: bool = Field(default=False, description="cap * tanh(score / cap) on the scaled logits")
+    return_lse: bool = Field(default=False, description="returns the log-sum-exp, needed by decode-context-parallel (DCP) merging")
+    non_causal: bool = Field(default=False, description="non-causal (bidirectional) attention over the new tokens")
+    noncontiguous_kv: bool = Field(default=False, description="K/V given as strided (non-contiguous) views")
+    cuda_graph: bool = Field(default=False, description="run() is capturable in a CUDA graph")
+
+
+REQUEST_FIELDS: tuple[str, ...] = (
+    ("arch",) + tuple(DTypes.model_fields) + tuple(Shapes.model_fields) + tuple(Features.model_fields)
+)
+"""Every request field a constraint or an exclusion can name."""
+
+_FIELD_VOCAB = {"arch": Arch, "q_dtype": DType, "kv_dtype": DType, "out_dtype": DType}
+
+
+class Exclusion(StrictModel):
+    """A known-bad combination: when every ``when`` field matches, the kernel is rejected.
+
+    Each ``when`` value is a single value, a list of values, or a range
+    mapping (``{min: 65, max: 127}``), matched against the request field.
+    """
+
+    when: dict[str, Any] = Field(description="request field -> value, list of values, or {min, max} range")
+    reason: str = Field(min_length=1)
+    ref: str = Field(min_length=1, description="issue, PR or source file that documents the problem")
+
+    @field_validator("when")
+    @classmethod
+    def _known_fields(cls, when: dict[str, Any]) -> dict[str, Any]:
+        if not when:
+            raise ValueError("give at least one request field to match")
+        out = {}
+        for key, raw in when.items():
+            if key not in REQUEST_FIELDS:
+                raise ValueError(
+                    f"unknown request field {key!r}{did_you_mean(str(key), list(REQUEST_FIELDS))}; "
+                    f"expected one of: {', '.join(REQUEST_FIELDS)}"
+                )
+            vocab = _FIELD_VOCAB.get(key)
+            for v in (raw if isinstance(raw, list) else [raw] if not isinstance(raw, dict) else []):
+                if vocab is not None and v not in vocab.values():
+                    raise ValueError(f"{key}: {v!r} is not one of {', '.join(vocab.values())}{did_you_mean(str(v), vocab.values())}")
+            out[key] = shape_constraint(raw) if not isinstance(raw, bool) else OneOf(values=(raw,))
+        return out
+
+    def matches(self, request: Any) -> bool:
+        """True when every field is given and matches; an unset field never matches."""
+        for field, c in self.when.items():
+            value = getattr(request, field, None)
+            if value is None or not c.allows(value):
+                return False
+        return True
+
+    def describe(self) -> str:
+        return ", ".join(f"{f}={c.describe()}" for f, c in self.when.items())
+
+
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_ADAPTER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@functools.lru_cache(maxsize=None)
+def _module_classes(module: str) -> Optional[frozenset[str]]:
+    """Top-level class names of an adapter module, read from source (no import: no torch)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    with open(spec.origin, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), spec.origin)
+    return frozenset(n.name for n in tree.body if isinstance(n, ast.ClassDef))
+
+
+def check_adapter_path(path: str) -> Optional[str]:
+    """None if ``module:Class`` names a class inside the adapter package, else why not."""
+    if not _ADAPTER.match(path):
+        return f"{path!r} is not 'module:Class'"
+    module, attr = path.split(":")
+    if module != ADAPTER_PACKAGE and not module.startswith(ADAPTER_PACKAGE + "."):
+        return f"{path!r} is outside {ADAPTER_PACKAGE} (a manifest is data, not a way to import arbitrary code)"
+    try:
+        classes = _module_classes(module)
+    except (ImportError, SyntaxError) as exc:
+        return f"module {module} cannot be read: {exc}"
+    if classes is None:
+        return f"module {module} does not exist"
+    if attr not in classes:
+        return f"{module} defines no class {attr!r}{did_you_mean(attr, sorted(classes))}"
+    return None
+
+
+class KernelSpec(StrictModel):
+    """One manifest entry: an implementation of one op with its declared capability and priority."""
+
+    name: str = Field(description="unique kernel name, lower-case, e.g. flashinfer-fa2-mla-decode")
+    op: Op
+    solution: Solution
+    backend: Backend
+    adapter: str = Field(description="module:Class inside registry.adapters")
+    arch: Annotated[ArchSpec, BeforeValidator(arch_spec)] = Field(
+        description="supported SMs: {min: sm_80, max: sm_121} or [sm_120, sm_121]"
+    )
+    dtypes: DTypes
+    shapes: Shapes = Shapes()
+    features: Features = Features()
+    exclude: tuple[Exclusion, ...] = ()
+    settings: dict[str, Union[bool, int, str]] = Field(
+        default_factory=dict, description="settings the engine must adopt when this kernel is chosen (e.g. KV-cache layout)"
+    )
+    priority: int = Field(ge=0, le=PRIORITY_MAX, description="see registry.priority for the bands")
+    refs: tuple[str, ...] = Field(min_length=1, description="seed PRs or FlashInfer source files backing the facts")
+    notes: str = ""
+
+    _origin: str = PrivateAttr(default="")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"{v!r} is not a kernel name (lower-case letters, digits, '-', '_', '.')")
+        return v
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter(cls, v: str) -> str:
+        problem = check_adapter_path(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @model_validator(mode="after")
+    def _fits_op(self) -> "KernelSpec":
+        shapes = SHAPE_FIELDS_BY_OP[self.op]
+        for field in Shapes.model_fields:
+            if getattr(self.shapes, field) is not None and field not in shapes:
+                raise ValueError(f"shapes.{field} means nothing for op {self.op.value}; it takes: {', '.join(sorted(shapes))}")
+        features = FEATURE_FIELDS_BY_OP[self.op]
+        for field in Features.model_fields:
+            if getattr(self.features, field) and field not in features:
+                raise ValueError(f"features.{field} means nothing for op {self.op.value}")
+        is_ref = self.solution is Solution.REFERENCE
+        if is_ref != (band_of(self.priority) is Band.REFERENCE):
+            raise ValueError(
+                f"priority {self.priority} is in band {band_of(self.priority).name.lower()}, but solution is "
+                f"{self.solution.value}: reference kernels take 0..3 and only they do"
+            )
+        return self
+
+    @property
+    def origin(self) -> str:
+        """``file:line`` of the entry, for explain and error messages."""
+        return self._origin
+
+    def constraints(self) -> list[tuple[str, Any]]:
+        """(request field, constraint) pairs to check, arch first then dtypes, shapes."""
+        pairs: list[tuple[str, Any]] = [("arch", self.arch)]
+        for group in (self.dtypes, self.shapes):
+            for field in type(group).model_fields:
+                c = getattr(group, field)
+                if c is not None:
+                    pairs.append((field, c))
+        return pairs
+
+
+class SolutionInfo(StrictModel):
+    """What a solution needs installed, and how to install it."""
+
+    requires: tuple[str, ...] = Field(min_length=1, description="Python distributions the adapters import")
+    install: str = Field(description="the command that installs them, shown when one is missing")
+
+
+class AttentionPlanRule(StrictModel):
+    """First seed's rule: postwrite only with a high-priority mha_prefill kernel and no FP8 attention."""
+
+    postwrite_min_priority: int = Field(ge=0, le=PRIORITY_MAX)
+    refs: tuple[str, ...] = Field(min_length=1)
+
+
+class Manifest(StrictModel):
+    """A whole capability manifest."""
+
+    schema_version: Literal[1]
+    solutions: dict[Solution, SolutionInfo]
+    attention_plan: AttentionPlanRule
+    kernels: tuple[KernelSpec, ...]
+
+    _path: str = PrivateAttr(default="")
+    _digest: str = PrivateAttr(default="")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Manifest":
+        seen: dict[str, int] = {}
+        for i, k in enumerate(self.kernels):
+            if k.name in seen:
+                raise ValueError(f"kernels[{i}].name: duplicate kernel name {k.name!r} (first at kernels[{seen[k.name]}])")
+            seen[k.name] = i
+            if k.solution not in self.solutions:
+                raise ValueError(f"kernels[{i}].solution: {k.solution.value!r} is not listed under solutions")
+        return self
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def digest(self) -> str:
+        """sha256 prefix of the manifest bytes (all files for an overlay)."""
+        return self._digest
+
+    @functools.cached_property
+    def by_name(self) -> dict[str, KernelSpec]:
+        return {k.name: k for k in self.kernels}
+
+    @functools.cached_property
+    def by_op(self) -> dict[Op, tuple[KernelSpec, ...]]:
+        out: dict[Op, list[KernelSpec]] = {op: [] for op in Op}
+        for k in self.kernels:
+            out[k.op].append(k)
+        return {op: tuple(ks) for op, ks in out.items()}
+

@@ -1,0 +1,60 @@
+"""Environment overrides, read in one place, once per default selector, and shown by explain.
+
+* ``KERNELSEL_MANIFEST=PATH``        another manifest, or an overlay (``base: bundled``)
+* ``KERNELSEL_FORCE_<OP>=NAME``      force a kernel for one op, e.g. KERNELSEL_FORCE_MLA_DECODE
+* ``KERNELSEL_DISABLE=NAME,NAME``    remove kernels from consideration
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from registry.errors import RequestError
+from registry.vocab import Op, did_you_mean
+
+PREFIX_FORCE = "KERNELSEL_FORCE_"
+ENV_MANIFEST = "KERNELSEL_MANIFEST"
+ENV_DISABLE = "KERNELSEL_DISABLE"
+
+
+@dataclass(frozen=True)
+class Overrides:
+    manifest: Optional[str] = None
+    force: tuple[tuple[Op, str], ...] = ()
+    disable: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Overrides":
+        force = []
+        for key, value in sorted(environ.items()):
+            if not key.startswith(PREFIX_FORCE) or not value.strip():
+                continue
+            op_text = key[len(PREFIX_FORCE):].lower()
+            if op_text not in Op.values():
+                raise RequestError(
+                    f"{key}: {op_text!r} is not an op{did_you_mean(op_text, Op.values())}; "
+                    f"use one of: {', '.join(PREFIX_FORCE + o.upper() for o in Op.values())}"
+                )
+            force.append((Op(op_text), value.strip()))
+        disable = frozenset(n.strip() for n in environ.get(ENV_DISABLE, "").split(",") if n.strip())
+        return cls(manifest=environ.get(ENV_MANIFEST) or None, force=tuple(force), disable=disable)
+
+    def forced(self, op: Op) -> Optional[str]:
+        for forced_op, name in self.force:
+            if forced_op is op:
+                return name
+        return None
+
+    def applied(self, op: Op) -> list[str]:
+        """The overrides that touch ``op``, as ``VAR=value`` lines for explain."""
+        lines = []
+        if self.manifest:
+            lines.append(f"{ENV_MANIFEST}={self.manifest}")
+        name = self.forced(op)
+        if name:
+            lines.append(f"{PREFIX_FORCE}{op.value.upper()}={name}")
+        if self.disable:
+            lines.append(f"{ENV_DISABLE}={','.join(sorted(self.disable))}")
+        return lines

@@ -1,0 +1,72 @@
+"""Attention plan for a prefill step (first seed, TokenSpeed #445).
+
+* **postwrite**: run an ``mha_prefill`` kernel on the fresh Q/K/V, then write the cache;
+* **prewrite**: write the cache first, then run an ``mha_extend`` kernel over it.
+
+Postwrite is used only when a high-priority ``mha_prefill`` kernel is
+eligible (priority at least the manifest's ``attention_plan.postwrite_min_priority``)
+**and** FP8 attention (an fp8 query) is not in use; otherwise prewrite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from registry.ops import SHAPE_FIELDS_BY_OP
+from registry.priority import band_name
+from registry.vocab import Op
+from selector.api import Selector, default_selector
+from selector.request import KernelRequest
+from selector.selection import NoKernelError, Selection
+
+_PREFILL_DROPS = {"page_size"}
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    mode: str  # "postwrite" | "prewrite"
+    selection: Selection  # the kernel that runs: mha_prefill (postwrite) or mha_extend (prewrite)
+    prefill: Optional[Selection]  # the mha_prefill candidate that was weighed (None when FP8 skipped it)
+    why: str
+
+    def explain(self) -> str:
+        head = [f"plan      {self.mode}", f"why       {self.why}", ""]
+        return "\n".join(head) + self.selection.explain()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "why": self.why,
+            "selection": self.selection.to_dict(),
+            "prefill_candidate": self.prefill.to_dict() if self.prefill else None,
+        }
+
+
+def select_plan(request: Optional[KernelRequest] = None, /, *, selector: Optional[Selector] = None, **fields: Any) -> AttentionPlan:
+    """Decide postwrite vs prewrite for a prefill step described by ``fields`` (or an mha_extend request)."""
+    selector = selector or default_selector()
+    if request is not None:
+        fields = request.model_dump(exclude_defaults=True) | fields
+    fields = {k: v for k, v in fields.items() if k != "op"}
+    extend_req = KernelRequest(op=Op.MHA_EXTEND, **fields)
+    threshold = selector.manifest.attention_plan.postwrite_min_priority
+    if extend_req.q_dtype.is_fp8:
+        extend = selector.select(extend_req)
+        return AttentionPlan("prewrite", extend, None, f"FP8 attention (q_dtype {extend_req.q_dtype.value}) always prewrites")
+    prefill_fields = {k: v for k, v in fields.items() if k not in _PREFILL_DROPS or k in SHAPE_FIELDS_BY_OP[Op.MHA_PREFILL]}
+    prefill = selector.solve(KernelRequest(op=Op.MHA_PREFILL, **prefill_fields))
+    if prefill.kernel is not None and prefill.kernel.priority >= threshold:
+        k = prefill.kernel
+        return AttentionPlan(
+            "postwrite", prefill, prefill,
+            f"mha_prefill kernel {k.name} has priority {k.priority} ({band_name(k.priority)}) >= {threshold} and no FP8 attention",
+        )
+    extend = selector.solve(extend_req)
+    if extend.kernel is None:
+        raise NoKernelError(extend)
+    if prefill.kernel is None:
+        why = "no eligible mha_prefill kernel"
+    else:
+        why = f"best mha_prefill kernel {prefill.kernel.name} has priority {prefill.kernel.priority} < {threshold}"
+    return AttentionPlan("prewrite", extend, prefill, why)

@@ -1,0 +1,165 @@
+"""KernelRequest: what the caller needs, as a frozen, hashable value.
+
+Field names are the manifest's constraint keys, so the solver can check a
+kernel by looping over its declared constraints.  Shape fields left unset
+are not checked (explain lists them); features default to "not needed".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from registry.errors import RequestError
+from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
+from registry.schema import Features, Shapes
+from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean, parse_arch, parse_dtype
+
+_Pos = Field(default=None, ge=1)
+
+
+class KernelRequest(BaseModel):
+    """One attention call site's needs: op, arch, dtypes, shapes, features, restrictions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    op: Op
+    arch: Optional[Arch] = Field(default=None, description="None: detected from the current CUDA device")
+    q_dtype: DType = DType.BF16
+    kv_dtype: Optional[DType] = Field(default=None, description="None: same as q_dtype")
+    out_dtype: Optional[DType] = Field(default=None, description="None: q_dtype (bf16 for an fp8 query)")
+    head_dim_qk: Optional[int] = _Pos
+    head_dim_vo: Optional[int] = Field(default=None, ge=1, description="None: same as head_dim_qk")
+    num_qo_heads: Optional[int] = _Pos
+    num_kv_heads: Optional[int] = _Pos
+    page_size: Optional[int] = _Pos
+    q_len: int = Field(default=1, ge=1, description="query tokens per request in one decode step")
+    kv_lora_rank: Optional[int] = _Pos
+    qk_rope_head_dim: Optional[int] = Field(default=None, ge=0)
+    qk_nope_head_dim: Optional[int] = _Pos
+    topk: Optional[int] = _Pos
+    sinks: bool = False
+    sliding_window: bool = False
+    logits_soft_cap: bool = False
+    return_lse: bool = False
+    non_causal: bool = False
+    noncontiguous_kv: bool = False
+    cuda_graph: bool = False
+    solution: Optional[Solution] = Field(default=None, description="restrict to one solution")
+    backend: Optional[Backend] = Field(default=None, description="restrict to one backend")
+    kernel: Optional[str] = Field(default=None, description="force one kernel by name")
+
+    _hash: int = PrivateAttr(default=0)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise RequestError(_request_problems(exc)) from None
+
+    @field_validator("arch", mode="before")
+    @classmethod
+    def _arch(cls, v: Any) -> Any:
+        return v if v is None else parse_arch(v)
+
+    @field_validator("q_dtype", "kv_dtype", "out_dtype", mode="before")
+    @classmethod
+    def _dtype(cls, v: Any) -> Any:
+        return v if v is None else parse_dtype(v)
+
+    @field_validator("op", "solution", "backend", mode="before")
+    @classmethod
+    def _vocab(cls, v: Any, info: Any) -> Any:
+        enum = {"op": Op, "solution": Solution, "backend": Backend}[info.field_name]
+        if v is None or isinstance(v, enum):
+            return v
+        text = str(v).strip().lower()
+        if text not in enum.values():
+            raise ValueError(f"{v!r} is not one of {', '.join(enum.values())}{did_you_mean(text, enum.values())}")
+        return enum(text)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        """Fill the documented defaults so equal requests compare (and hash) equal."""
+        if isinstance(data, dict):
+            data = dict(data)
+            if data.get("kv_dtype") is None and data.get("q_dtype") is not None:
+                data["kv_dtype"] = data["q_dtype"]
+            if data.get("head_dim_vo") is None and data.get("head_dim_qk") is not None:
+                data["head_dim_vo"] = data["head_dim_qk"]
+        return data
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "KernelRequest":
+        if self.kv_dtype is None:
+            object.__setattr__(self, "kv_dtype", self.q_dtype)
+        if self.out_dtype is None:
+            object.__setattr__(self, "out_dtype", DType.BF16 if self.q_dtype.is_fp8 else self.q_dtype)
+        if self.num_qo_heads and self.num_kv_heads and self.num_qo_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_qo_heads {self.num_qo_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+        shapes, features = SHAPE_FIELDS_BY_OP[self.op], FEATURE_FIELDS_BY_OP[self.op]
+        for field in Shapes.model_fields:
+            if field == "gqa_group_size" or field == "q_len":
+                continue
+            if getattr(self, field) is not None and field not in shapes:
+                raise ValueError(f"{field} means nothing for op {self.op.value}; it takes: {', '.join(sorted(shapes - {'gqa_group_size'}))}")
+        if self.q_len > 1 and "q_len" not in shapes:
+            raise ValueError(f"q_len {self.q_len} means nothing for op {self.op.value} (ragged ops take their lengths from metadata)")
+        for field in Features.model_fields:
+            if getattr(self, field) and field not in features:
+                raise ValueError(f"{field} means nothing for op {self.op.value}")
+        return self
+
+    def model_post_init(self, __context: Any) -> None:
+        object.__setattr__(self, "_hash", hash(tuple(self.__dict__.values())))
+
+    def __hash__(self) -> int:  # cached: a cache hit must cost about a dict lookup
+        return self._hash
+
+    @property
+    def gqa_group_size(self) -> Optional[int]:
+        if self.num_qo_heads and self.num_kv_heads:
+            return self.num_qo_heads // self.num_kv_heads
+        return None
+
+    def given(self) -> dict[str, Any]:
+        """Fields that are set (not None, not False), in declaration order, for explain."""
+        out = {}
+        for name in type(self).model_fields:
+            v = getattr(self, name)
+            if v is None or v is False:
+                continue
+            out[name] = v.value if hasattr(v, "value") else v
+        return out
+
+    def unchecked(self) -> list[str]:
+        """Shape fields of this op the caller left unset: constraints on them are not checked."""
+        shapes = SHAPE_FIELDS_BY_OP[self.op]
+        return [
+            f for f in Shapes.model_fields
+            if f in shapes and getattr(self, f) is None and not (f == "gqa_group_size" and not self.num_kv_heads)
+        ]
+
+    def describe(self) -> str:
+        """``op=mla_decode arch=sm_120 q_dtype=bf16 ...`` (what explain prints)."""
+        return " ".join(f"{k}={'true' if v is True else v}" for k, v in self.given().items())
+
+
+def _request_problems(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(p) for p in err["loc"]) or "request"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            known = list(KernelRequest.model_fields)
+            msg = f"unknown request field{did_you_mean(field, known)}; expected one of: {', '.join(known)}"
+        elif err["type"] == "greater_than_equal":
+            msg = f"must be >= {err['ctx']['ge']}, got {err['input']!r}"
+        elif err["type"] in ("int_parsing", "int_type"):
+            msg = f"expected an integer, got {err['input']!r}"
+        lines.append(f"request.{field}: {msg}")
+    return "invalid kernel request:\n  " + "\n  ".join(lines)

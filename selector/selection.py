@@ -1,0 +1,169 @@
+"""The decision object: request, platform, manifest, every verdict, the winner and why.
+
+``explain()`` (text) and ``to_dict()`` (JSON) are two renderings of this one
+object; the CLI, error messages and the Python API all go through them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from registry.errors import KernelselError
+from registry.priority import band_name
+from registry.schema import KernelSpec
+
+if TYPE_CHECKING:
+    from registry.schema import Manifest
+    from selector.platform import Platform
+    from selector.request import KernelRequest
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One kernel's outcome for one request: eligible when ``reasons`` is empty."""
+
+    kernel: KernelSpec
+    reasons: tuple[str, ...]
+
+    @property
+    def eligible(self) -> bool:
+        return not self.reasons
+
+
+def _kernel_dict(k: KernelSpec) -> dict[str, Any]:
+    return {
+        "name": k.name,
+        "solution": k.solution.value,
+        "backend": k.backend.value,
+        "priority": k.priority,
+        "band": band_name(k.priority),
+        "origin": k.origin,
+    }
+
+
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """What ``select_kernel`` returns: the chosen kernel (or None) and every other verdict."""
+
+    request: "KernelRequest"
+    platform: "Platform"
+    manifest: "Manifest"
+    kernel: Optional[KernelSpec]
+    eligible: tuple[KernelSpec, ...]
+    verdicts: tuple[Verdict, ...]
+    why: str
+    forced_by: Optional[str] = None
+    overrides: tuple[str, ...] = ()
+    _adapter: list = field(default_factory=list, repr=False)
+
+    # ------------------------------------------------------------------ access
+    @property
+    def name(self) -> str:
+        return self.kernel.name if self.kernel else ""
+
+    @property
+    def rejected(self) -> tuple[Verdict, ...]:
+        return tuple(v for v in self.verdicts if not v.eligible)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Settings the engine must adopt with this kernel (e.g. a KV-cache layout)."""
+        return dict(self.kernel.settings) if self.kernel else {}
+
+    @property
+    def adapter(self) -> Any:
+        """The adapter for the chosen kernel, built on first use (imports its library then).
+
+        One instance per selection: every layer sharing this request shares one
+        ``plan()`` per step.  Use ``make_adapter()`` for an independent one
+        (e.g. one per CUDA-graph batch size).
+        """
+        if not self._adapter:
+            self._adapter.append(self.make_adapter())
+        return self._adapter[0]
+
+    def make_adapter(self) -> Any:
+        if self.kernel is None:
+            raise NoKernelError(self)
+        cls = _adapter_class(self.kernel.adapter)
+        return cls(self.kernel, self.request)
+
+    # --------------------------------------------------------------- rendering
+    def to_dict(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "manifest": {"path": m.path, "schema_version": m.schema_version, "kernels": len(m.kernels), "digest": m.digest},
+            "platform": self.platform.to_dict(),
+            "request": self.request.given(),
+            "unchecked": self.request.unchecked(),
+            "overrides": list(self.overrides),
+            "selected": _kernel_dict(self.kernel) | {"settings": self.settings} if self.kernel else None,
+            "why": self.why,
+            "eligible": [_kernel_dict(k) for k in self.eligible],
+            "rejected": [
+                {"name": v.kernel.name, "solution": v.kernel.solution.value, "backend": v.kernel.backend.value,
+                 "origin": v.kernel.origin, "reasons": list(v.reasons)}
+                for v in self.rejected
+            ],
+        }
+
+    def explain(self) -> str:
+        """The fixed-section text of ``kernelsel explain``."""
+        m = self.manifest
+        lines = [
+            f"manifest  {m.path} (schema {m.schema_version}, {len(m.kernels)} kernels, sha {m.digest})",
+            f"platform  {self.platform.describe()}",
+            f"request   {self.request.describe()}",
+        ]
+        unchecked = self.request.unchecked()
+        if unchecked:
+            lines.append(f"unchecked {', '.join(unchecked)} (not given, so not checked)")
+        for o in self.overrides:
+            lines.append(f"override  {o}")
+        if self.kernel:
+            k = self.kernel
+            lines.append(f"selected  {k.name} ({k.solution.value}/{k.backend.value}, priority {k.priority} {band_name(k.priority)})")
+            if k.settings:
+                lines.append("settings  " + " ".join(f"{a}={b}" for a, b in k.settings.items()))
+        else:
+            lines.append("selected  none")
+        lines.append(f"why       {self.why}")
+        width = max((len(v.kernel.name) for v in self.verdicts), default=0)
+        owidth = max((len(v.kernel.origin) for v in self.verdicts), default=0)
+        rank = {k.name: i + 1 for i, k in enumerate(self.eligible)}
+        ordered = [v for k in self.eligible for v in self.verdicts if v.kernel is k] + list(self.rejected)
+        for v in ordered:
+            head = f"  {'ok' if v.eligible else 'no'}  {v.kernel.name:<{width}}  {v.kernel.origin:<{owidth}}"
+            if v.eligible:
+                lines.append(f"{head}  #{rank[v.kernel.name]} priority {v.kernel.priority}".rstrip())
+            else:
+                lines.append(f"{head}  {v.reasons[0]}")
+                pad = " " * len(head)
+                lines.extend(f"{pad}  {r}" for r in v.reasons[1:])
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.explain()
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter_class(path: str) -> type:
+    module, attr = path.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+class NoKernelError(KernelselError, LookupError):
+    """No kernel can serve the request (or the forced one cannot); lists every kernel and why."""
+
+    def __init__(self, selection: Selection):
+        self.selection = selection
+        head = (
+            f"kernel forced by {selection.forced_by} cannot serve this request"
+            if selection.forced_by
+            else f"no kernel can serve {selection.request.op.value}"
+        )
+        body = [f"  {v.kernel.name} ({v.kernel.origin}): {'; '.join(v.reasons)}" for v in selection.rejected]
+        super().__init__(f"{head}\nrequest: {selection.request.describe()}\n" + "\n".join(body))

@@ -1,0 +1,138 @@
+"""The solver: every kernel of the op against every declared constraint, all reasons kept.
+
+``solve(manifest, platform, request, overrides)`` is pure: it imports no
+torch, reads no environment and returns a ``Selection`` (winner or not)
+holding every verdict.  One function, ``reasons()``, decides eligibility;
+selection, errors and explain all read its output.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from registry.errors import RequestError
+from registry.priority import band_name
+from registry.schema import Features, KernelSpec, Manifest
+from registry.vocab import Solution, did_you_mean
+from selector.overrides import PREFIX_FORCE, Overrides
+from selector.platform import Platform
+from selector.request import KernelRequest
+from selector.selection import Selection, Verdict
+
+_FEATURES = tuple(Features.model_fields)
+
+
+def reasons(
+    kernel: KernelSpec,
+    request: KernelRequest,
+    manifest: Manifest,
+    platform: Platform,
+    overrides: Overrides = Overrides(),
+    *,
+    forced: bool = False,
+) -> tuple[str, ...]:
+    """Every reason ``kernel`` cannot serve ``request``; empty means eligible."""
+    out: list[str] = []
+    if kernel.name in overrides.disable:
+        out.append("disabled by KERNELSEL_DISABLE")
+    if request.solution is not None and kernel.solution is not request.solution:
+        out.append(f"solution {kernel.solution.value}, request restricted to {request.solution.value}")
+    if request.backend is not None and kernel.backend is not request.backend:
+        out.append(f"backend {kernel.backend.value}, request restricted to {request.backend.value}")
+    if kernel.solution is Solution.REFERENCE and request.solution is not Solution.REFERENCE and not forced:
+        out.append("reference kernel: chosen only with solution=reference or kernel=<name>")
+    for field, constraint in kernel.constraints():
+        value = getattr(request, field)
+        if value is not None:
+            problem = constraint.check(field, value)
+            if problem:
+                out.append(problem)
+    for feature in _FEATURES:
+        if getattr(request, feature) and not getattr(kernel.features, feature):
+            out.append(f"needs {feature}: unsupported")
+    for exclusion in kernel.exclude:
+        if exclusion.matches(request):
+            out.append(f"excluded: {exclusion.reason} ({exclusion.ref})")
+    missing = [d for d in manifest.solutions[kernel.solution].requires if not platform.has(d)]
+    if missing:
+        out.append(f"needs {', '.join(missing)}, not installed: {manifest.solutions[kernel.solution].install}")
+    return tuple(out)
+
+
+def _rank_key(kernel: KernelSpec) -> tuple[int, str]:
+    return (-kernel.priority, kernel.name)
+
+
+def _why(winner: KernelSpec, ranked: list[KernelSpec], total: int) -> str:
+    if len(ranked) == 1:
+        return f"only eligible kernel (1 of {total})"
+    runner_up = ranked[1]
+    if runner_up.priority == winner.priority:
+        return (
+            f"tied at priority {winner.priority} with {runner_up.name}; the name breaks the tie "
+            f"({len(ranked)} of {total} eligible)"
+        )
+    return (
+        f"highest priority {winner.priority} ({band_name(winner.priority)}) of {len(ranked)} eligible; "
+        f"next {runner_up.name} at {runner_up.priority} ({band_name(runner_up.priority)})"
+    )
+
+
+def solve(
+    manifest: Manifest,
+    platform: Platform,
+    request: KernelRequest,
+    overrides: Overrides = Overrides(),
+) -> Selection:
+    """Evaluate every kernel of ``request.op``; pick the forced or best-ranked eligible one."""
+    if request.arch is None:
+        raise RequestError(
+            "request.arch: not given and no CUDA device was detected; pass arch='sm_90' (or 9.0, sm90)"
+        )
+    kernels = manifest.by_op[request.op]
+    for name in sorted(overrides.disable):
+        if name not in manifest.by_name:
+            raise RequestError(f"KERNELSEL_DISABLE: no kernel named {name!r}{did_you_mean(name, list(manifest.by_name))}")
+    forced_name, forced_by = _forced(request, overrides)
+    if forced_name is not None:
+        spec = manifest.by_name.get(forced_name)
+        if spec is None:
+            raise RequestError(
+                f"{forced_by}: no kernel named {forced_name!r}{did_you_mean(forced_name, list(manifest.by_name))}; "
+                f"kernels for {request.op.value}: {', '.join(k.name for k in kernels)}"
+            )
+        if spec.op is not request.op:
+            raise RequestError(f"{forced_by}: kernel {forced_name!r} implements {spec.op.value}, not {request.op.value}")
+
+    verdicts = tuple(
+        Verdict(k, reasons(k, request, manifest, platform, overrides, forced=(k.name == forced_name)))
+        for k in kernels
+    )
+    ranked = sorted((v.kernel for v in verdicts if v.eligible), key=_rank_key)
+    if forced_name is not None:
+        forced_verdict = next(v for v in verdicts if v.kernel.name == forced_name)
+        chosen: Optional[KernelSpec] = forced_verdict.kernel if forced_verdict.eligible else None
+        why = f"forced by {forced_by}" if chosen else f"forced by {forced_by}, but it is not eligible"
+    else:
+        chosen = ranked[0] if ranked else None
+        why = _why(chosen, ranked, len(kernels)) if chosen else f"no eligible kernel (0 of {len(kernels)})"
+    return Selection(
+        request=request,
+        platform=platform,
+        manifest=manifest,
+        kernel=chosen,
+        eligible=tuple(ranked),
+        verdicts=verdicts,
+        why=why,
+        forced_by=forced_by if forced_name is not None else None,
+        overrides=tuple(overrides.applied(request.op)),
+    )
+
+
+def _forced(request: KernelRequest, overrides: Overrides) -> tuple[Optional[str], Optional[str]]:
+    if request.kernel is not None:
+        return request.kernel, f"request kernel={request.kernel}"
+    name = overrides.forced(request.op)
+    if name is not None:
+        return name, f"{PREFIX_FORCE}{request.op.value.upper()}={name}"
+    return None, None
