@@ -22,6 +22,7 @@ from registry.schema import KernelSpec, Manifest
 from registry.vocab import did_you_mean
 
 Loc = tuple[Any, ...]
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # same safe constructors, in C when available
 
 
 def bundled_manifest_path() -> Path:
@@ -105,13 +106,17 @@ def _problems(exc: ValidationError, marks: _Marks, filename: str, prefix: Loc = 
                 line, col = marks.key_mark(path)
         elif err["type"] == "missing" and loc:
             path = path + (loc[-1],)  # the mapping's mark, the missing key's name
+        else:  # a cross-field message that starts with a field path: point at that field
+            inner = path + tuple(msg.split(" ", 1)[0].split("."))
+            if inner in marks.marks:
+                path, (line, col) = inner, marks.key_mark(inner) or marks.marks[inner]
         problems.append(f"{filename}:{line}:{col}: {_path_text(path)}: {msg}")
     return problems
 
 
 def _compose(text: str, filename: str) -> tuple[Any, _Marks]:
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _SafeLoader(text)
         try:
             node = loader.get_single_node()
             data = loader.construct_document(node) if node is not None else None
@@ -202,14 +207,15 @@ def _load_overlay(path: Path, filename: str, data: dict, marks: _Marks, digest: 
             order.remove(name)
     if problems:
         raise ManifestError(problems)
-    merged = Manifest.model_construct(
-        schema_version=base.schema_version,
-        solutions=base.solutions,
-        attention_plan=base.attention_plan,
-        kernels=tuple(kernels[n] for n in order),
-    )
-    try:
-        Manifest.model_validate(merged.model_dump(mode="python"))  # cross-kernel checks on the merged set
+    try:  # validated kernel models pass through as they are; this runs the cross-kernel checks
+        merged = Manifest.model_validate(
+            {
+                "schema_version": base.schema_version,
+                "solutions": base.solutions,
+                "attention_plan": base.attention_plan,
+                "kernels": tuple(kernels[n] for n in order),
+            }
+        )
     except ValidationError as exc:
         raise ManifestError([f"{filename}: merged manifest: {_message(e)}" for e in exc.errors(include_url=False)]) from None
     merged._path = filename

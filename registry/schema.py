@@ -238,7 +238,8 @@ class KernelSpec(StrictModel):
         """``file:line`` of the entry, for explain and error messages."""
         return self._origin
 
-    def constraints(self) -> list[tuple[str, Any]]:
+    @functools.cached_property
+    def constraints(self) -> tuple[tuple[str, Any], ...]:
         """(request field, constraint) pairs to check, arch first then dtypes, shapes."""
         pairs: list[tuple[str, Any]] = [("arch", self.arch)]
         for group in (self.dtypes, self.shapes):
@@ -246,7 +247,12 @@ class KernelSpec(StrictModel):
                 c = getattr(group, field)
                 if c is not None:
                     pairs.append((field, c))
-        return pairs
+        return tuple(pairs)
+
+    @functools.cached_property
+    def unsupported_features(self) -> tuple[str, ...]:
+        """Feature flags this kernel does not declare (a request needing one is rejected)."""
+        return tuple(f for f in Features.model_fields if not getattr(self.features, f))
 
 
 class SolutionInfo(StrictModel):

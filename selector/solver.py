@@ -12,14 +12,12 @@ from typing import Optional
 
 from registry.errors import RequestError
 from registry.priority import band_name
-from registry.schema import Features, KernelSpec, Manifest
+from registry.schema import KernelSpec, Manifest
 from registry.vocab import Solution, did_you_mean
 from selector.overrides import PREFIX_FORCE, Overrides
 from selector.platform import Platform
 from selector.request import KernelRequest
 from selector.selection import Selection, Verdict
-
-_FEATURES = tuple(Features.model_fields)
 
 
 def reasons(
@@ -41,14 +39,14 @@ def reasons(
         out.append(f"backend {kernel.backend.value}, request restricted to {request.backend.value}")
     if kernel.solution is Solution.REFERENCE and request.solution is not Solution.REFERENCE and not forced:
         out.append("reference kernel: chosen only with solution=reference or kernel=<name>")
-    for field, constraint in kernel.constraints():
+    for field, constraint in kernel.constraints:
         value = getattr(request, field)
         if value is not None:
             problem = constraint.check(field, value)
             if problem:
                 out.append(problem)
-    for feature in _FEATURES:
-        if getattr(request, feature) and not getattr(kernel.features, feature):
+    for feature in kernel.unsupported_features:
+        if getattr(request, feature):
             out.append(f"needs {feature}: unsupported")
     for exclusion in kernel.exclude:
         if exclusion.matches(request):

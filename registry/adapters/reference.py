@@ -149,6 +149,10 @@ def _paged_fp32(
     t, hq, _ = q.shape
     page_size, hkv, dv = v_cache.shape[1:]
     _check_heads(hq, hkv)
+    if seq_lens.numel() and int(seq_lens.max()) > block_table.shape[1] * page_size:
+        raise AdapterInputError(
+            f"seq_lens: {int(seq_lens.max())} tokens do not fit in {block_table.shape[1]} pages of {page_size}"
+        )
     out = torch.zeros(t, hq, dv, dtype=torch.float32, device=q.device)
     lse = torch.full((t, hq), float("-inf"), dtype=torch.float32, device=q.device)
     starts = cu_seqlens_q.tolist()
@@ -329,36 +333,41 @@ def sparse_mla_paged(
 # --------------------------------------------------------------------- adapters
 
 
-class _TorchAdapter(Adapter):
-    """Shared checks of the reference adapters: features, dtypes, outputs.
 
-    The reference computes any feature, but an adapter still refuses one
-    the request did not select for, exactly as a library adapter must, so a
-    test against the reference exercises the same contract.
+
+class _TorchAdapter(Adapter):
+    """Shared checks of the reference adapters: features, dtypes, shapes, outputs.
+
+    The reference computes any feature, but an adapter still refuses one the
+    request did not select for, exactly as a library adapter must, so tests
+    against it exercise the same contract.  Request fields left unset (a
+    request need not name every shape) match any size; the tensors decide.
     """
 
-    def _feature(self, name: str) -> bool:
-        return bool(getattr(self.request, name, False))
+    def _r(self, field: str) -> Any:
+        return getattr(self.request, field, None)
 
     def _plan_options(self, metadata: Any, *, causal: bool = True) -> None:
-        self._refuse("sliding_window", metadata.window_left >= 0 and not self._feature("sliding_window"))
-        self._refuse("logits_soft_cap", metadata.logits_soft_cap > 0 and not self._feature("logits_soft_cap"))
-        self._refuse("non_causal", not causal and not self._feature("non_causal"))
+        self._refuse("sliding_window", metadata.window_left >= 0 and not self._r("sliding_window"))
+        self._refuse("logits_soft_cap", metadata.logits_soft_cap > 0 and not self._r("logits_soft_cap"))
+        self._refuse("non_causal", not causal and not self._r("non_causal"))
         self.sm_scale = metadata.sm_scale if metadata.sm_scale is not None else self._default_sm_scale()
         self.window_left = metadata.window_left
         self.logits_soft_cap = metadata.logits_soft_cap
         self.causal = causal
 
-    def _default_sm_scale(self) -> float:
-        return 1.0 / math.sqrt(self.request.head_dim_qk)
+    def _default_sm_scale(self) -> Optional[float]:
+        """``1/sqrt(head_dim_qk)``; None lets the reference take it from q's last dim."""
+        d = self._r("head_dim_qk")
+        return None if d is None else 1.0 / math.sqrt(d)
 
     def _dtypes(self) -> tuple["torch.dtype", "torch.dtype", "torch.dtype"]:
         q_dtype = torch_dtype(self.request.q_dtype)
-        out_name = getattr(self.request, "out_dtype", None)
-        return q_dtype, torch_dtype(self.request.kv_dtype), _default_out_dtype(q_dtype, out_name)
+        kv = self._r("kv_dtype")
+        return q_dtype, q_dtype if kv is None else torch_dtype(kv), _default_out_dtype(q_dtype, self._r("out_dtype"))
 
     def _check_q_len(self, q_len: int) -> None:
-        allowed = getattr(self.request, "q_len", None)
+        allowed = self._r("q_len")
         if q_len < 1:
             raise AdapterInputError(f"q_len: {q_len}, expected >= 1 ({self.op})")
         if allowed is not None and q_len > allowed:
@@ -367,60 +376,49 @@ class _TorchAdapter(Adapter):
                 f"select with q_len={q_len}"
             )
 
-    def _run_common(
-        self, rows: int, heads: int, dv: int, sinks: Any, out: Any, lse: Any, scales: dict[str, Any]
-    ) -> dict[str, Any]:
-        """Check sinks/out/lse/scales; return the scale values."""
+    def _check(self, name: str, t: Any, shape: list, dtype: Any) -> None:
+        check_tensor(name, t, shape=shape, dtype=dtype, device=self.device, contract=self.op)
+
+    def _check_extras(self, rows: int, heads: int, dv: int, sinks: Any, out: Any, lse: Any, **scales: Any) -> dict:
+        """Refuse unrequested sinks / LSE, check sinks, out, lse; return the scale values."""
         import torch
 
-        self._refuse("sinks", sinks is not None and not self._feature("sinks"))
-        self._refuse("return_lse", lse is not None and not self._feature("return_lse"))
+        self._refuse("sinks", sinks is not None and not self._r("sinks"))
+        self._refuse("return_lse", lse is not None and not self._r("return_lse"))
         if sinks is not None:
-            check_tensor("sinks", sinks, shape=[heads], dtype=torch.float32, device=self.device, contract=self.op)
-        _, _, out_dtype = self._dtypes()
+            self._check("sinks", sinks, [heads], torch.float32)
         if out is not None:
-            check_tensor("out", out, shape=[rows, heads, dv], dtype=out_dtype, device=self.device, contract=self.op)
+            self._check("out", out, [rows, heads, dv], self._dtypes()[2])
         if lse is not None:
-            check_tensor("lse", lse, shape=[rows, heads], dtype=torch.float32, device=self.device, contract=self.op)
+            self._check("lse", lse, [rows, heads], torch.float32)
         return {name: scale_value(name, value) for name, value in scales.items()}
 
     def _result(self, o: "torch.Tensor", l: "torch.Tensor", out: Any, lse: Any) -> AttentionResult:
+        """Copy into the caller's buffers if given; the LSE only when the request asked for it."""
         if out is not None:
-            out.copy_(o)
-            o = out
-        if not self._feature("return_lse"):
+            o = out.copy_(o)
+        if not self._r("return_lse"):
             return AttentionResult(o)
-        if lse is not None:
-            lse.copy_(l)
-            l = lse
-        return AttentionResult(o, l)
+        return AttentionResult(o, l if lse is None else lse.copy_(l))
 
 
 class _TorchPagedMHA(_TorchAdapter):
     """``mha_decode`` / ``mha_extend`` share the paged-cache checks and the call."""
 
     def _plan_paged(self, metadata: Any) -> None:
-        self.batch = check_paged_metadata(
-            metadata.block_table, metadata.seq_lens, self.request.page_size, contract=self.op
-        )
+        self.batch = check_paged_metadata(metadata.block_table, metadata.seq_lens, self._r("page_size"), contract=self.op)
         self.device = metadata.block_table.device
-        self.block_table = metadata.block_table
-        self.seq_lens = metadata.seq_lens
+        self.block_table, self.seq_lens = metadata.block_table, metadata.seq_lens
 
     def run(self, q, k_cache, v_cache, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
         self._require_planned()
-        r = self.request
-        d, dv = r.head_dim_qk, r.head_dim_vo or r.head_dim_qk
-        hq, hkv, page = r.num_qo_heads, r.num_kv_heads, r.page_size
         q_dtype, kv_dtype, out_dtype = self._dtypes()
-        check_tensor("q", q, shape=[self.tokens, hq, d], dtype=q_dtype, device=self.device, contract=self.op)
-        check_tensor("k_cache", k_cache, shape=[None, page, hkv, d], dtype=kv_dtype, device=self.device, contract=self.op)
-        check_tensor(
-            "v_cache", v_cache, shape=[k_cache.shape[0], page, hkv, dv], dtype=kv_dtype, device=self.device,
-            contract=self.op,
-        )
-        scales = self._run_common(
-            self.tokens, hq, dv, sinks, out, lse, {"q_scale": q_scale, "k_scale": k_scale, "v_scale": v_scale}
+        d = self._r("head_dim_qk")
+        self._check("q", q, [self.tokens, self._r("num_qo_heads"), d], q_dtype)
+        self._check("k_cache", k_cache, [None, self._r("page_size"), self._r("num_kv_heads"), q.shape[2]], kv_dtype)
+        self._check("v_cache", v_cache, [*k_cache.shape[:3], self._r("head_dim_vo") or d], kv_dtype)
+        scales = self._check_extras(
+            self.tokens, q.shape[1], v_cache.shape[3], sinks, out, lse, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale
         )
         o, l = mha_paged(
             q, k_cache, v_cache, self.block_table, self.seq_lens, self.cu_seqlens_q, causal=self.causal,
@@ -454,16 +452,14 @@ class TorchMHAExtend(_TorchPagedMHA):
     def plan(self, metadata) -> None:
         self._plan_paged(metadata)
         self._plan_options(metadata, causal=metadata.causal)
-        self.tokens = check_cu_seqlens(
-            "cu_seqlens_q", metadata.cu_seqlens_q, self.batch, device=self.device, contract=self.op
-        )
-        new = metadata.cu_seqlens_q[1:] - metadata.cu_seqlens_q[:-1]
-        if bool((new > metadata.seq_lens).any()):
+        cu = metadata.cu_seqlens_q
+        self.tokens = check_cu_seqlens("cu_seqlens_q", cu, self.batch, device=self.device, contract=self.op)
+        if bool(((cu[1:] - cu[:-1]) > metadata.seq_lens).any()):
             raise AdapterInputError(
                 f"cu_seqlens_q: a request has more new tokens than seq_lens holds; the cache must "
                 f"already contain the new tokens ({self.op})"
             )
-        self.cu_seqlens_q = metadata.cu_seqlens_q
+        self.cu_seqlens_q = cu
         self._planned = True
 
 
@@ -483,15 +479,13 @@ class TorchMHAPrefill(_TorchAdapter):
 
     def run(self, q, k, v, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
         self._require_planned()
-        r = self.request
-        d, dv = r.head_dim_qk, r.head_dim_vo or r.head_dim_qk
-        hq, hkv = r.num_qo_heads, r.num_kv_heads
         q_dtype, kv_dtype, out_dtype = self._dtypes()
-        check_tensor("q", q, shape=[self.tokens_q, hq, d], dtype=q_dtype, device=self.device, contract=self.op)
-        check_tensor("k", k, shape=[self.tokens_kv, hkv, d], dtype=kv_dtype, device=self.device, contract=self.op)
-        check_tensor("v", v, shape=[self.tokens_kv, hkv, dv], dtype=kv_dtype, device=self.device, contract=self.op)
-        scales = self._run_common(
-            self.tokens_q, hq, dv, sinks, out, lse, {"q_scale": q_scale, "k_scale": k_scale, "v_scale": v_scale}
+        d = self._r("head_dim_qk")
+        self._check("q", q, [self.tokens_q, self._r("num_qo_heads"), d], q_dtype)
+        self._check("k", k, [self.tokens_kv, self._r("num_kv_heads"), q.shape[2]], kv_dtype)
+        self._check("v", v, [*k.shape[:2], self._r("head_dim_vo") or d], kv_dtype)
+        scales = self._check_extras(
+            self.tokens_q, q.shape[1], v.shape[2], sinks, out, lse, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale
         )
         o, l = mha_ragged(
             q, k, v, self.cu_seqlens_q, self.cu_seqlens_kv, causal=self.causal, sm_scale=self.sm_scale,
@@ -505,19 +499,18 @@ class _TorchMLA(_TorchAdapter):
     """MLA shapes, the MLA default scale and the decode plan shared by dense and sparse MLA."""
 
     def _default_sm_scale(self) -> float:
-        nope = getattr(self.request, "qk_nope_head_dim", None)
-        if not nope:
+        nope, rope = self._r("qk_nope_head_dim"), self._r("qk_rope_head_dim")
+        if nope is None or rope is None:
             raise AdapterInputError(
                 f"{self.spec.name}: sm_scale defaults to 1/sqrt(qk_nope_head_dim + qk_rope_head_dim), but the "
-                f"request has no qk_nope_head_dim; pass DecodeMetadata(sm_scale=...) or select with qk_nope_head_dim"
+                f"request does not give both; pass DecodeMetadata(sm_scale=...) or select with qk_nope_head_dim "
+                f"and qk_rope_head_dim"
             )
-        return 1.0 / math.sqrt(nope + self.request.qk_rope_head_dim)
+        return 1.0 / math.sqrt(nope + rope)
 
     def plan(self, metadata) -> None:
         self._check_q_len(metadata.q_len)
-        self.batch = check_paged_metadata(
-            metadata.block_table, metadata.seq_lens, self.request.page_size, contract=self.op
-        )
+        self.batch = check_paged_metadata(metadata.block_table, metadata.seq_lens, self._r("page_size"), contract=self.op)
         self._plan_options(metadata)
         self.device = metadata.block_table.device
         self.block_table, self.seq_lens, self.q_len = metadata.block_table, metadata.seq_lens, metadata.q_len
@@ -526,16 +519,14 @@ class _TorchMLA(_TorchAdapter):
 
     def _check_mla(self, q_nope, q_pe, kv_cache, sinks, out, lse, q_scale, kv_scale) -> dict[str, Any]:
         self._require_planned()
-        r = self.request
-        rank, rope, hq = r.kv_lora_rank, r.qk_rope_head_dim, r.num_qo_heads
         q_dtype, kv_dtype, _ = self._dtypes()
-        check_tensor("q_nope", q_nope, shape=[self.tokens, hq, rank], dtype=q_dtype, device=self.device, contract=self.op)
-        check_tensor("q_pe", q_pe, shape=[self.tokens, hq, rope], dtype=q_dtype, device=self.device, contract=self.op)
-        check_tensor(
-            "kv_cache", kv_cache, shape=[None, r.page_size, rank + rope], dtype=kv_dtype, device=self.device,
-            contract=self.op,
+        self._check("q_nope", q_nope, [self.tokens, self._r("num_qo_heads"), self._r("kv_lora_rank")], q_dtype)
+        self._check("q_pe", q_pe, [*q_nope.shape[:2], self._r("qk_rope_head_dim")], q_dtype)
+        width = q_nope.shape[2] + q_pe.shape[2]
+        self._check("kv_cache", kv_cache, [None, self._r("page_size"), width], kv_dtype)
+        return self._check_extras(
+            self.tokens, q_nope.shape[1], q_nope.shape[2], sinks, out, lse, q_scale=q_scale, kv_scale=kv_scale
         )
-        return self._run_common(self.tokens, hq, rank, sinks, out, lse, {"q_scale": q_scale, "kv_scale": kv_scale})
 
 
 class TorchMLADecode(_TorchMLA):
@@ -570,10 +561,7 @@ class TorchSparseMLADecode(_TorchMLA):
         import torch
 
         scales = self._check_mla(q_nope, q_pe, kv_cache, sinks, out, lse, q_scale, kv_scale)
-        check_tensor(
-            "topk_indices", topk_indices, shape=[self.tokens, getattr(self.request, "topk", None)],
-            dtype=torch.int32, device=self.device, contract=self.op,
-        )
+        self._check("topk_indices", topk_indices, [self.tokens, self._r("topk")], torch.int32)
         o, l = sparse_mla_paged(
             q_nope, q_pe, kv_cache, self.block_table, self.seq_lens, topk_indices, sm_scale=self.sm_scale,
             sinks=sinks, out_dtype=self._dtypes()[2], **scales,

@@ -221,3 +221,34 @@ def test_sparse_mla_checks_topk_and_refuses_window():
         a.run(qn, qp, kv, idx[:, :3])
     with pytest.raises(UnsupportedFeatureError, match=r"sinks was passed"):
         a.run(qn, qp, kv, idx, sinks=torch.zeros(2))
+
+
+# ----------------------------------------------------------------- through the selector
+
+
+def test_selected_reference_adapter_runs_the_contract():
+    """select_kernel(solution='reference') hands back an adapter equal to the reference function."""
+    from selector import select_kernel
+
+    selection = select_kernel(
+        op="mha_decode", arch="sm_90", solution="reference", q_dtype="bf16", head_dim_qk=16, num_qo_heads=4,
+        num_kv_heads=2, page_size=4, q_len=2, sinks=True, return_lse=True,
+    )
+    a = selection.make_adapter()
+    assert isinstance(a, ref.TorchMHADecode)
+    bt, sl, q, k, v = paged_inputs(q_len=2)
+    a.plan(DecodeMetadata(block_table=bt, seq_lens=sl, q_len=2))
+    sinks = torch.ones(4)
+    got = a.run(q, k, v, sinks=sinks)
+    want = ref.mha_paged(q, k, v, bt, sl, torch.tensor([0, 2, 4], dtype=I32), sinks=sinks)
+    assert torch.equal(got.out, want[0]) and torch.equal(got.lse, want[1])
+
+
+def test_selected_adapter_with_unset_shapes_takes_them_from_the_tensors():
+    from selector import select_kernel
+
+    a = select_kernel(op="mha_prefill", arch="sm_90", solution="reference").make_adapter()
+    cu_q = torch.tensor([0, 3], dtype=I32)
+    a.plan(PrefillMetadata(cu_seqlens_q=cu_q, cu_seqlens_kv=cu_q))
+    q, k, v = (torch.randn(3, 2, 8).bfloat16() for _ in range(3))
+    assert torch.equal(a.run(q, k, v).out, ref.mha_ragged(q, k, v, cu_q, cu_q)[0])

@@ -16,16 +16,7 @@ from typing import Any
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
-
-@triton.jit
-def load_scale(value, Ptr, FROM_PTR: tl.constexpr):
-    """A float scale folded with an optional one-element device tensor (read here, never on the host)."""
-    if FROM_PTR:
-        value = value * tl.load(Ptr).to(tl.float32)
-    return value
+from registry.adapters.triton_kernels.common import load_scale
 
 
 @triton.jit

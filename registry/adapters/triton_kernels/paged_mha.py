@@ -20,28 +20,22 @@ from typing import Any, Optional
 import triton
 import triton.language as tl
 
-from registry.adapters.triton_kernels.merge import load_scale, merge_splits, write_rows
-
-
-@triton.jit
-def _tanh(x):
-    """tanh from exp2 (portable: no libdevice, runs in the interpreter)."""
-    e = tl.exp2(x * 2.8853900817779268)  # e^(2x)
-    return 1.0 - 2.0 / (e + 1.0)
+from registry.adapters.triton_kernels.common import dot_dtype, load_scale, tanh
+from registry.adapters.triton_kernels.merge import merge_splits, write_rows
 
 
 @triton.jit
 def _paged_mha_kernel(
     Q, K, V, BlockTable, SeqLens, CuSeqlensQ, TileReq, TileRow,
     Sinks, QScale, KScale, VScale, Out, Lse, OPart, LsePart,
-    sm_scale, v_mul, soft_cap, window_left, q_len, tiles_per_req, num_tokens, num_q_heads,
+    sm_scale, q_mul, k_mul, v_mul, soft_cap, window_left, q_len, tiles_per_req, num_tokens, num_q_heads,
     stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_bt, stride_ot, stride_oh, stride_lt, stride_lh,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     RAGGED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, Q_SCALE_PTR: tl.constexpr, K_SCALE_PTR: tl.constexpr, V_SCALE_PTR: tl.constexpr,
-    WRITE_LSE: tl.constexpr, FINAL: tl.constexpr,
+    WRITE_LSE: tl.constexpr, FINAL: tl.constexpr, DOT: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -87,8 +81,8 @@ def _paged_mha_kernel(
     q = tl.load(
         Q + t_idx.to(tl.int64)[:, None] * stride_qt + h_idx[:, None] * stride_qh + offs_d[None, :],
         mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-    )
-    qk_scale = load_scale(load_scale(sm_scale, QScale, Q_SCALE_PTR), KScale, K_SCALE_PTR)
+    ).to(DOT)
+    qk_scale = sm_scale * load_scale(q_mul, QScale, Q_SCALE_PTR) * load_scale(k_mul, KScale, K_SCALE_PTR)
     if HAS_SOFTCAP:
         cap_in = qk_scale / soft_cap
         cap_out = soft_cap * 1.4426950408889634
@@ -110,9 +104,9 @@ def _paged_mha_kernel(
             k_base + page[:, None] * stride_kp + slot[:, None] * stride_ks + offs_d[None, :],
             mask=n_ok[:, None] & d_ok[None, :], other=0.0,
         )
-        s = tl.dot(q, tl.trans(k.to(q.dtype)))
+        s = tl.dot(q, tl.trans(k.to(DOT)))
         if HAS_SOFTCAP:
-            s = cap_out * _tanh(s * cap_in)
+            s = cap_out * tanh(s * cap_in)
         else:
             s = s * qk_scale
         seen = n_ok[None, :]
@@ -130,7 +124,7 @@ def _paged_mha_kernel(
             v_base + page[:, None] * stride_vp + slot[:, None] * stride_vs + offs_dv[None, :],
             mask=n_ok[:, None] & dv_ok[None, :], other=0.0,
         )
-        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
+        acc = tl.dot(p.to(DOT), v.to(DOT), acc * alpha[:, None])
         m_i = m_new
 
     write_rows(
@@ -178,7 +172,7 @@ def paged_mha(
         dummy if v_scale[1] is None else v_scale[1],
         out, dummy if lse is None else lse,
         dummy if final else o_part, dummy if final else lse_part,
-        sm_scale * q_scale[0] * k_scale[0], v_scale[0], soft_cap, window_left, q_len, tiles_per_req,
+        sm_scale, q_scale[0], k_scale[0], v_scale[0], soft_cap, window_left, q_len, tiles_per_req,
         num_tokens, hq,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -190,7 +184,7 @@ def paged_mha(
         HAS_SINKS=sinks is not None and final,
         Q_SCALE_PTR=q_scale[1] is not None, K_SCALE_PTR=k_scale[1] is not None,
         V_SCALE_PTR=v_scale[1] is not None and final, WRITE_LSE=lse is not None and final, FINAL=final,
-        num_warps=num_warps, num_stages=num_stages,
+        DOT=dot_dtype(q.dtype, _paged_mha_kernel), num_warps=num_warps, num_stages=num_stages,
     )
     if not final:
         merge_splits(o_part, lse_part, out, lse, sinks=sinks, v_mul=v_scale[0], v_scale_ptr=v_scale[1])

@@ -15,19 +15,20 @@ from typing import Any, Optional
 import triton
 import triton.language as tl
 
-from registry.adapters.triton_kernels.merge import load_scale, merge_splits, write_rows
+from registry.adapters.triton_kernels.common import dot_dtype, load_scale
+from registry.adapters.triton_kernels.merge import merge_splits, write_rows
 
 
 @triton.jit
 def _sparse_mla_kernel(
     QN, QP, KV, BlockTable, SeqLens, TopK, Sinks, QScale, KVScale, Out, Lse, OPart, LsePart,
-    sm_scale, kv_mul, q_len, num_tokens, topk,
+    sm_scale, q_mul, kv_mul, q_len, num_tokens, topk,
     stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_kvp, stride_kvs,
     stride_bt, stride_tk, stride_ot, stride_oh, stride_lt, stride_lh,
     HEADS: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     HAS_SINKS: tl.constexpr, Q_SCALE_PTR: tl.constexpr, KV_SCALE_PTR: tl.constexpr,
-    WRITE_LSE: tl.constexpr, FINAL: tl.constexpr,
+    WRITE_LSE: tl.constexpr, FINAL: tl.constexpr, DOT: tl.constexpr,
 ):
     hblk = tl.program_id(0)
     split = tl.program_id(1)
@@ -50,12 +51,12 @@ def _sparse_mla_kernel(
     qn = tl.load(
         QN + t64 * stride_qnt + h_idx[:, None] * stride_qnh + offs_r[None, :],
         mask=row_ok[:, None] & r_ok[None, :], other=0.0,
-    )
+    ).to(DOT)
     qp = tl.load(
         QP + t64 * stride_qpt + h_idx[:, None] * stride_qph + offs_dr[None, :],
         mask=row_ok[:, None] & dr_ok[None, :], other=0.0,
-    )
-    qk_scale = load_scale(load_scale(sm_scale * kv_mul, QScale, Q_SCALE_PTR), KVScale, KV_SCALE_PTR)
+    ).to(DOT)
+    qk_scale = sm_scale * load_scale(q_mul, QScale, Q_SCALE_PTR) * load_scale(kv_mul, KVScale, KV_SCALE_PTR)
     qk_scale = qk_scale * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -71,16 +72,16 @@ def _sparse_mla_kernel(
         row_base = KV + page * stride_kvp + (pos % PAGE_SIZE) * stride_kvs
         c = tl.load(row_base[:, None] + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
         kpe = tl.load(row_base[:, None] + R + offs_dr[None, :], mask=n_ok[:, None] & dr_ok[None, :], other=0.0)
-        c = c.to(qn.dtype)
+        c = c.to(DOT)
         s = tl.dot(qn, tl.trans(c))
-        s = tl.dot(qp, tl.trans(kpe.to(qp.dtype)), s) * qk_scale
+        s = tl.dot(qp, tl.trans(kpe.to(DOT)), s) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(qn.dtype), c, acc * alpha[:, None])
+        acc = tl.dot(p.to(DOT), c, acc * alpha[:, None])
         m_i = m_new
 
     write_rows(
@@ -114,7 +115,7 @@ def sparse_mla_decode(
         dummy if q_scale[1] is None else q_scale[1], dummy if kv_scale[1] is None else kv_scale[1],
         out, dummy if lse is None else lse,
         dummy if final else o_part, dummy if final else lse_part,
-        sm_scale * q_scale[0], kv_scale[0], q_len, num_tokens, topk,
+        sm_scale, q_scale[0], kv_scale[0], q_len, num_tokens, topk,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         kv_cache.stride(0), kv_cache.stride(1),
         block_table.stride(0), topk_indices.stride(0), out.stride(0), out.stride(1),
@@ -125,7 +126,7 @@ def sparse_mla_decode(
         HAS_SINKS=sinks is not None and final,
         Q_SCALE_PTR=q_scale[1] is not None, KV_SCALE_PTR=kv_scale[1] is not None,
         WRITE_LSE=lse is not None and final, FINAL=final,
-        num_warps=num_warps, num_stages=num_stages,
+        DOT=dot_dtype(q_nope.dtype, _sparse_mla_kernel), num_warps=num_warps, num_stages=num_stages,
     )
     if not final:
         merge_splits(o_part, lse_part, out, lse, sinks=sinks, v_mul=kv_scale[0], v_scale_ptr=kv_scale[1])

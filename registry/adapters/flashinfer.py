@@ -1,0 +1,577 @@
+"""FlashInfer's FlashAttention paths (FA2, FA2 on tensor cores, FA3) behind the op contracts.
+
+One class per (kernel, op).  Each calls the exact inner FlashInfer backend
+(``use_tensor_cores=False``, ``backend="fa2"``, ``backend="fa3"``), never
+``backend="auto"``, whose choice changes with the GPU and FlashInfer version.
+
+Translation done here (the contract's layouts are in ``registry.contracts``):
+
+* ``block_table`` + ``seq_lens`` -> FlashInfer's CSR ``indptr/indices/last_page_len``
+  (``registry.adapters.paged``), once per ``plan()``;
+* the NHD cache ``[P, S, Hkv, D]`` is FlashInfer's ``kv_layout="NHD"`` as is;
+* FP8 scales: floats fold into FlashInfer's softmax scale or output scale;
+  one-element device tensors scale the query on the device (or feed FA3's
+  FP8 kernel as per-head arrays), so ``run()`` never reads them on the host;
+* LSE: base 2 from the kernel, natural log out (``* ln 2``, in place).
+
+With ``request.cuda_graph`` the wrappers are built in FlashInfer's CUDA-graph
+mode on the first ``plan()``: the batch size and the block-table width of
+that plan are then fixed for the adapter's life, and re-planning keeps the
+device buffers a captured ``run()`` reads.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Optional
+
+from registry.adapters.flashinfer_common import (
+    FLOAT_WORKSPACE_BYTES,
+    LN2,
+    FlashInferAdapter,
+    check_scale,
+    float_workspace,
+)
+from registry.adapters.paged import (
+    block_table_to_csr,
+    check_cu_seqlens,
+    check_paged_metadata,
+    uniform_cu_seqlens,
+)
+from registry.contracts import AttentionResult
+from registry.errors import AdapterInputError, UnsupportedFeatureError
+
+if TYPE_CHECKING:
+    import torch
+
+_SINKS_DROPPED = (
+    "FlashInfer 0.7.2 accepts sinks= on this path and never passes it to the kernel "
+    "(decode.py:3264-3310, prefill.py:836-931); a sink needs the AttentionSink JIT variant"
+)
+_FP8 = ("fp8_e4m3", "fp8_e5m2")
+
+
+def _is_fp8(dtype: "torch.dtype") -> bool:
+    return dtype.itemsize == 1
+
+
+def _v_scale_arg(name: str, v_scale: Any, device_index: int) -> Any:
+    """FlashInfer multiplies ``out`` by ``v_scale`` after the kernel (float or tensor); skip it at 1.0."""
+    if isinstance(v_scale, float):
+        return None if v_scale == 1.0 else v_scale
+    check_scale(name, v_scale, device_index)
+    return float(v_scale) if isinstance(v_scale, int) else v_scale
+
+
+def _mul_out(out: "torch.Tensor", scale: Any) -> None:
+    """``out *= scale`` for a non-unit float or a one-element tensor (in place, capturable)."""
+    if isinstance(scale, float):
+        if scale != 1.0:
+            out.mul_(scale)
+    else:
+        out.mul_(scale.view(1))
+
+
+# ---------------------------------------------------------------- mha_decode
+
+
+class _PagedDecode(FlashInferAdapter):
+    """``BatchDecodeWithPagedKVCacheWrapper`` with an explicit inner kernel."""
+
+    op = "mha_decode"
+    use_tensor_cores = False
+    drops = {"sinks": _SINKS_DROPPED}
+
+    def __init__(self, spec: Any, request: Any) -> None:
+        super().__init__(spec, request)
+        self._wrapper = None
+        self._graph_shape: Optional[tuple] = None
+
+    def _make_wrapper(self, batch: int, max_pages: int) -> Any:
+        import torch
+
+        ws = float_workspace(self._device, "flashinfer-fa", FLOAT_WORKSPACE_BYTES)
+        kwargs: dict = {}
+        if self.request.cuda_graph:
+            kwargs = dict(
+                use_cuda_graph=True,
+                paged_kv_indptr_buffer=torch.empty(batch + 1, dtype=torch.int32, device=self._device),
+                paged_kv_indices_buffer=torch.empty(max(1, batch * max_pages), dtype=torch.int32, device=self._device),
+                paged_kv_last_page_len_buffer=torch.empty(batch, dtype=torch.int32, device=self._device),
+            )
+        backend = {"backend": "fa2"} if self.use_tensor_cores else {}
+        return self._fi.BatchDecodeWithPagedKVCacheWrapper(
+            ws, "NHD", use_tensor_cores=self.use_tensor_cores, **backend, **kwargs
+        )
+
+    def plan(self, metadata: Any) -> None:
+        r = self.request
+        self._check_options(metadata)
+        contract = f"{self.spec.name}, {self.op}"
+        self._bind_device(metadata.block_table)
+        batch = check_paged_metadata(metadata.block_table, metadata.seq_lens, r.page_size, contract=contract)
+        q_len = int(metadata.q_len)
+        if q_len > 1 and not self.use_tensor_cores:
+            raise UnsupportedFeatureError(
+                f"{self.spec.name}: q_len={q_len}; the CUDA-core decode kernel takes one query token "
+                "per request (decode.py:2089-2095); multi-token decode needs the tensor-core kernel"
+            )
+        d, dv = r.head_dim_qk, r.head_dim_vo or r.head_dim_qk
+        if dv != d:
+            raise UnsupportedFeatureError(f"{self.spec.name}: head_dim_vo {dv} != head_dim_qk {d}; the decode wrapper has one head_dim")
+        shape = (batch, metadata.block_table.shape[1])
+        if self._wrapper is None or (r.cuda_graph and shape != self._graph_shape):
+            if self._wrapper is not None:
+                raise AdapterInputError(
+                    f"{self.spec.name}: CUDA-graph mode fixes batch and block_table width at the first plan "
+                    f"{self._graph_shape}; got {shape}. Use one adapter per captured shape."
+                )
+            self._wrapper, self._graph_shape = self._make_wrapper(*shape), shape
+        indptr, indices, last = block_table_to_csr(metadata.block_table, metadata.seq_lens, r.page_size)
+        extra = {"q_len_per_req": q_len} if self.use_tensor_cores else {}
+        self._wrapper.plan(
+            indptr, indices, last, r.num_qo_heads, r.num_kv_heads, d, r.page_size,
+            window_left=metadata.window_left, logits_soft_cap=metadata.logits_soft_cap,
+            q_data_type=self.q_dtype, kv_data_type=self.kv_dtype, o_data_type=self.out_dtype,
+            sm_scale=self._sm_scale(metadata, d), seq_lens=metadata.seq_lens, **extra,
+        )
+        t = batch * q_len
+        self._q_shape = (t, r.num_qo_heads, d)
+        self._kv_tail = (r.page_size, r.num_kv_heads, d)
+        self._lse_shape = (t, r.num_qo_heads)
+        if self.kv_dtype.itemsize == 1:
+            self._plan_buffer("q", self._q_shape, self.q_dtype)
+        self._planned = True
+
+    def run(self, q, k_cache, v_cache, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
+        import torch
+
+        if not self._planned:
+            self._require_planned()
+        if sinks is not None:
+            self._refuse("sinks", True)
+        self._expect("q", q, self._q_shape, self.q_dtype)
+        self._expect("k_cache", k_cache, self._kv_tail, self.kv_dtype, tail=True)
+        self._expect("v_cache", v_cache, self._kv_tail, self.kv_dtype, tail=True)
+        if out is not None:
+            self._expect("out", out, self._q_shape, self.out_dtype)
+        want = self._lse_wanted(lse)
+        if lse is not None:
+            self._expect("lse", lse, self._lse_shape, torch.float32)
+        host, dev = self._scales(("q_scale", "k_scale"), (q_scale, k_scale))
+        if dev:
+            q = self._prescaled(q, 1.0, dev)
+        res = self._wrapper.run(
+            q, (k_cache, v_cache),
+            q_scale=None if host == 1.0 else host,
+            v_scale=_v_scale_arg("v_scale", v_scale, self._device_index),
+            out=out, lse=lse, return_lse=want, enable_pdl=self._pdl,
+        )
+        if not want:
+            return AttentionResult(res)
+        res[1].mul_(LN2)
+        return AttentionResult(res[0], res[1])
+
+
+class FA2Decode(_PagedDecode):
+    """FlashInfer's CUDA-core decode kernel (``use_tensor_cores=False``): one token per request.
+
+    GQA group sizes are a compile-time dispatch in FlashInfer
+    (``data/include/flashinfer/utils.cuh:142-168``).
+    """
+
+    use_tensor_cores = False
+
+
+class FA2TCDecode(_PagedDecode):
+    """FlashInfer's FA2 prefill kernel used for decode (``use_tensor_cores=True, backend="fa2"``).
+
+    Serves ``q_len > 1`` (MTP / speculative verification) through
+    ``plan(q_len_per_req=q_len)``: causal inside each request's block.
+    """
+
+    use_tensor_cores = True
+
+
+# ---------------------------------------------------------------- mha_extend
+
+
+class _PagedPrefill(FlashInferAdapter):
+    """``BatchPrefillWithPagedKVCacheWrapper`` (``mha_extend``) on an explicit FA backend."""
+
+    op = "mha_extend"
+    backend = ""
+    drops = {"sinks": _SINKS_DROPPED}
+
+    def __init__(self, spec: Any, request: Any) -> None:
+        super().__init__(spec, request)
+        self._wrapper = None
+        self._graph_shape: Optional[tuple] = None
+        self._fp8_q = _is_fp8(self.q_dtype)
+
+    def _make_wrapper(self, batch: int, max_pages: int) -> Any:
+        import torch
+
+        ws = float_workspace(self._device, "flashinfer-fa", FLOAT_WORKSPACE_BYTES)
+        kwargs: dict = {}
+        if self.request.cuda_graph:
+            i32 = dict(dtype=torch.int32, device=self._device)
+            kwargs = dict(
+                use_cuda_graph=True,
+                qo_indptr_buf=torch.empty(batch + 1, **i32),
+                paged_kv_indptr_buf=torch.empty(batch + 1, **i32),
+                paged_kv_indices_buf=torch.empty(max(1, batch * max_pages), **i32),
+                paged_kv_last_page_len_buf=torch.empty(batch, **i32),
+            )
+        return self._fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=self.backend, **kwargs)
+
+    def plan(self, metadata: Any) -> None:
+        import torch
+
+        r = self.request
+        self._check_options(metadata, causal=metadata.causal)
+        self._check_fp8_options(metadata)
+        contract = f"{self.spec.name}, {self.op}"
+        self._bind_device(metadata.block_table)
+        batch = check_paged_metadata(metadata.block_table, metadata.seq_lens, r.page_size, contract=contract)
+        total = check_cu_seqlens("cu_seqlens_q", metadata.cu_seqlens_q, batch, device=self._device, contract=contract)
+        shape = (batch, metadata.block_table.shape[1])
+        if self._wrapper is None or (r.cuda_graph and shape != self._graph_shape):
+            if self._wrapper is not None:
+                raise AdapterInputError(
+                    f"{self.spec.name}: CUDA-graph mode fixes batch and block_table width at the first plan "
+                    f"{self._graph_shape}; got {shape}. Use one adapter per captured shape."
+                )
+            self._wrapper, self._graph_shape = self._make_wrapper(*shape), shape
+        d, dv = r.head_dim_qk, r.head_dim_vo or r.head_dim_qk
+        indptr, indices, last = block_table_to_csr(metadata.block_table, metadata.seq_lens, r.page_size)
+        self._wrapper.plan(
+            metadata.cu_seqlens_q, indptr, indices, last, r.num_qo_heads, r.num_kv_heads, d, r.page_size,
+            head_dim_vo=dv, causal=metadata.causal, sm_scale=self._sm_scale(metadata, d),
+            window_left=metadata.window_left, logits_soft_cap=metadata.logits_soft_cap,
+            q_data_type=self.q_dtype, kv_data_type=self.kv_dtype, o_data_type=self.out_dtype,
+            seq_lens=metadata.seq_lens,
+        )
+        self._q_shape = (total, r.num_qo_heads, d)
+        self._out_shape = (total, r.num_qo_heads, dv)
+        self._k_tail = (r.page_size, r.num_kv_heads, d)
+        self._v_tail = (r.page_size, r.num_kv_heads, dv)
+        self._lse_shape = (total, r.num_qo_heads)
+        if self._fp8_q:
+            self._plan_per_head_scales()
+        elif self.kv_dtype.itemsize == 1:
+            self._plan_buffer("q", self._q_shape, self.q_dtype)
+        self._planned = True
+
+    def _check_fp8_options(self, metadata: Any) -> None:
+        if self._fp8_q and metadata.logits_soft_cap > 0:
+            raise UnsupportedFeatureError(
+                f"{self.spec.name}: logits_soft_cap with an FP8 query: FA3's FP8 variant has no soft cap "
+                "and would ignore it (jit/attention/modules.py:1093-1107, hopper/variants.cuh DefaultFP8Attention)"
+            )
+
+    def _plan_per_head_scales(self) -> None:
+        """FA3's FP8 kernel reads scale tensors per head (hopper/variants.cuh get_q_scale/get_k_scale)."""
+        import torch
+
+        r = self.request
+        self._plan_buffer("scale_q", (r.num_qo_heads,), torch.float32)
+        self._plan_buffer("scale_k", (r.num_kv_heads,), torch.float32)
+        self._plan_buffer("scale_v", (r.num_kv_heads,), torch.float32)
+
+    def _fp8_args(self, q_scale: Any, k_scale: Any, v_scale: Any) -> tuple:
+        """FA3 FP8 scale arguments: floats as they are, tensors broadcast into the planned per-head buffers."""
+        args = []
+        for name, s in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
+            if isinstance(s, (int, float)):
+                args.append(float(s))
+            else:
+                check_scale(name, s, self._device_index)
+                buf = self._buffers["scale_" + name[0]]
+                buf.copy_(s.view(1).expand(buf.shape[0]))
+                args.append(buf)
+        return tuple(args)
+
+    def _check_run(self, q, k, v, sinks, out, lse) -> bool:
+        import torch
+
+        if not self._planned:
+            self._require_planned()
+        if sinks is not None:
+            self._refuse("sinks", True)
+        self._expect("q", q, self._q_shape, self.q_dtype)
+        self._expect_kv(k, v)
+        if out is not None:
+            self._expect("out", out, self._out_shape, self.out_dtype)
+        want = self._lse_wanted(lse)
+        if lse is not None:
+            self._expect("lse", lse, self._lse_shape, torch.float32)
+        return want
+
+    def _expect_kv(self, k_cache, v_cache) -> None:
+        self._expect("k_cache", k_cache, self._k_tail, self.kv_dtype, tail=True)
+        self._expect("v_cache", v_cache, self._v_tail, self.kv_dtype, tail=True)
+
+    def run(self, q, k_cache, v_cache, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
+        want = self._check_run(q, k_cache, v_cache, sinks, out, lse)
+        if self._fp8_q:
+            args, host, v_arg = self._fp8_args(q_scale, k_scale, v_scale), 1.0, None
+        else:
+            host, dev = self._scales(("q_scale", "k_scale"), (q_scale, k_scale))
+            if dev:
+                q = self._prescaled(q, 1.0, dev)
+            args, v_arg = (), _v_scale_arg("v_scale", v_scale, self._device_index)
+        res = self._wrapper.run(
+            q, (k_cache, v_cache), *args,
+            q_scale=None if host == 1.0 else host, v_scale=v_arg,
+            out=out, lse=lse, return_lse=want, lse_base="ln", enable_pdl=self._pdl,
+        )
+        return AttentionResult(*res) if want else AttentionResult(res)
+
+
+class FA2Extend(_PagedPrefill):
+    """FlashInfer paged prefill, ``backend="fa2"``: new tokens over a paged cache (prewrite)."""
+
+    backend = "fa2"
+
+
+class FA3Extend(_PagedPrefill):
+    """FlashInfer paged prefill, ``backend="fa3"`` (Hopper only: built for sm_90a).
+
+    An FP8 query (with FP8 KV) runs FA3's FP8 kernel: output bf16/fp16, no soft cap.
+    """
+
+    backend = "fa3"
+
+
+# --------------------------------------------------------------- mha_prefill
+
+
+class _RaggedPrefill(_PagedPrefill):
+    """``BatchPrefillWithRaggedKVCacheWrapper`` (``mha_prefill``, postwrite) on an explicit FA backend.
+
+    The ragged wrapper ignores ``q_scale``/``k_scale``/``v_scale`` for a 16-bit
+    query unless K is FP8 (prefill.py:5998-6004, 6467-6469), so this adapter
+    applies them itself: the query is scaled into a planned buffer and the
+    output in place.
+    """
+
+    op = "mha_prefill"
+
+    def _make_wrapper(self, batch: int, _unused: int = 0) -> Any:
+        import torch
+
+        ws = float_workspace(self._device, "flashinfer-fa", FLOAT_WORKSPACE_BYTES)
+        kwargs: dict = {}
+        if self.request.cuda_graph:
+            i32 = dict(dtype=torch.int32, device=self._device)
+            kwargs = dict(
+                use_cuda_graph=True,
+                qo_indptr_buf=torch.empty(batch + 1, **i32),
+                kv_indptr_buf=torch.empty(batch + 1, **i32),
+            )
+        return self._fi.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend=self.backend, **kwargs)
+
+    def plan(self, metadata: Any) -> None:
+        r = self.request
+        self._check_options(metadata, causal=metadata.causal)
+        self._check_fp8_options(metadata)
+        contract = f"{self.spec.name}, {self.op}"
+        self._bind_device(metadata.cu_seqlens_q)
+        tq = check_cu_seqlens("cu_seqlens_q", metadata.cu_seqlens_q, contract=contract)
+        batch = metadata.cu_seqlens_q.shape[0] - 1
+        tk = check_cu_seqlens("cu_seqlens_kv", metadata.cu_seqlens_kv, batch, device=self._device, contract=contract)
+        if self._wrapper is None or (r.cuda_graph and (batch,) != self._graph_shape):
+            if self._wrapper is not None:
+                raise AdapterInputError(
+                    f"{self.spec.name}: CUDA-graph mode fixes the batch at the first plan {self._graph_shape}; "
+                    f"got {(batch,)}. Use one adapter per captured shape."
+                )
+            self._wrapper, self._graph_shape = self._make_wrapper(batch), (batch,)
+        d, dv = r.head_dim_qk, r.head_dim_vo or r.head_dim_qk
+        self._wrapper.plan(
+            metadata.cu_seqlens_q, metadata.cu_seqlens_kv, r.num_qo_heads, r.num_kv_heads, d,
+            head_dim_vo=dv, causal=metadata.causal, sm_scale=self._sm_scale(metadata, d),
+            window_left=metadata.window_left, logits_soft_cap=metadata.logits_soft_cap,
+            q_data_type=self.q_dtype, kv_data_type=self.kv_dtype, o_data_type=self.out_dtype,
+        )
+        self._q_shape = (tq, r.num_qo_heads, d)
+        self._out_shape = (tq, r.num_qo_heads, dv)
+        self._k_shape = (tk, r.num_kv_heads, d)
+        self._v_shape = (tk, r.num_kv_heads, dv)
+        self._lse_shape = (tq, r.num_qo_heads)
+        if self._fp8_q:
+            self._plan_per_head_scales()
+        elif self.kv_dtype.itemsize == 1:
+            self._plan_buffer("q", self._q_shape, self.q_dtype)
+        self._planned = True
+
+    def _expect_kv(self, k, v) -> None:
+        self._expect("k", k, self._k_shape, self.kv_dtype)
+        self._expect("v", v, self._v_shape, self.kv_dtype)
+
+    def run(self, q, k, v, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
+        want = self._check_run(q, k, v, sinks, out, lse)
+        if self._fp8_q:
+            args = self._fp8_args(q_scale, k_scale, v_scale)
+        else:
+            args = ()
+            host, dev = self._scales(("q_scale", "k_scale"), (q_scale, k_scale))
+            if dev or host != 1.0:
+                q = self._prescaled(q, host, dev)
+            if not isinstance(v_scale, float):
+                check_scale("v_scale", v_scale, self._device_index)
+        res = self._wrapper.run(
+            q, k, v, *args, out=out, lse=lse, return_lse=want, lse_base="ln", enable_pdl=self._pdl
+        )
+        out, lse = res if want else (res, None)
+        if not self._fp8_q:
+            _mul_out(out, float(v_scale) if isinstance(v_scale, int) else v_scale)
+        return AttentionResult(out, lse)
+
+
+class FA2Prefill(_RaggedPrefill):
+    """FlashInfer ragged prefill, ``backend="fa2"``: fresh Q/K/V, causal or not (postwrite)."""
+
+    backend = "fa2"
+
+
+class FA3Prefill(_RaggedPrefill):
+    """FlashInfer ragged prefill, ``backend="fa3"`` (Hopper only: built for sm_90a).
+
+    An FP8 query (with FP8 K/V) runs FA3's FP8 kernel: output bf16/fp16, no soft cap.
+    """
+
+    backend = "fa3"
+
+
+# ---------------------------------------------------------------- mla_decode
+
+
+class _MLADecode(FlashInferAdapter):
+    """``BatchMLAPagedAttentionWrapper`` with its keyword API: ``plan(metadata=MLAPlanMetadata.csr(...))``.
+
+    The query goes in split (``query=(q_nope, q_pe)``), the latent cache packed
+    (``kv_cache=[P, S, R+Dr]``; FlashInfer takes views of it).  The LSE comes
+    back in natural log from the kernel (``lse_mode="basee"``).  FP8 KV takes
+    a float ``kv_scale`` as FlashInfer's ``ckv_scale``/``kpe_scale``; a tensor
+    ``kv_scale`` scales the query on the device and the output in place.
+    """
+
+    op = "mla_decode"
+    backend = ""
+    drops = {
+        "sinks": "FlashInfer's FA MLA backends reject sinks (mla/_batch_mla/_backends/_fa_common.py:985-993)",
+        "sliding_window": "FlashInfer's FA MLA backends have no window (fa2_backend.py:21-28 capabilities)",
+        "logits_soft_cap": "FlashInfer's FA MLA backends have no soft cap (fa2_backend.py:21-28 capabilities)",
+    }
+
+    def __init__(self, spec: Any, request: Any) -> None:
+        super().__init__(spec, request)
+        self._wrapper = None
+        self._graph_shape: Optional[tuple] = None
+        self._fp8_kv = _is_fp8(self.kv_dtype)
+
+    def _make_wrapper(self, batch: int, max_pages: int) -> Any:
+        import torch
+
+        ws = float_workspace(self._device, "flashinfer-fa", FLOAT_WORKSPACE_BYTES)
+        kwargs: dict = {}
+        if self.request.cuda_graph:
+            i32 = dict(dtype=torch.int32, device=self._device)
+            kwargs = dict(
+                use_cuda_graph=True,
+                qo_indptr=torch.empty(batch + 1, **i32),
+                kv_indptr=torch.empty(batch + 1, **i32),
+                kv_indices=torch.empty(max(1, batch * max_pages), **i32),
+                kv_len_arr=torch.empty(batch, **i32),
+            )
+        return self._fi.mla.BatchMLAPagedAttentionWrapper(ws, backend=self.backend, **kwargs)
+
+    def plan(self, metadata: Any) -> None:
+        r = self.request
+        self._check_options(metadata)
+        contract = f"{self.spec.name}, {self.op}"
+        self._bind_device(metadata.block_table)
+        batch = check_paged_metadata(metadata.block_table, metadata.seq_lens, r.page_size, contract=contract)
+        q_len = int(metadata.q_len)
+        shape = (batch, metadata.block_table.shape[1])
+        if self._wrapper is None or (r.cuda_graph and shape != self._graph_shape):
+            if self._wrapper is not None:
+                raise AdapterInputError(
+                    f"{self.spec.name}: CUDA-graph mode fixes batch and block_table width at the first plan "
+                    f"{self._graph_shape}; got {shape}. Use one adapter per captured shape."
+                )
+            self._wrapper, self._graph_shape = self._make_wrapper(*shape), shape
+        rank, rope = r.kv_lora_rank, r.qk_rope_head_dim
+        kv_indptr, kv_indices, _ = block_table_to_csr(metadata.block_table, metadata.seq_lens, r.page_size)
+        qo_indptr = uniform_cu_seqlens(batch, q_len, device=self._device)
+        sm_scale = metadata.sm_scale
+        if sm_scale is None:
+            sm_scale = 1.0 / math.sqrt(r.qk_nope_head_dim + rope)
+        want = bool(r.return_lse)
+        self._wrapper.plan(
+            metadata=self._fi.mla.MLAPlanMetadata.csr(qo_indptr, kv_indptr, kv_indices, metadata.seq_lens),
+            num_heads=r.num_qo_heads, head_dim_ckv=rank, head_dim_kpe=rope, page_size=r.page_size,
+            causal=q_len > 1, sm_scale=sm_scale, q_data_type=self.q_dtype, kv_data_type=self.kv_dtype,
+            query_layout="split", kv_cache_layout="packed",
+            lse_mode="basee" if want else "none", output_dtype=self.out_dtype,
+            scale_mode="kv-per-tensor" if self._fp8_kv else "default", enable_pdl=self._pdl,
+        )
+        t = batch * q_len
+        self._nope_shape = (t, r.num_qo_heads, rank)
+        self._pe_shape = (t, r.num_qo_heads, rope)
+        self._kv_tail = (r.page_size, rank + rope)
+        self._lse_shape = (t, r.num_qo_heads)
+        if self._fp8_kv:
+            self._plan_buffer("q_nope", self._nope_shape, self.q_dtype)
+            self._plan_buffer("q_pe", self._pe_shape, self.q_dtype)
+        self._planned = True
+
+    def run(self, q_nope, q_pe, kv_cache, *, q_scale=1.0, kv_scale=1.0, sinks=None, out=None, lse=None):
+        import torch
+
+        if not self._planned:
+            self._require_planned()
+        if sinks is not None:
+            self._refuse("sinks", True)
+        self._expect("q_nope", q_nope, self._nope_shape, self.q_dtype)
+        self._expect("q_pe", q_pe, self._pe_shape, self.q_dtype)
+        self._expect("kv_cache", kv_cache, self._kv_tail, self.kv_dtype, tail=True)
+        if out is not None:
+            self._expect("out", out, self._nope_shape, self.out_dtype)
+        want = self._lse_wanted(lse)
+        if lse is not None:
+            self._expect("lse", lse, self._lse_shape, torch.float32)
+        kv_in_kernel = self._fp8_kv and isinstance(kv_scale, (int, float))
+        if kv_in_kernel:  # FlashInfer dequantises FP8 KV with a host float (mla.cuh:312-377)
+            host, dev = self._scales(("q_scale",), (q_scale,))
+        else:  # the KV scale moves to q (scores) and to out (values)
+            host, dev = self._scales(("q_scale", "kv_scale"), (q_scale, kv_scale))
+        if dev or host != 1.0:
+            q_nope = self._prescaled(q_nope, host, dev, "q_nope")
+            q_pe = self._prescaled(q_pe, host, dev, "q_pe")
+        fp8_args = {}
+        if self._fp8_kv:
+            s = float(kv_scale) if kv_in_kernel else 1.0
+            fp8_args = dict(ckv_scale=s, kpe_scale=s)
+        res = self._wrapper.run(
+            query=(q_nope, q_pe), kv_cache=kv_cache, out=out, lse=lse,
+            return_lse=want, return_lse_base_on_e=want, **fp8_args,
+        )
+        out, lse = res if want else (res, None)
+        if not kv_in_kernel:
+            _mul_out(out, float(kv_scale) if isinstance(kv_scale, int) else kv_scale)
+        return AttentionResult(out, lse)
+
+
+class FA2MLADecode(_MLADecode):
+    """FlashInfer MLA decode, ``backend="fa2"`` (absorbed MLA over the latent cache; MTP via q_len)."""
+
+    backend = "fa2"
+
+
+class FA3MLADecode(_MLADecode):
+    """FlashInfer MLA decode, ``backend="fa3"`` (Hopper only: needs sm_90a)."""
+
+    backend = "fa3"

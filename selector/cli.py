@@ -1,0 +1,258 @@
+"""``kernelsel``: explain, plan, list, show, validate (and verify on a GPU).
+
+Exit codes: 0 success; 1 an invalid manifest (validate) or failed verification;
+2 bad input (unknown option value, bad request, unreadable manifest);
+3 no kernel can serve the request.  Errors are one-line messages, never tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from typing import Any, Optional
+
+import click
+import yaml
+
+from registry.errors import KernelselError, ManifestError
+from registry.loader import load_manifest
+from registry.priority import band_name
+from registry.schema import Manifest
+from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean, parse_arch
+from selector.api import Selector
+from selector.overrides import Overrides
+from selector.platform import Platform, installed_versions, required_distributions
+from selector.request import KernelRequest
+from selector.selection import NoKernelError
+
+EXIT_INVALID, EXIT_USAGE, EXIT_NO_KERNEL = 1, 2, 3
+
+
+class Failure(Exception):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _manifest(path: Optional[str], overrides: Overrides) -> Manifest:
+    try:
+        return load_manifest(path or overrides.manifest)
+    except ManifestError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
+
+
+def _detected_arch() -> Optional[Arch]:
+    """The local GPU's arch via nvidia-smi (no torch import), or None."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.split("\n")[0].strip()
+        return parse_arch(out) if out else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def _platform(manifest: Manifest, arch: Optional[str], installed_only: bool) -> Platform:
+    if arch is not None and not installed_only:
+        return Platform.hypothetical(arch)
+    libs = installed_versions(required_distributions(manifest.solutions))
+    resolved = parse_arch(arch) if arch is not None else _detected_arch()
+    if resolved is None:
+        raise Failure("no --arch given and no NVIDIA GPU detected (nvidia-smi); pass --arch sm_90", EXIT_USAGE)
+    return Platform(arch=resolved, libraries=libs, detected=True)
+
+
+def _choice(values: list[str]) -> click.Choice:
+    return click.Choice(values, case_sensitive=False)
+
+
+def request_options(f):
+    """The request flags shared by explain and plan (kebab-case of the request fields)."""
+    opts = [
+        click.option("--arch", help="target SM: sm_90, sm90, 9.0 (default: this machine's GPU)"),
+        click.option("--q-dtype", default="bf16", show_default=True, help=f"one of {', '.join(DType.values())}"),
+        click.option("--kv-dtype", help="default: the q dtype"),
+        click.option("--out-dtype", help="default: the q dtype (bf16 for fp8 q)"),
+        click.option("--head-dim", "head_dim_qk", type=int, help="query/key head dim"),
+        click.option("--head-dim-v", "head_dim_vo", type=int, help="value/output head dim (default: --head-dim)"),
+        click.option("--num-qo-heads", type=int),
+        click.option("--num-kv-heads", type=int),
+        click.option("--page-size", type=int),
+        click.option("--kv-lora-rank", type=int),
+        click.option("--qk-rope-head-dim", type=int),
+        click.option("--qk-nope-head-dim", type=int),
+        click.option("--topk", type=int, help="sparse MLA: positions per query token"),
+        click.option("--sinks", is_flag=True, help="needs attention sinks"),
+        click.option("--sliding-window", is_flag=True, help="needs a sliding window"),
+        click.option("--soft-cap", "logits_soft_cap", is_flag=True, help="needs a logits soft cap"),
+        click.option("--return-lse", is_flag=True, help="needs the LSE (decode-context-parallel)"),
+        click.option("--non-causal", is_flag=True),
+        click.option("--noncontiguous-kv", is_flag=True, help="K/V are strided views"),
+        click.option("--cuda-graph", is_flag=True, help="run() must be capturable in a CUDA graph"),
+        click.option("--solution", type=_choice(Solution.values()), help="restrict to one solution"),
+        click.option("--backend", type=_choice(Backend.values()), help="restrict to one backend"),
+        click.option("--kernel", help="force one kernel by name"),
+        click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="manifest or overlay (default: bundled)"),
+        click.option("--installed-only", is_flag=True, help="with --arch: only libraries installed here count"),
+        click.option("--json", "as_json", is_flag=True, help="machine-readable output"),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+_NOT_REQUEST = {"manifest_path", "installed_only", "as_json"}
+
+
+def _build(op: Optional[str], kw: dict) -> tuple[Selector, KernelRequest]:
+    overrides = Overrides.from_env()
+    manifest = _manifest(kw.get("manifest_path"), overrides)
+    platform = _platform(manifest, kw.get("arch"), kw.get("installed_only", False))
+    fields = {k: v for k, v in kw.items() if k not in _NOT_REQUEST and v not in (None, False)}
+    fields["arch"] = platform.arch
+    if op is not None:
+        fields["op"] = op
+    return Selector(manifest, platform, overrides), KernelRequest(**fields)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="kernelsel", message="kernelsel %(version)s")
+def cli() -> None:
+    """Declarative attention-kernel selection: explain, plan, list, show, validate, verify."""
+
+
+@cli.command()
+@click.option("--op", required=True, type=_choice(Op.values()), help="the op to select a kernel for")
+@request_options
+def explain(op: str, **kw: Any) -> None:
+    """Show which kernel serves a request, why, and why every other kernel of the op does not."""
+    selector, request = _build(op, kw)
+    selection = selector.solve(request)
+    if kw["as_json"]:
+        _echo_json(selection.to_dict())
+    else:
+        click.echo(selection.explain())
+    if selection.kernel is None:
+        sys.exit(EXIT_NO_KERNEL)
+
+
+@cli.command()
+@request_options
+def plan(**kw: Any) -> None:
+    """Decide postwrite vs prewrite for a prefill step (the attention plan) and explain it."""
+    from selector.plan import select_plan
+
+    selector, request = _build(Op.MHA_EXTEND.value, kw)
+    try:
+        result = select_plan(request, selector=selector)
+    except NoKernelError as exc:
+        _echo_json(exc.selection.to_dict()) if kw["as_json"] else click.echo(exc.selection.explain())
+        sys.exit(EXIT_NO_KERNEL)
+    if kw["as_json"]:
+        _echo_json(result.to_dict())
+    else:
+        click.echo(result.explain())
+
+
+@cli.command("list")
+@click.option("--op", type=_choice(Op.values()))
+@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def list_kernels(op: Optional[str], manifest_path: Optional[str], as_json: bool) -> None:
+    """List the manifest's kernels (name, op, solution/backend, arch, priority, source line)."""
+    manifest = _manifest(manifest_path, Overrides.from_env())
+    kernels = [k for k in manifest.kernels if op is None or k.op.value == op]
+    if as_json:
+        _echo_json([{"name": k.name, "op": k.op.value, "solution": k.solution.value, "backend": k.backend.value,
+                     "arch": k.arch.describe(), "priority": k.priority, "origin": k.origin} for k in kernels])
+        return
+    rows = [("kernel", "op", "solution/backend", "arch", "priority", "source")]
+    rows += [(k.name, k.op.value, f"{k.solution.value}/{k.backend.value}", k.arch.describe(),
+              f"{k.priority} {band_name(k.priority)}", k.origin) for k in kernels]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def show(name: str, manifest_path: Optional[str], as_json: bool) -> None:
+    """Show one kernel's full manifest entry."""
+    manifest = _manifest(manifest_path, Overrides.from_env())
+    spec = manifest.by_name.get(name)
+    if spec is None:
+        raise Failure(f"no kernel named {name!r}{did_you_mean(name, list(manifest.by_name))}; "
+                      f"`kernelsel list` shows them all", EXIT_USAGE)
+    data = spec.model_dump(mode="json", exclude_defaults=True)
+    data["exclude"] = [{"when": {f: c.describe() for f, c in e.when.items()}, "reason": e.reason, "ref": e.ref}
+                       for e in spec.exclude]
+    data = {k: v for k, v in data.items() if v not in ([], {}, None)}
+    if as_json:
+        _echo_json(data | {"origin": spec.origin})
+        return
+    click.echo(f"# {spec.origin}")
+    click.echo(yaml.safe_dump(_plain(data), sort_keys=False, width=100).rstrip())
+
+
+def _plain(data: Any) -> Any:
+    """Constraint models dumped as their YAML spelling (lists / ranges)."""
+    if isinstance(data, dict):
+        if set(data) == {"values"}:
+            return list(data["values"])
+        if set(data) == {"only"}:
+            return list(data["only"])
+        return {k: _plain(v) for k, v in data.items() if v is not None and v is not False}
+    if isinstance(data, (list, tuple)):
+        return [_plain(v) for v in data]
+    return data
+
+
+@cli.command()
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
+def validate(path: Optional[str]) -> None:
+    """Check a manifest; print every problem as file:line:col: path: message (exit 1 if any)."""
+    try:
+        manifest = load_manifest(path)
+    except ManifestError as exc:
+        for problem in exc.problems:
+            click.echo(problem, err=True)
+        click.echo(f"{len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}", err=True)
+        sys.exit(EXIT_INVALID)
+    click.echo(f"{manifest.path}: ok ({len(manifest.kernels)} kernels, schema {manifest.schema_version}, sha {manifest.digest})")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point: run the CLI, turning kernelsel errors into one-line messages and exit codes."""
+    try:
+        cli.main(args=argv, prog_name="kernelsel", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(EXIT_USAGE)
+    except Failure as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.code)
+    except NoKernelError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_NO_KERNEL)
+    except KernelselError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""Random inputs that follow an op's tensor contract, and the reference answer for them.
+
+``kernelsel verify`` (and the examples) build inputs here, so every kernel of
+an op is fed the same way (``registry.contracts``).  The request decides
+everything: dtypes, shapes, and which features are exercised.  Sizes are
+small but reach the edges: a request with almost no cache, requests spanning
+several shuffled pages, and spare pages full of garbage that a correct
+kernel never reads.  torch is imported on use only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from registry.contracts import AttentionResult, DecodeMetadata, ExtendMetadata, PrefillMetadata
+from registry.errors import RequestError
+
+if TYPE_CHECKING:
+    import torch
+
+    from selector.request import KernelRequest
+
+PREFIX_LENS = (1, 37, 130)
+"""Cached tokens before the new ones, per request: one almost empty, two spanning pages."""
+
+RAGGED_NEW_LENS = (1, 5, 19)
+"""New tokens per request for ``mha_extend`` and ``mha_prefill`` (ragged)."""
+
+QUERY_GAIN = 2.0
+"""Query std: scores of std ~2 make attention peaky, so an error on one key shows in the output."""
+
+GARBAGE = 50.0
+"""Value of every cache slot no request owns: reading one wrecks the result."""
+
+Q_SCALE, KV_SCALE = 0.25, 0.5
+"""FP8 dequant scales (stored * scale); not 1, so a kernel that ignores them fails."""
+
+WINDOW_LEFT = 4
+"""Sliding window for the ``sliding_window`` feature: far smaller than the longer requests."""
+
+SOFT_CAP = 1.0
+"""``logits_soft_cap`` for that feature: below the score spread, so capping changes the output."""
+
+SINK_LOGIT = 5.0
+"""Mean sink logit: comparable to the longer requests' log-denominators, so the sink matters."""
+
+FEATURE_OPTIONS = ("sinks", "sliding_window", "logits_soft_cap", "non_causal")
+"""Features that change what is computed; ``Workload.reference(without=...)`` can switch each off."""
+
+
+@dataclass
+class Workload:
+    """One batch for one request: plan() metadata, run() inputs, and how to get the reference."""
+
+    request: "KernelRequest"
+    metadata: Any
+    inputs: tuple
+    scales: dict[str, float]
+    sinks: Optional["torch.Tensor"]
+    out_shape: tuple[int, int, int]
+    _reference_args: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def device(self) -> "torch.device":
+        return self.inputs[0].device
+
+    def new_out(self) -> "torch.Tensor":
+        import torch
+
+        from registry.adapters.base import torch_dtype
+
+        return torch.empty(self.out_shape, dtype=torch_dtype(self.request.out_dtype), device=self.device)
+
+    def new_lse(self) -> "torch.Tensor":
+        import torch
+
+        return torch.empty(self.out_shape[:2], dtype=torch.float32, device=self.device)
+
+    def run(self, adapter: Any, *, tensor_scales: bool = False, out: Any = None, lse: Any = None) -> AttentionResult:
+        """``adapter.run`` on these inputs; scales as floats or as one-element fp32 tensors."""
+        import torch
+
+        kwargs: dict[str, Any] = {
+            k: torch.tensor([v], dtype=torch.float32, device=self.device) if tensor_scales else v
+            for k, v in self.scales.items()
+        }
+        if self.sinks is not None:
+            kwargs["sinks"] = self.sinks
+        if out is not None:
+            kwargs["out"] = out
+        if lse is not None:
+            kwargs["lse"] = lse
+        return adapter.run(*self.inputs, **kwargs)
+
+    def reference(self, *, without: Optional[str] = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """The torch reference in float32 (out, lse), optionally with one feature switched off."""
+        import torch
+
+        from registry.adapters import reference as ref
+
+        args = dict(self._reference_args)
+        fn, positional = args.pop("fn"), args.pop("positional")
+        off = {"sinks": ("sinks", None), "sliding_window": ("window_left", -1),
+               "logits_soft_cap": ("logits_soft_cap", 0.0), "non_causal": ("causal", True)}
+        if without is not None:
+            key, value = off[without]
+            args[key] = value
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")  # no TF32 in the ground truth
+        try:
+            return getattr(ref, fn)(*positional, out_dtype=torch.float32, **args)
+        finally:
+            torch.set_float32_matmul_precision(previous)
+
+
+def _need(request: "KernelRequest", *fields: str) -> list[int]:
+    missing = [f for f in fields if getattr(request, f) is None]
+    if missing:
+        raise RequestError(f"a {request.op.value} workload needs {', '.join(missing)} in the request")
+    return [getattr(request, f) for f in fields]
+
+
+def _store(x: "torch.Tensor", dtype_name: Any, scale: float) -> tuple["torch.Tensor", float]:
+    """Cast to the request dtype; FP8 stores ``x / scale`` and reports the scale, others scale 1."""
+    from registry.adapters.base import torch_dtype
+    from registry.vocab import parse_dtype
+
+    dtype = parse_dtype(dtype_name)
+    if dtype.is_fp8:
+        return (x / scale).to(torch_dtype(dtype)), scale
+    return x.to(torch_dtype(dtype)), 1.0
+
+
+def _paged(lens: list[int], page_size: int, width: tuple[int, ...], gen: "torch.Generator", n_caches: int):
+    """Per-request fp32 rows scattered into shuffled pages, spare pages and slots full of garbage.
+
+    Returns ``(caches [P, S, *width] fp32, block_table int32 [B, max_pages+1])``.
+    """
+    import torch
+
+    pages = [math.ceil(n / page_size) for n in lens]
+    total = sum(pages) + 2
+    order = torch.randperm(total, generator=gen).tolist()
+    block_table = torch.full((len(lens), max(pages) + 1), order[-1], dtype=torch.int32)
+    caches = [torch.full((total, page_size, *width), GARBAGE) for _ in range(n_caches)]
+    used = 0
+    for b, n in enumerate(lens):
+        for p in range(pages[b]):
+            page, used = order[used], used + 1
+            block_table[b, p] = page
+            rows = min(page_size, n - p * page_size)
+            for cache in caches:
+                cache[page, :rows] = torch.randn(rows, *width, generator=gen)
+    return caches, block_table
+
+
+def make_workload(request: "KernelRequest", *, device: Any = "cpu", seed: int = 0) -> Workload:
+    """Inputs for ``request`` on ``device``: its op's contract, its dtypes and shapes, its features on."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    op = request.op.value
+    sinks_on, window, cap = request.sinks, WINDOW_LEFT if request.sliding_window else -1, (
+        SOFT_CAP if request.logits_soft_cap else 0.0
+    )
+    causal = not request.non_causal
+    batch = len(PREFIX_LENS)
+
+    def heads_sinks(hq: int) -> Optional["torch.Tensor"]:
+        return (torch.randn(hq, generator=gen) * 0.5 + SINK_LOGIT).to(device) if sinks_on else None
+
+    def dev(*ts):
+        return tuple(t.to(device) for t in ts)
+
+    options = dict(sm_scale=None, window_left=window, logits_soft_cap=cap)
+    if op in ("mha_decode", "mha_extend", "mha_prefill"):
+        d, hkv = _need(request, "head_dim_qk", "num_kv_heads")
+        dv = request.head_dim_vo or d
+        hq = request.num_qo_heads or hkv
+        if op == "mha_decode":
+            new = [request.q_len] * batch
+        else:
+            new = list(RAGGED_NEW_LENS)
+        kv_lens = [n if op == "mha_prefill" else p + n for p, n in zip(PREFIX_LENS, new)]
+        q, q_scale = _store(torch.randn(sum(new), hq, d, generator=gen) * QUERY_GAIN, request.q_dtype, Q_SCALE)
+        cu_q = torch.tensor([0] + list(torch.tensor(new).cumsum(0).tolist()), dtype=torch.int32)
+        sinks = heads_sinks(hq)
+        if op == "mha_prefill":
+            cu_kv = torch.tensor([0] + list(torch.tensor(kv_lens).cumsum(0).tolist()), dtype=torch.int32)
+            k, k_scale = _store(torch.randn(sum(kv_lens), hkv, d, generator=gen), request.kv_dtype, KV_SCALE)
+            v, v_scale = _store(torch.randn(sum(kv_lens), hkv, dv, generator=gen), request.kv_dtype, KV_SCALE)
+            if request.noncontiguous_kv:
+                k, v = _strided(k), _strided(v)
+            q, k, v, cu_q, cu_kv = dev(q, k, v, cu_q, cu_kv)
+            metadata = PrefillMetadata(cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv, causal=causal, **options)
+            fn, positional = "mha_ragged", (q, k, v, cu_q, cu_kv)
+        else:
+            (page_size,) = _need(request, "page_size")
+            (kc, vc), block_table = _paged_kv(kv_lens, page_size, hkv, d, dv, gen)
+            kc, k_scale = _store(kc, request.kv_dtype, KV_SCALE)
+            vc, v_scale = _store(vc, request.kv_dtype, KV_SCALE)
+            if request.noncontiguous_kv:
+                kc, vc = _strided(kc), _strided(vc)
+            seq_lens = torch.tensor(kv_lens, dtype=torch.int32)
+            q, kc, vc, block_table, seq_lens, cu_q = dev(q, kc, vc, block_table, seq_lens, cu_q)
+            if op == "mha_decode":
+                metadata = DecodeMetadata(block_table=block_table, seq_lens=seq_lens, q_len=request.q_len, **options)
+            else:
+                metadata = ExtendMetadata(
+                    block_table=block_table, seq_lens=seq_lens, cu_seqlens_q=cu_q, causal=causal, **options
+                )
+            k, v = kc, vc
+            fn, positional = "mha_paged", (q, kc, vc, block_table, seq_lens, cu_q)
+        scales = _scales(q=q_scale, k=k_scale, v=v_scale)
+        ref_args = dict(fn=fn, positional=positional, causal=causal, sinks=sinks, **options, **scales)
+        return Workload(request, metadata, (q, k, v), scales, sinks, (q.shape[0], hq, dv), ref_args)
+
+    # mla_decode / sparse_mla_decode
+    rank, rope, hq, page_size = _need(request, "kv_lora_rank", "qk_rope_head_dim", "num_qo_heads", "page_size")
+    kv_lens = [p + request.q_len for p in PREFIX_LENS]
+    tokens = batch * request.q_len
+    q_nope = torch.randn(tokens, hq, rank, generator=gen) * QUERY_GAIN
+    q_pe = torch.randn(tokens, hq, rope, generator=gen) * QUERY_GAIN
+    q_nope, q_scale = _store(q_nope, request.q_dtype, Q_SCALE)
+    q_pe, _ = _store(q_pe, request.q_dtype, Q_SCALE)
+    (kv,), block_table = _paged(kv_lens, page_size, (rank + rope,), gen, 1)
+    kv, kv_scale = _store(kv, request.kv_dtype, KV_SCALE)
+    seq_lens = torch.tensor(kv_lens, dtype=torch.int32)
+    sinks = heads_sinks(hq)
+    if request.qk_nope_head_dim is None:  # no default scale without it: pass one explicitly
+        options["sm_scale"] = 1.0 / math.sqrt(rank + rope)
+        sm_scale = options["sm_scale"]
+    else:
+        sm_scale = 1.0 / math.sqrt(request.qk_nope_head_dim + rope)
+    scales = _scales(q=q_scale, kv=kv_scale)
+    q_nope, q_pe, kv, block_table, seq_lens = dev(q_nope, q_pe, kv, block_table, seq_lens)
+    metadata = DecodeMetadata(block_table=block_table, seq_lens=seq_lens, q_len=request.q_len, **options)
+    if op == "mla_decode":
+        inputs = (q_nope, q_pe, kv)
+        ref_args = dict(fn="mla_paged", positional=(q_nope, q_pe, kv, block_table, seq_lens), q_len=request.q_len,
+                        causal=True, window_left=window, logits_soft_cap=cap)
+    else:
+        (topk,) = _need(request, "topk")
+        topk_indices = _topk(kv_lens, request.q_len, topk, gen).to(device)
+        inputs = (q_nope, q_pe, kv, topk_indices)
+        ref_args = dict(fn="sparse_mla_paged", positional=(q_nope, q_pe, kv, block_table, seq_lens, topk_indices))
+    ref_args.update(sm_scale=sm_scale, sinks=sinks, **scales)
+    return Workload(request, metadata, inputs, scales, sinks, (tokens, hq, rank), ref_args)
+
+
+def _paged_kv(kv_lens, page_size, hkv, d, dv, gen):
+    if d == dv:
+        return _paged(kv_lens, page_size, (hkv, d), gen, 2)
+    (kc,), block_table = _paged(kv_lens, page_size, (hkv, d), gen, 1)
+    vc = _regather(kc, block_table, kv_lens, page_size, (hkv, dv), gen)
+    return (kc, vc), block_table
+
+
+def _regather(like, block_table, kv_lens, page_size, width, gen):
+    """A second cache with another width on the same pages (head_dim_vo != head_dim_qk)."""
+    import torch
+
+    cache = torch.full((like.shape[0], page_size, *width), GARBAGE)
+    for b, n in enumerate(kv_lens):
+        for p in range(math.ceil(n / page_size)):
+            rows = min(page_size, n - p * page_size)
+            cache[int(block_table[b, p]), :rows] = torch.randn(rows, *width, generator=gen)
+    return cache
+
+
+def _strided(t: "torch.Tensor") -> "torch.Tensor":
+    """The same values as a strided view ``buf[:, 0]`` of ``[N, 2, ...]``: the engines' K/V-pair layout."""
+    import torch
+
+    buf = torch.zeros(t.shape[0], 2, *t.shape[1:], dtype=t.dtype)
+    buf[:, 0] = t
+    return buf[:, 0]
+
+
+def _scales(**stored: float) -> dict[str, float]:
+    """Only FP8 tensors get a scale argument; others keep the contract default of 1."""
+    return {f"{name}_scale": s for name, s in stored.items() if s != 1.0}
+
+
+def _topk(kv_lens: list[int], q_len: int, topk: int, gen: "torch.Generator") -> "torch.Tensor":
+    """Per token, up to ``topk`` distinct positions of its request in random order, padded with -1."""
+    import torch
+
+    rows = []
+    for n in kv_lens:
+        for _ in range(q_len):
+            picks = torch.randperm(n, generator=gen)[:topk].tolist()
+            rows.append(picks + [-1] * (topk - len(picks)))
+    return torch.tensor(rows, dtype=torch.int32)

@@ -1,0 +1,56 @@
+"""KernelRequest: friendly spellings in, clear field-named errors out, hashable and equal by value."""
+
+from __future__ import annotations
+
+import pytest
+
+from registry.errors import RequestError
+from registry.vocab import Arch, DType
+from selector import KernelRequest
+
+
+def test_defaults_and_friendly_spellings():
+    r = KernelRequest(op="mha_decode", arch="9.0", q_dtype="bfloat16", head_dim_qk=128, num_qo_heads=32, num_kv_heads=8)
+    assert r.arch is Arch.SM_90 and r.q_dtype is DType.BF16
+    assert r.kv_dtype is DType.BF16 and r.out_dtype is DType.BF16 and r.head_dim_vo == 128
+    assert r.gqa_group_size == 4
+    assert KernelRequest(op="mla_decode", arch="sm_120", q_dtype="fp8").out_dtype is DType.BF16
+
+
+def test_equal_requests_hash_equal():
+    a = KernelRequest(op="mha_decode", arch="sm_90", q_dtype="bf16")
+    b = KernelRequest(op="mha_decode", arch="sm90", q_dtype="bf16", kv_dtype="bf16")
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert a != KernelRequest(op="mha_decode", arch="sm_90", q_dtype="fp16")
+
+
+def test_requests_are_frozen():
+    r = KernelRequest(op="mha_decode", arch="sm_90")
+    with pytest.raises(Exception):
+        r.arch = Arch.SM_100
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"op": "mha_decod"}, r"request\.op: 'mha_decod' is not one of .* \(did you mean 'mha_decode'\?\)"),
+        ({"op": "mha_decode", "head_dim_qk": 0}, r"request\.head_dim_qk: must be >= 1, got 0"),
+        ({"op": "mha_decode", "page_size": -16}, r"request\.page_size: must be >= 1, got -16"),
+        ({"op": "mha_decode", "kv_dtype": "bf17"}, r"request\.kv_dtype: 'bf17' is not a dtype; expected one of bf16, .*\(did you mean 'bf16'\?\)"),
+        ({"op": "mha_decode", "arch": "sm_95"}, r"request\.arch: 'sm_95' is not an SM like sm_90; expected one of "),
+        ({"op": "mha_decode", "pagesize": 16}, r"request\.pagesize: unknown request field \(did you mean 'page_size'\?\)"),
+        ({"op": "mha_decode", "kv_lora_rank": 512}, r"kv_lora_rank means nothing for op mha_decode"),
+        ({"op": "mha_prefill", "q_len": 2}, r"q_len 2 means nothing for op mha_prefill"),
+        ({"op": "mha_decode", "non_causal": True}, r"non_causal means nothing for op mha_decode"),
+        ({"op": "mha_decode", "num_qo_heads": 30, "num_kv_heads": 8}, r"num_qo_heads 30 is not a multiple of num_kv_heads 8"),
+        ({"op": "mha_decode", "solution": "flashinfr"}, r"request\.solution: 'flashinfr' is not one of .*\(did you mean 'flashinfer'\?\)"),
+    ],
+)
+def test_bad_fields_are_named(fields, message):
+    with pytest.raises(RequestError, match=message):
+        KernelRequest(**fields)
+
+
+def test_unchecked_lists_unset_shape_fields_of_the_op():
+    r = KernelRequest(op="mla_decode", arch="sm_120", kv_lora_rank=512)
+    assert "page_size" in r.unchecked() and "kv_lora_rank" not in r.unchecked() and "head_dim_qk" not in r.unchecked()

@@ -1,0 +1,27 @@
+"""Importing kernelsel is free: no torch, flashinfer or triton, no manifest load, no env read."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_import_selector_and_registry_pull_in_no_heavy_library():
+    probe = (
+        "import sys, selector, registry, registry.adapters, selector.cli\n"
+        "print(','.join(m for m in ('torch', 'flashinfer', 'triton') if m in sys.modules))\n"
+        "import selector.api as a; print(a._DEFAULT is None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "", f"heavy modules imported: {out[0]}"
+    assert out[1] == "True", "importing must not build the default selector"
+
+
+def test_selecting_with_an_explicit_arch_imports_no_heavy_library():
+    probe = (
+        "import sys\nfrom selector import select_kernel\n"
+        "s = select_kernel(op='mla_decode', arch='sm_120', q_dtype='bf16')\n"
+        "print(s.kernel.name, ','.join(m for m in ('torch', 'flashinfer', 'triton') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert out.split(" ")[1:] == [""], out
