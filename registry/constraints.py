@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, conlist, field_validator, model_validator
+from typing_extensions import TypedDict
 
 from registry.vocab import Arch, DType, did_you_mean, parse_arch
 
@@ -49,6 +50,8 @@ class OneOf(_Strict):
 class IntRange(_Strict):
     """An inclusive integer range with an optional step (a YAML mapping):
     ``page_size: {min: 16, max: 128, multiple_of: 16}``."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
 
     min: Optional[int] = Field(default=None, ge=0)
     max: Optional[int] = Field(default=None, ge=0)
@@ -90,6 +93,9 @@ class IntRange(_Strict):
 
 Shape = Union[OneOf, IntRange]
 """A shape constraint: a list (one-of) or a mapping (range)."""
+
+SHAPE_INPUT = Union[list[int], int, IntRange]
+"""How a shape constraint is written in YAML (for the JSON schema): a list, one value, or a range mapping."""
 
 
 def shape_constraint(raw: Any) -> Any:
@@ -196,6 +202,22 @@ def manifest_arch(v: Any) -> Arch:
     except ValueError:
         hint = did_you_mean(str(v), Arch.values())
     raise ValueError(f"{v!r} is not an SM like sm_90{hint}; expected one of {', '.join(Arch.values())}")
+
+
+class ArchRange(TypedDict, total=False):
+    """The mapping form of an arch spec as written in YAML: ``{min: sm_80, max: sm_121}``."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})  # type: ignore[misc]
+
+    min: Arch
+    max: Arch
+
+
+ARCH_INPUT = Union[conlist(Arch, min_length=1), ArchRange]
+"""How an arch spec is written in YAML (for the JSON schema): a list of SMs or a min/max mapping."""
+
+DTYPES_INPUT = Union[conlist(DType, min_length=1), DType]
+"""How a dtype set is written in YAML (for the JSON schema): a list of dtypes or one dtype."""
 
 
 def arch_spec(raw: Any) -> Any:

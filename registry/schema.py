@@ -16,7 +16,17 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from registry.constraints import ArchSpec, DTypeSet, IntRange, OneOf, arch_spec, shape_constraint
+from registry.constraints import (
+    ARCH_INPUT,
+    DTYPES_INPUT,
+    SHAPE_INPUT,
+    ArchSpec,
+    DTypeSet,
+    IntRange,
+    OneOf,
+    arch_spec,
+    shape_constraint,
+)
 from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
 from registry.priority import PRIORITY_MAX, Band, band_of
 from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean
@@ -52,8 +62,12 @@ def _dtypes(raw: Any) -> Any:
     return raw
 
 
-DTypes_ = Annotated[Optional[DTypeSet], BeforeValidator(_dtypes)]
-ShapeC = Annotated[Optional[Union[OneOf, IntRange]], BeforeValidator(lambda v: v if v is None else shape_constraint(v))]
+# json_schema_input_type: the JSON schema describes the YAML spelling (lists, range mappings), not the models
+DTypes_ = Annotated[Optional[DTypeSet], BeforeValidator(_dtypes, json_schema_input_type=Optional[DTYPES_INPUT])]
+ShapeC = Annotated[
+    Optional[Union[OneOf, IntRange]],
+    BeforeValidator(lambda v: v if v is None else shape_constraint(v), json_schema_input_type=Optional[SHAPE_INPUT]),
+]
 
 
 class DTypes(StrictModel):
@@ -99,6 +113,9 @@ REQUEST_FIELDS: tuple[str, ...] = (
 
 _FIELD_VOCAB = {"arch": Arch, "q_dtype": DType, "kv_dtype": DType, "out_dtype": DType}
 
+_WHEN_INPUT = dict[Literal[REQUEST_FIELDS], Union[bool, int, str, list[Union[int, str]], IntRange]]  # type: ignore[valid-type]
+"""How an exclusion's ``when`` is written in YAML (for the JSON schema)."""
+
 
 class Exclusion(StrictModel):
     """A known-bad combination: when every ``when`` field matches, the kernel is rejected.
@@ -107,7 +124,9 @@ class Exclusion(StrictModel):
     mapping (``{min: 65, max: 127}``), matched against the request field.
     """
 
-    when: dict[str, Any] = Field(description="request field -> value, list of values, or {min, max} range")
+    when: Annotated[dict[str, Any], BeforeValidator(lambda v: v, json_schema_input_type=_WHEN_INPUT)] = Field(
+        description="request field -> value, list of values, or {min, max} range", json_schema_extra={"minProperties": 1}
+    )
     reason: str = Field(min_length=1)
     ref: str = Field(min_length=1, description="issue, PR or source file that documents the problem")
 
@@ -184,7 +203,7 @@ class KernelSpec(StrictModel):
     solution: Solution
     backend: Backend
     adapter: str = Field(description="module:Class inside registry.adapters")
-    arch: Annotated[ArchSpec, BeforeValidator(arch_spec)] = Field(
+    arch: Annotated[ArchSpec, BeforeValidator(arch_spec, json_schema_input_type=ARCH_INPUT)] = Field(
         description="supported SMs: {min: sm_80, max: sm_121} or [sm_120, sm_121]"
     )
     dtypes: DTypes

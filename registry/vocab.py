@@ -48,6 +48,7 @@ class Backend(_Vocab):
     TRTLLM_GEN = "trtllm-gen"
     CUDNN = "cudnn"
     CUTLASS = "cutlass"
+    CUTE_DSL = "cute-dsl"
     TRITON = "triton"
     TORCH = "torch"
 

@@ -86,6 +86,7 @@ def request_options(f):
         click.option("--num-qo-heads", type=int),
         click.option("--num-kv-heads", type=int),
         click.option("--page-size", type=int),
+        click.option("--q-len", type=int, help="query tokens per request in one decode step (default 1)"),
         click.option("--kv-lora-rank", type=int),
         click.option("--qk-rope-head-dim", type=int),
         click.option("--qk-nope-head-dim", type=int),
@@ -229,6 +230,78 @@ def validate(path: Optional[str]) -> None:
         click.echo(f"{len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}", err=True)
         sys.exit(EXIT_INVALID)
     click.echo(f"{manifest.path}: ok ({len(manifest.kernels)} kernels, schema {manifest.schema_version}, sha {manifest.digest})")
+
+
+# ------------------------------------------------------- manifest review (issue 5)
+
+
+def _write_or_check(text: str, out: Optional[str], check: bool, default: str, regenerate: str) -> None:
+    """Print ``text``, write it to ``out``, or (``check``) exit 1 when the file there differs."""
+    if check:
+        path = out or default
+        try:
+            with open(path, encoding="utf-8") as f:
+                current = f.read()
+        except OSError:
+            current = None
+        if current != text:
+            state = "missing" if current is None else "stale"
+            click.echo(f"{path} is {state}; regenerate it with: {regenerate}", err=True)
+            sys.exit(EXIT_INVALID)
+        click.echo(f"{path}: up to date")
+    elif out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text)
+        click.echo(f"wrote {out}")
+    else:
+        click.echo(text, nl=False)
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("head")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--markdown", is_flag=True, help="Markdown for a pull-request comment")
+def diff(base: str, head: str, as_json: bool, markdown: bool) -> None:
+    """What changes from manifest BASE to HEAD, request by request (exit 1 if a request loses every kernel).
+
+    BASE and HEAD are manifest paths or git objects such as main:kernels.yaml
+    or HEAD~1:kernels.yaml (read with `git show`; a path on disk wins).
+    """
+    from selector.diff import diff_manifests, read_manifest
+
+    if as_json and markdown:
+        raise Failure("give --json or --markdown, not both", EXIT_USAGE)
+    report = diff_manifests(read_manifest(base), read_manifest(head))
+    if as_json:
+        _echo_json(report.to_dict())
+    elif markdown:
+        click.echo(report.markdown(), nl=False)
+    else:
+        click.echo(report.text())
+    sys.exit(report.exit_status)
+
+
+@cli.command()
+@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="manifest (default: bundled)")
+@click.option("--out", type=click.Path(dir_okay=False), help="write the matrix here, e.g. docs/support-matrix.md")
+@click.option("--check", is_flag=True, help="exit 1 if --out (default docs/support-matrix.md) is stale")
+def matrix(manifest_path: Optional[str], out: Optional[str], check: bool) -> None:
+    """The Markdown support matrix: per op a row per kernel, and what wins by default per arch."""
+    from selector.matrix import DEFAULT_PATH, REGENERATE, render_matrix
+
+    text = render_matrix(_manifest(manifest_path, Overrides.from_env()))
+    _write_or_check(text, out, check, DEFAULT_PATH, REGENERATE)
+
+
+@cli.command()
+@click.option("--out", type=click.Path(dir_okay=False), help="write the schema here, e.g. docs/kernels.schema.json")
+@click.option("--check", is_flag=True, help="exit 1 if --out (default docs/kernels.schema.json) is stale")
+def schema(out: Optional[str], check: bool) -> None:
+    """The manifest's JSON Schema (draft 2020-12), describing kernels.yaml as written."""
+    from registry.manifest_schema import DEFAULT_PATH, REGENERATE, render_schema
+
+    _write_or_check(render_schema(), out, check, DEFAULT_PATH, REGENERATE)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -191,6 +191,7 @@ class FA2TCDecode(_PagedDecode):
     """
 
     use_tensor_cores = True
+    backend = "fa2"
 
 
 # ---------------------------------------------------------------- mha_extend

@@ -66,14 +66,33 @@ class _TrtllmAdapter(FlashInferAdapter):
         batch = check_paged_metadata(
             metadata.block_table, metadata.seq_lens, r.page_size, contract=f"{self.spec.name}, {self.op}"
         )
-        self._block_table = metadata.block_table
-        self._seq_lens = metadata.seq_lens
-        self._max_seq_len = int(metadata.seq_lens.max()) if batch else 0
+        if r.cuda_graph:  # a captured run() reads fixed buffers; re-planning refills them
+            self._block_table = self._graph_buffer("block_table", metadata.block_table)
+            self._seq_lens = self._graph_buffer("seq_lens", metadata.seq_lens)
+            self._max_seq_len = metadata.block_table.shape[1] * r.page_size
+        else:  # stateless kernels: the engine's own tensors, read at run()
+            self._block_table = metadata.block_table
+            self._seq_lens = metadata.seq_lens
+            self._max_seq_len = int(metadata.seq_lens.max()) if batch else 0
         self._window_left = metadata.window_left
         self._workspace = float_workspace(self._device, self.workspace_tag, self.workspace_bytes)
         self._plan_buffer("bmm1", (1,), torch.float32)
         self._plan_buffer("bmm2", (1,), torch.float32)
         return batch
+
+    def _graph_buffer(self, slot: str, value: "torch.Tensor") -> "torch.Tensor":
+        """Copy plan metadata into a buffer fixed by the first plan (CUDA-graph mode)."""
+        buf = self._buffers.get(slot)
+        if buf is None:
+            buf = self._buffers[slot] = value.clone()
+        elif buf.shape != value.shape:
+            raise AdapterInputError(
+                f"{self.spec.name}: CUDA-graph mode fixes {slot} at the first plan's shape {list(buf.shape)}; "
+                f"got {list(value.shape)}. Use one adapter per captured shape."
+            )
+        else:
+            buf.copy_(value)
+        return buf
 
     def _plan_counter(self, batch: int) -> None:
         """trtllm-gen's multi-CTA semaphores: zeroed once, reset by the kernel after every launch."""
@@ -259,10 +278,21 @@ class TrtllmGenExtend(_TrtllmAdapter):
         )
         self._causal = bool(metadata.causal)
         self._batch = batch
-        self._cu_q = metadata.cu_seqlens_q
-        self._cu_kv = cu_seqlens_from_lens(metadata.seq_lens)
         lens_q = metadata.cu_seqlens_q[1:] - metadata.cu_seqlens_q[:-1]
-        self._max_q_len = int(lens_q.max()) if batch else 0
+        max_q_len = int(lens_q.max()) if batch else 0
+        if r.cuda_graph:
+            self._cu_q = self._graph_buffer("cu_seqlens_q", metadata.cu_seqlens_q)
+            self._cu_kv = self._graph_buffer("cu_seqlens_kv", cu_seqlens_from_lens(metadata.seq_lens))
+            if self._planned and max_q_len > self._max_q_len:
+                raise AdapterInputError(
+                    f"{self.spec.name}: CUDA-graph mode fixes the longest query at the first plan "
+                    f"({self._max_q_len} tokens); got {max_q_len}"
+                )
+            self._max_q_len = max(max_q_len, getattr(self, "_max_q_len", 0))
+        else:
+            self._cu_q = metadata.cu_seqlens_q
+            self._cu_kv = cu_seqlens_from_lens(metadata.seq_lens)
+            self._max_q_len = max_q_len
         d, dv = r.head_dim_qk, r.head_dim_vo or r.head_dim_qk
         self._sm = self._sm_scale(metadata, d)
         self._q_shape = (total, r.num_qo_heads, d)
@@ -481,10 +511,12 @@ class TrtllmGenSparseMLADecode(_TrtllmAdapter):
             raise AdapterInputError(f"{self.spec.name}: topk={k}; rows must be 16-byte aligned (a multiple of 4 int32)")
         sm = metadata.sm_scale
         self._sm = sm if sm is not None else 1.0 / math.sqrt(r.qk_nope_head_dim + r.qk_rope_head_dim)
-        i32 = dict(dtype=torch.int32, device=self._device)
-        self._indices = torch.full((t, self._SWA_COLUMNS + k), -1, **i32)
-        self._topk_lens = torch.full((t,), self._SWA_COLUMNS + k, **i32)
-        self._no_window = torch.zeros(batch, **i32)
+        self._plan_buffer("indices", (t, self._SWA_COLUMNS + k), torch.int32)
+        self._plan_buffer("topk_lens", (t,), torch.int32)
+        self._plan_buffer("no_window", (batch,), torch.int32)
+        self._indices = self._buffers["indices"].fill_(-1)
+        self._topk_lens = self._buffers["topk_lens"].fill_(self._SWA_COLUMNS + k)
+        self._no_window = self._buffers["no_window"].zero_()
         self._nope_shape = (t, r.num_qo_heads, r.kv_lora_rank)
         self._pe_shape = (t, r.num_qo_heads, 0)
         self._kv_tail = (r.page_size, r.kv_lora_rank)

@@ -113,7 +113,9 @@ class _TritonAdapter(Adapter):
     def _check(self, name: str, t: Any, **kw: Any) -> None:
         check_tensor(name, t, device=self.device, contract=self.op, **kw)
         if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise AdapterInputError(f"{name}: last dimension must be contiguous (stride 1), got strides {t.stride()} ({self.op})")
+            raise AdapterInputError(
+                f"{name}: last dimension must be contiguous (stride 1), got strides {t.stride()} ({self.op})"
+            )
 
     def _scale(self, name: str, value: Any) -> tuple[float, Any]:
         """``(float factor, one-element tensor or None)``; the tensor is read by the kernel, not here."""
@@ -142,7 +144,9 @@ class _TritonAdapter(Adapter):
             if lse is None:
                 lse = torch.empty(tokens, heads, dtype=torch.float32, device=self.device)
             else:
-                check_tensor("lse", lse, shape=[tokens, heads], dtype=torch.float32, device=self.device, contract=self.op)
+                check_tensor(  # any strides: the kernels take them
+                    "lse", lse, shape=[tokens, heads], dtype=torch.float32, device=self.device, contract=self.op
+                )
         return out, lse
 
     def _result(self, out: Any, lse: Any) -> AttentionResult:
@@ -228,7 +232,9 @@ class TritonMHAExtend(TritonMHADecode):
         self._plan_options(metadata, causal=metadata.causal)
         self._check_heads()
         r = self.request
-        self.tokens = check_cu_seqlens("cu_seqlens_q", metadata.cu_seqlens_q, self.batch, device=self.device, contract=self.op)
+        self.tokens = check_cu_seqlens(
+            "cu_seqlens_q", metadata.cu_seqlens_q, self.batch, device=self.device, contract=self.op
+        )
         new = (metadata.cu_seqlens_q[1:] - metadata.cu_seqlens_q[:-1]).cpu().long()
         if bool((new > metadata.seq_lens.cpu()).any()):
             raise AdapterInputError(
@@ -305,8 +311,9 @@ class TritonMLADecode(_TritonMLA):
         rows = self.q_len * r.num_qo_heads
         self.cfg = self._config(planning.mla_config(rows))
         keys = self.max_len if self.window_left < 0 else min(self.max_len, self.window_left + self.q_len)
-        work = self.batch * -(-rows // self.cfg.block_m)
-        self.num_splits = self._splits(planning, work, keys, self.cfg.block_n, self.tokens, r.num_qo_heads, r.kv_lora_rank)
+        work = self.batch * -(-rows // self.cfg.block_m) * self.cfg.value_splits
+        self.num_splits = self._splits(planning, work, keys, self.cfg.block_n, self.tokens, r.num_qo_heads,
+                                       r.kv_lora_rank)
         self._partials(self.num_splits, self.tokens, r.num_qo_heads, r.kv_lora_rank)
         self._planned = True
 
@@ -315,7 +322,7 @@ class TritonMLADecode(_TritonMLA):
         _kernels("mla").mla_decode(
             q_nope, q_pe, kv_cache, self.block_table, self.seq_lens, out, lse, q_len=self.q_len,
             sm_scale=self.sm_scale, window_left=self.window_left, soft_cap=self.soft_cap, sinks=sinks,
-            q_scale=qs, kv_scale=kvs, **self._launch_options(),
+            q_scale=qs, kv_scale=kvs, value_splits=self.cfg.value_splits, **self._launch_options(),
         )
         return self._result(out, lse)
 
@@ -340,7 +347,8 @@ class TritonSparseMLADecode(_TritonMLA):
         topk = getattr(r, "topk", None) or self.max_len
         self.cfg = self._config(planning.sparse_mla_config(r.num_qo_heads))
         work = self.tokens * -(-r.num_qo_heads // self.cfg.block_m)
-        self.num_splits = self._splits(planning, work, topk, self.cfg.block_n, self.tokens, r.num_qo_heads, r.kv_lora_rank)
+        self.num_splits = self._splits(planning, work, topk, self.cfg.block_n, self.tokens, r.num_qo_heads,
+                                       r.kv_lora_rank)
         self._partials(self.num_splits, self.tokens, r.num_qo_heads, r.kv_lora_rank)
         self._planned = True
 
@@ -348,7 +356,8 @@ class TritonSparseMLADecode(_TritonMLA):
         import torch
 
         out, lse, qs, kvs = self._check_mla(q_nope, q_pe, kv_cache, sinks, out, lse, q_scale, kv_scale)
-        self._check("topk_indices", topk_indices, shape=[self.tokens, getattr(self.request, "topk", None)], dtype=torch.int32)
+        topk = getattr(self.request, "topk", None)
+        self._check("topk_indices", topk_indices, shape=[self.tokens, topk], dtype=torch.int32)
         _kernels("sparse_mla").sparse_mla_decode(
             q_nope, q_pe, kv_cache, self.block_table, self.seq_lens, topk_indices, out, lse, q_len=self.q_len,
             sm_scale=self.sm_scale, sinks=sinks, q_scale=qs, kv_scale=kvs, **self._launch_options(),

@@ -70,11 +70,19 @@ class Case:
     features: frozenset = frozenset()
     splits: Optional[int] = 1  # None: the plan's heuristic
     tensor_scales: bool = False
+    value_splits: int = 1  # MLA launch option
     batch: int = 3
     context: int = 40
 
-    def id(self) -> str:
-        parts = [f"{self.q_dtype}-{self.kv_dtype}", f"p{self.page_size}", f"q{self.q_len}", f"s{self.splits}"]
+    def id(self, op: str) -> str:
+        if op.startswith("mha"):
+            shape = [f"d{self.head_dim}" + (f"v{self.head_dim_vo}" if self.head_dim_vo != self.head_dim else ""), f"g{self.group}"]
+        else:
+            shape = [f"h{self.heads}"] + ([f"k{self.topk}"] if op == "sparse_mla_decode" else [])
+        parts = [f"{self.q_dtype}-{self.kv_dtype}", *shape, f"p{self.page_size}"]
+        parts += [f"q{self.q_len}"] if op != "mha_extend" else []
+        parts += [f"split{self.splits}"] if self.splits != 1 else []
+        parts += [f"vsplit{self.value_splits}"] if self.value_splits != 1 else []
         return "-".join(parts + sorted(self.features) + (["tscale"] if self.tensor_scales else []))
 
 
@@ -85,7 +93,7 @@ def _samples(constraint: Any, typical: tuple[int, ...]) -> list[int]:
     if isinstance(constraint, OneOf):
         return list(constraint.values)
     picks = {v for v in typical if constraint.allows(v)}
-    picks |= {v for v in (constraint.min, constraint.max) if v is not None and v <= max(typical)}
+    picks |= {v for v in (constraint.min, constraint.max) if v is not None}
     return sorted(picks)
 
 
@@ -94,8 +102,11 @@ def _first(values: list, preferred: Any) -> Any:
 
 
 def _one_factor_cases(spec: Any, base: Case, factors: dict[str, list]) -> list[Case]:
-    """Base case, one case per declared value of each factor, each feature alone, all together with splits."""
+    """Base case, every (q, kv) dtype pair, one case per declared value of each other factor,
+    each feature alone, then all features together with fp8 KV, tensor scales and split-KV."""
     cases = [base]
+    q_dtypes, kv_dtypes = factors.pop("q_dtype"), factors.pop("kv_dtype")
+    cases += [dataclasses.replace(base, q_dtype=q, kv_dtype=kv) for q in q_dtypes for kv in kv_dtypes]
     for field, values in factors.items():
         for v in values:
             cases.append(dataclasses.replace(base, **{field: v}))
@@ -108,8 +119,7 @@ def _one_factor_cases(spec: Any, base: Case, factors: dict[str, list]) -> list[C
         kv_dtype=fp8[0] if fp8 else base.kv_dtype, q_len=max(base.q_len, 2),
     ))
     cases.append(dataclasses.replace(base, splits=2, tensor_scales=True))
-    unique = list(dict.fromkeys(cases))
-    return unique
+    return list(dict.fromkeys(cases))
 
 
 def mha_cases(spec: Any) -> list[Case]:
@@ -136,8 +146,7 @@ def mha_cases(spec: Any) -> list[Case]:
     if spec.op.value == "mha_decode":
         factors["q_len"] = _samples(s.q_len, (1, 3))
     cases = _one_factor_cases(spec, base, factors)
-    # q dtype with its own 16-bit KV where declared; head_dim_vo different from head_dim_qk where declared
-    cases += [dataclasses.replace(base, q_dtype=v, kv_dtype=v) for v in q_dtypes if v in kv_dtypes]
+    # head_dim_vo follows head_dim_qk where declared, and differs from it once where declared
     cases = [dataclasses.replace(c, head_dim_vo=c.head_dim) if c.head_dim in vo_dims else c for c in cases]
     other_vo = [v for v in vo_dims if v != base.head_dim]
     if other_vo:
@@ -166,12 +175,13 @@ def mla_cases(spec: Any) -> list[Case]:
     }
     if sparse:
         factors["topk"] = _samples(s.topk, (8, 20))
-    return _one_factor_cases(spec, base, factors)
+        return _one_factor_cases(spec, base, factors)
+    return _one_factor_cases(spec, base, factors) + [dataclasses.replace(base, splits=2, value_splits=2)]
 
 
 def _params(op: str, make: Any) -> list:
     return [
-        pytest.param(spec, case, id=f"{spec.name}-{case.id()}-d{case.head_dim}-v{case.head_dim_vo}-g{case.group}-h{case.heads}-k{case.topk}")
+        pytest.param(spec, case, id=f"{spec.name}-{case.id(spec.op.value)}")
         for spec in triton_kernels(op)
         for case in make(spec)
     ]
@@ -209,7 +219,10 @@ def request_for(spec: Any, case: Case, **extra: Any) -> KernelRequest:
 def make_adapter(spec: Any, request: Any, case: Case) -> Any:
     module, name = spec.adapter.split(":")
     cls = getattr(importlib.import_module(module), name)
-    return cls(spec, request, tuning={} if case.splits is None else {"num_splits": case.splits})
+    tuning = {} if case.splits is None else {"num_splits": case.splits}
+    if case.value_splits != 1:
+        tuning["value_splits"] = case.value_splits
+    return cls(spec, request, tuning=tuning)
 
 
 def paged_cache(lens: list[int], page_size: int, row_shape: tuple, dtype: torch.dtype, gen, *, scale=1.0, copies=1):

@@ -56,8 +56,8 @@ def write_rows(
 @triton.jit
 def _merge_kernel(
     OPart, LsePart, Sinks, VScale, Out, Lse,
-    v_mul, num_tokens, num_heads, stride_ot, stride_oh, stride_lt, stride_lh,
-    DV: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    v_mul, num_splits, num_tokens, num_heads, stride_ot, stride_oh, stride_lt, stride_lh,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, SPLITS_P2: tl.constexpr,
     HAS_SINKS: tl.constexpr, V_SCALE_PTR: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # t * H + h
@@ -65,7 +65,7 @@ def _merge_kernel(
     h = row % num_heads
     rows = num_tokens * num_heads
     offs_s = tl.arange(0, SPLITS_P2)
-    s_ok = offs_s < NUM_SPLITS
+    s_ok = offs_s < num_splits
     lse = tl.load(LsePart + offs_s * rows + row, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
     if HAS_SINKS:
@@ -102,9 +102,9 @@ def merge_splits(
     _merge_kernel[(num_tokens * num_heads,)](
         o_part, lse_part, out if sinks is None else sinks, out if v_scale_ptr is None else v_scale_ptr,
         out, out if lse is None else lse,
-        v_mul, num_tokens, num_heads, out.stride(0), out.stride(1),
+        v_mul, num_splits, num_tokens, num_heads, out.stride(0), out.stride(1),
         0 if lse is None else lse.stride(0), 0 if lse is None else lse.stride(1),
-        DV=dv, BLOCK_DV=triton.next_power_of_2(dv), NUM_SPLITS=num_splits,
+        DV=dv, BLOCK_DV=triton.next_power_of_2(dv),
         SPLITS_P2=max(2, triton.next_power_of_2(num_splits)),
         HAS_SINKS=sinks is not None, V_SCALE_PTR=v_scale_ptr is not None, WRITE_LSE=lse is not None,
         num_warps=4 if dv > 256 else 2,

@@ -26,12 +26,15 @@ def _mla_decode_kernel(
     stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_kvp, stride_kvs,
     stride_bt, stride_ot, stride_oh, stride_lt, stride_lh,
     HEADS: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_SPLITS: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    Q_SCALE_PTR: tl.constexpr, KV_SCALE_PTR: tl.constexpr, WRITE_LSE: tl.constexpr, FINAL: tl.constexpr, DOT: tl.constexpr,
+    Q_SCALE_PTR: tl.constexpr, KV_SCALE_PTR: tl.constexpr, WRITE_LSE: tl.constexpr, FINAL: tl.constexpr,
+    DOT: tl.constexpr,
 ):
-    mblk = tl.program_id(0)
+    mblk = tl.program_id(0) // VALUE_SPLITS
+    vblk = tl.program_id(0) % VALUE_SPLITS
     split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
     b = tl.program_id(2)
     kv_len = tl.load(SeqLens + b)
     rows = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -48,7 +51,7 @@ def _mla_decode_kernel(
         lo = tl.maximum(kv_len - q_len + first_tok - window_left, 0)
     else:
         lo = 0
-    chunk = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
     end = tl.minimum(start + chunk, hi)
 
@@ -56,6 +59,8 @@ def _mla_decode_kernel(
     r_ok = offs_r < R
     offs_dr = tl.arange(0, BLOCK_DR)
     dr_ok = offs_dr < DR
+    offs_v = vblk * (BLOCK_R // VALUE_SPLITS) + tl.arange(0, BLOCK_R // VALUE_SPLITS)
+    v_ok = offs_v < R
     t64 = t_idx.to(tl.int64)
     qn = tl.load(
         QN + t64[:, None] * stride_qnt + h_idx[:, None] * stride_qnh + offs_r[None, :],
@@ -74,7 +79,7 @@ def _mla_decode_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_R // VALUE_SPLITS], tl.float32)
     bt = BlockTable + b.to(tl.int64) * stride_bt
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -99,11 +104,15 @@ def _mla_decode_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(DOT), c, acc * alpha[:, None])
+        if VALUE_SPLITS == 1:
+            cv = c
+        else:  # this program's value columns, again (an L1/L2 hit)
+            cv = tl.load(row_base[:, None] + offs_v[None, :], mask=n_ok[:, None] & v_ok[None, :], other=0.0).to(DOT)
+        acc = tl.dot(p.to(DOT), cv, acc * alpha[:, None])
         m_i = m_new
 
     write_rows(
-        acc, m_i, l_i, t_idx, h_idx, row_ok, offs_r, r_ok,
+        acc, m_i, l_i, t_idx, h_idx, row_ok, offs_v, v_ok,
         Sinks, KVScale, kv_mul, Out, stride_ot, stride_oh, Lse, stride_lt, stride_lh,
         OPart, LsePart, split, num_tokens, HEADS,
         R, HAS_SINKS, KV_SCALE_PTR, WRITE_LSE, FINAL,
@@ -114,9 +123,13 @@ def mla_decode(
     q_nope: Any, q_pe: Any, kv_cache: Any, block_table: Any, seq_lens: Any, out: Any, lse: Optional[Any], *,
     q_len: int, sm_scale: float, window_left: int, soft_cap: float, sinks: Any,
     q_scale: tuple, kv_scale: tuple,
-    o_part: Any, lse_part: Any, block_m: int, block_n: int, num_warps: int, num_stages: int,
+    o_part: Any, lse_part: Any, block_m: int, block_n: int, num_warps: int, num_stages: int, value_splits: int = 1,
 ) -> None:
-    """Launch stage 1 (and the merge when ``o_part`` holds more than one split); causal within ``q_len``."""
+    """Launch stage 1 (and the merge when ``o_part`` holds more than one split); causal within ``q_len``.
+
+    ``value_splits > 1`` gives each program a slice of the ``R`` output
+    columns (smaller accumulator, scores recomputed per slice).
+    """
     num_tokens, heads, rank = q_nope.shape
     rope = q_pe.shape[2]
     page_size = kv_cache.shape[1]
@@ -126,7 +139,7 @@ def mla_decode(
         return
     final = num_splits == 1
     dummy = out
-    grid = (triton.cdiv(q_len * heads, block_m), num_splits, batch)
+    grid = (triton.cdiv(q_len * heads, block_m) * value_splits, num_splits, batch)
     _mla_decode_kernel[grid](
         q_nope, q_pe, kv_cache, block_table, seq_lens,
         dummy if sinks is None else sinks,
@@ -140,7 +153,7 @@ def mla_decode(
         0 if lse is None else lse.stride(0), 0 if lse is None else lse.stride(1),
         HEADS=heads, R=rank, DR=rope, BLOCK_R=triton.next_power_of_2(rank),
         BLOCK_DR=max(16, triton.next_power_of_2(rope)),
-        PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, VALUE_SPLITS=value_splits,
         HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=soft_cap > 0, HAS_SINKS=sinks is not None and final,
         Q_SCALE_PTR=q_scale[1] is not None, KV_SCALE_PTR=kv_scale[1] is not None,
         WRITE_LSE=lse is not None and final, FINAL=final,

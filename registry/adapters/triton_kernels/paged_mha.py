@@ -32,7 +32,7 @@ def _paged_mha_kernel(
     stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_bt, stride_ot, stride_oh, stride_lt, stride_lh,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     RAGGED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, Q_SCALE_PTR: tl.constexpr, K_SCALE_PTR: tl.constexpr, V_SCALE_PTR: tl.constexpr,
     WRITE_LSE: tl.constexpr, FINAL: tl.constexpr, DOT: tl.constexpr,
@@ -40,6 +40,7 @@ def _paged_mha_kernel(
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
     if RAGGED:
         b = tl.load(TileReq + tile)
         row0 = tl.load(TileRow + tile)
@@ -70,7 +71,7 @@ def _paged_mha_kernel(
         lo = tl.maximum(kv_len - n_q + first_tok - window_left, 0)
     else:
         lo = 0
-    chunk = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
     end = tl.minimum(start + chunk, hi)
 
@@ -179,7 +180,7 @@ def paged_mha(
         block_table.stride(0), out.stride(0), out.stride(1),
         0 if lse is None else lse.stride(0), 0 if lse is None else lse.stride(1),
         GROUP=group, D=d, DV=dv, BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=triton.next_power_of_2(dv),
-        PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
         RAGGED=ragged, CAUSAL=causal, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=soft_cap > 0,
         HAS_SINKS=sinks is not None and final,
         Q_SCALE_PTR=q_scale[1] is not None, K_SCALE_PTR=k_scale[1] is not None,

@@ -26,6 +26,7 @@ class LaunchConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    value_splits: int = 1  # MLA: programs sharing one row tile's output columns
 
     def replace(self, **changes: Any) -> "LaunchConfig":
         fields = {**self.__dict__, **{k: v for k, v in changes.items() if k in self.__dict__}}

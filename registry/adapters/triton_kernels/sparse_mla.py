@@ -26,12 +26,13 @@ def _sparse_mla_kernel(
     stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_kvp, stride_kvs,
     stride_bt, stride_tk, stride_ot, stride_oh, stride_lt, stride_lh,
     HEADS: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SINKS: tl.constexpr, Q_SCALE_PTR: tl.constexpr, KV_SCALE_PTR: tl.constexpr,
     WRITE_LSE: tl.constexpr, FINAL: tl.constexpr, DOT: tl.constexpr,
 ):
     hblk = tl.program_id(0)
     split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
     t = tl.program_id(2)
     b = t // q_len
     kv_len = tl.load(SeqLens + b)
@@ -39,7 +40,7 @@ def _sparse_mla_kernel(
     row_ok = h_idx < HEADS
     t_idx = tl.zeros([BLOCK_M], tl.int32) + t
 
-    chunk = tl.cdiv(tl.cdiv(topk, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(topk, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, topk)
 
@@ -122,7 +123,7 @@ def sparse_mla_decode(
         0 if lse is None else lse.stride(0), 0 if lse is None else lse.stride(1),
         HEADS=heads, R=rank, DR=rope, BLOCK_R=triton.next_power_of_2(rank),
         BLOCK_DR=max(16, triton.next_power_of_2(rope)),
-        PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_SINKS=sinks is not None and final,
         Q_SCALE_PTR=q_scale[1] is not None, KV_SCALE_PTR=kv_scale[1] is not None,
         WRITE_LSE=lse is not None and final, FINAL=final,

@@ -1,0 +1,840 @@
+"""``kernelsel diff BASE HEAD``: what a manifest edit changes, for every request it can tell apart.
+
+A reviewer of a ``kernels.yaml`` pull request needs the consequences, not the
+text diff: which requests now get another kernel, which lose every kernel
+(the first seed's regression: moving a FlashInfer MHA gate from sm_90 to
+sm_100 silently left Hopper users restricted to FlashInfer with nothing),
+which gain one, and which kernel entries changed, field by field.
+
+How the request space is enumerated (exact for the values probed, no blind
+cross product):
+
+1. Per op, the kernels of that op in *both* manifests are pooled.  An op whose
+   kernels (and solutions) are identical in both is skipped: the solver is a
+   pure function of them, so no request of that op can change.
+2. Request fields are split into groups that are set together because one
+   defaults from another: ``arch``; ``q_dtype/kv_dtype/out_dtype``;
+   ``num_qo_heads/num_kv_heads`` (with the derived ``gqa_group_size``);
+   ``head_dim_qk/head_dim_vo``; then every other shape field and every
+   feature flag alone.  A group takes part only when some pooled kernel
+   constrains one of its fields (a declared constraint, an undeclared
+   feature, or an exclusion's ``when``); the others stay unset.
+3. Candidate values come from the constraints: every arch and dtype of the
+   vocabulary; for an int field, each listed value and its neighbours, each
+   range's min-1/min/max/max+1, a multiple and a non-multiple of each step,
+   powers of two and a non-power.  Each candidate gets a *profile*: for every
+   pooled kernel, whether its constraints on the group's fields allow it, and
+   for every exclusion, whether its ``when`` fields in the group match.
+   Candidates with equal profiles are one equivalence class (one
+   representative, e.g. sm_80/sm_86/sm_89 when every arch bound agrees);
+   a class that no pooled kernel allows is dropped.
+4. The classes are combined group by group, merging partial requests whose
+   combined profile is equal (a kernel is eligible iff every group allows it
+   and no exclusion matches in every group).  The result is one request per
+   distinct (arch class, eligible kernels in BASE, eligible kernels in HEAD)
+   -- every reachable outcome, each solved once -- times the ``solution``
+   restriction (none, then each solution with a kernel of the op).
+5. Each request is solved with ``solve()`` on ``Platform.hypothetical(arch)``
+   in both manifests.  A request whose winner differs is minimised: fields
+   are reset to their defaults one at a time while the outcome stays the same
+   (same old -> new winner; for a loss or gain, still a loss or gain), so
+   the report names only the fields that matter.  Findings that then differ
+   in one dimension only (arch, op, or one field's value) are collapsed into
+   one line, and a finding that only specialises another is folded into it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from registry.errors import KernelselError
+from registry.loader import load_manifest
+from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
+from registry.schema import Features, KernelSpec, Manifest, Shapes
+from registry.constraints import IntRange, OneOf
+from registry.vocab import Arch, DType, Op
+from selector.platform import Platform
+from selector.request import KernelRequest
+from selector.selection import Selection
+from selector.solver import solve
+
+
+class DiffError(KernelselError):
+    """A BASE or HEAD argument that names neither a file nor a readable git object."""
+
+
+# ------------------------------------------------------------------ reading
+
+
+def read_manifest(spec: str) -> Manifest:
+    """Load a manifest from a path, or from ``REF:PATH`` through ``git show`` (a path on disk wins).
+
+    A git object is shown under its own name (``main:kernels.yaml:41``) in
+    every message and origin.
+    """
+    if Path(spec).exists():
+        return load_manifest(spec)
+    if ":" not in spec:
+        raise DiffError(f"{spec}: no such file; give a manifest path or a git object like main:kernels.yaml")
+    return load_manifest(spec, text=git_show(spec))
+
+
+def git_show(spec: str) -> str:
+    """The text of ``REF:PATH`` from git (run in the current directory), or a DiffError saying why not."""
+    git = shutil.which("git")
+    if git is None:
+        raise DiffError(f"{spec}: not a file, and git is not installed to read it as REF:PATH")
+    try:
+        proc = subprocess.run([git, "show", spec], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise DiffError(f"{spec}: git show failed: {exc}") from None
+    if proc.returncode != 0:
+        detail = (proc.stderr.strip().splitlines() or ["unknown error"])[0]
+        raise DiffError(f"{spec}: not a file, and git cannot read it as REF:PATH: {detail}")
+    return proc.stdout
+
+
+# ------------------------------------------------------------ request space
+
+_JOINT_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("q_dtype", "kv_dtype", "out_dtype"),
+    ("num_qo_heads", "num_kv_heads", "gqa_group_size"),
+    ("head_dim_qk", "head_dim_vo"),
+)
+"""Fields set together because one defaults from (or is derived from) another."""
+
+
+@dataclass(frozen=True)
+class _Constraint:
+    """One pooled check on one request field: a kernel constraint, a feature flag, or an exclusion's clause."""
+
+    field: str
+    allows: Any  # value -> bool
+
+
+@dataclass
+class _Pool:
+    """The kernels of one op in both manifests, flattened to what the enumeration checks."""
+
+    op: Op
+    kernels: list[KernelSpec]
+    checks: list[list[_Constraint]]  # per kernel
+    exclusions: list[tuple[int, dict[str, Any]]]  # (kernel index, when)
+
+    @classmethod
+    def of(cls, op: Op, manifests: Iterable[Manifest]) -> "_Pool":
+        kernels = [k for m in manifests for k in m.by_op[op]]
+        features = FEATURE_FIELDS_BY_OP[op]
+        checks = []
+        for k in kernels:
+            cs = [_Constraint(f, c.allows) for f, c in k.constraints]
+            cs += [_Constraint(f, _false) for f in k.unsupported_features if f in features]
+            checks.append(cs)
+        # an exclusion clause on a field this op cannot take is decided by the field's fixed default
+        settable = {"arch", "q_dtype", "kv_dtype", "out_dtype"} | SHAPE_FIELDS_BY_OP[op] | features
+        fixed = KernelRequest(op=op)
+        exclusions = []
+        for i, k in enumerate(kernels):
+            for e in k.exclude:
+                when = {f: c for f, c in e.when.items() if f in settable}
+                constant = [getattr(fixed, f) is not None and c.allows(getattr(fixed, f))
+                            for f, c in e.when.items() if f not in settable]
+                if all(constant):
+                    exclusions.append((i, when))
+        return cls(op, kernels, checks, exclusions)
+
+    def constrained(self) -> set[str]:
+        out = {c.field for cs in self.checks for c in cs}
+        return out | {f for _, when in self.exclusions for f in when}
+
+    def values_for(self, name: str) -> list[Any]:
+        """The constraint objects (kernel and exclusion) that mention a field."""
+        found = [c for k in self.kernels for f, c in k.constraints if f == name]
+        return found + [when[name] for _, when in self.exclusions if name in when]
+
+
+def _false(value: Any) -> bool:  # an undeclared feature allows only "not needed"
+    return not value
+
+
+def _int_points(constraints: list[Any]) -> list[int]:
+    """Probe values for an int field: declared values and bounds first, then their neighbours."""
+    declared: list[int] = []
+    probes: list[int] = []
+    top = 1
+    for c in constraints:
+        if isinstance(c, OneOf):
+            ints = [v for v in c.values if isinstance(v, int) and not isinstance(v, bool)]
+            declared += ints
+            probes += [v + d for v in ints for d in (-1, 1)]
+            top = max([top, *ints])
+        elif isinstance(c, IntRange):
+            for bound in (c.min, c.max):
+                if bound is not None:
+                    declared.append(bound)
+                    probes += [bound - 1, bound + 1]
+                    top = max(top, bound)
+            if c.multiple_of:
+                m = c.multiple_of
+                base = m * max(1, -(-(c.min or m) // m))
+                declared += [base, base + m]
+                probes += [base + 1]
+                top = max(top, base + m)
+    if any(isinstance(c, IntRange) and c.power_of_two for c in constraints):
+        powers = [1 << i for i in range(0, (2 * top).bit_length() + 1)]
+        declared += powers
+        probes += [3 * p for p in powers if p > 1]
+    probes.append(2 * top + 1)  # above everything, odd, not a power of two
+    out: list[int] = []
+    for v in declared + probes:
+        if v >= 0 and v not in out:
+            out.append(v)
+    return out
+
+
+@dataclass(frozen=True)
+class _Class:
+    """An equivalence class of one field group: the fields to set and its profile."""
+
+    assignment: tuple[tuple[str, Any], ...]
+    passes: tuple[bool, ...]
+    matches: tuple[bool, ...]
+    members: tuple[Any, ...] = ()
+
+
+def _candidates(pool: _Pool, group: tuple[str, ...], constrained: set[str]) -> list[dict[str, Any]]:
+    """Field assignments to probe for one group (settable fields only)."""
+    op_fields = SHAPE_FIELDS_BY_OP[pool.op] | FEATURE_FIELDS_BY_OP[pool.op]
+
+    def ints(name: str) -> list[Optional[int]]:
+        return _int_points(pool.values_for(name)) if name in constrained else [None]
+
+    if group == ("arch",):
+        return [{"arch": a} for a in Arch]
+    if group == _JOINT_GROUPS[0]:
+        # defaulted kv/out first, so a class is represented by the plainest request in it
+        qs = [DType.BF16] + [d for d in DType if d is not DType.BF16]
+        kvs = [None] + list(DType) if "kv_dtype" in constrained else [None]
+        outs = [None] + list(DType) if "out_dtype" in constrained else [None]
+        return [{"q_dtype": q, "kv_dtype": kv, "out_dtype": o} for o, kv, q in itertools.product(outs, kvs, qs)]
+    if group == _JOINT_GROUPS[1]:
+        qos = [v for v in ints("num_qo_heads") if v]
+        if "num_kv_heads" not in op_fields:
+            return [{"num_qo_heads": qo} for qo in qos]
+        kvs = [v for v in ints("num_kv_heads") if v] or [1]
+        gs = [v for v in ints("gqa_group_size") if v] or [1]
+        pairs = [(kv * g, kv) for kv in kvs for g in gs]
+        pairs += [(qo, kv) for qo in qos for kv in kvs if qo % kv == 0]
+        pairs += [(qo, qo // g) for qo in qos for g in gs if qo % g == 0]
+        return [{"num_qo_heads": qo, "num_kv_heads": kv} for qo, kv in pairs]
+    if group == _JOINT_GROUPS[2]:
+        vos = [None] + [v for v in ints("head_dim_vo") if v is not None]
+        return [{"head_dim_qk": qk, "head_dim_vo": vo} for qk in ints("head_dim_qk") for vo in vos]
+    (name,) = group
+    if name in Features.model_fields:
+        return [{name: False}, {name: True}]
+    return [{name: v} for v in ints(name)]
+
+
+def _classes(pool: _Pool, group: tuple[str, ...], constrained: set[str]) -> list[_Class]:
+    """The group's candidates reduced to equivalence classes (equal profiles), none that no kernel allows."""
+    found: dict[tuple, _Class] = {}
+    for assignment in _candidates(pool, group, constrained):
+        assignment = {k: v for k, v in assignment.items() if v is not None}
+        if not assignment:
+            continue
+        try:
+            request = KernelRequest(op=pool.op, **assignment)
+        except KernelselError:
+            continue  # not a valid request (e.g. head dim 0): nobody can send it
+        values = {f: getattr(request, f) for f in group}
+        passes = tuple(
+            all(values[c.field] is None or c.allows(values[c.field]) for c in cs if c.field in values)
+            for cs in pool.checks
+        )
+        matches = tuple(
+            all(values[f] is not None and c.allows(values[f]) for f, c in when.items() if f in values)
+            for _, when in pool.exclusions
+        )
+        if not any(passes):
+            continue
+        key = (passes, matches)
+        if key in found:
+            if group == ("arch",):
+                prev = found[key]
+                found[key] = _Class(prev.assignment, passes, matches, prev.members + (assignment["arch"],))
+            continue
+        members = (assignment["arch"],) if group == ("arch",) else ()
+        found[key] = _Class(tuple(assignment.items()), passes, matches, members)
+    return list(found.values())
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One representative request, the arch class it stands for, and the kernels expected eligible.
+
+    ``expected`` holds, per manifest (base, head), the kernel names whose
+    constraints, features and exclusions admit the request -- before the
+    solution restriction and the reference rule, which the solver applies.
+    """
+
+    request: KernelRequest
+    archs: tuple[Arch, ...]
+    expected: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
+
+
+def request_space(op: Op, base: Manifest, head: Manifest) -> list[Probe]:
+    """One request per distinct outcome the pooled kernels of ``op`` can produce (see the module docstring)."""
+    pool = _Pool.of(op, (base, head))
+    if not pool.kernels:
+        return []
+    constrained = pool.constrained()
+    joint = {f for g in _JOINT_GROUPS for f in g}
+    groups: list[tuple[str, ...]] = [g for g in _JOINT_GROUPS if constrained & set(g)]
+    groups += [(f,) for f in Shapes.model_fields if f in constrained and f not in joint]
+    groups += [(f,) for f in Features.model_fields if f in constrained]
+    n_excl = len(pool.exclusions)
+
+    def owner(i: int) -> int:
+        return pool.exclusions[i][0]
+
+    # arch classes seed the states; states never merge across arch classes
+    states: dict[tuple, tuple[int, dict[str, Any]]] = {}
+    arch_classes = _classes(pool, ("arch",), constrained)
+    for ai, cls in enumerate(arch_classes):
+        states.setdefault((ai, cls.passes, cls.matches), (ai, dict(cls.assignment)))
+    for group in groups:
+        classes = _classes(pool, group, constrained)
+        merged: dict[tuple, tuple[int, dict[str, Any]]] = {}
+        for (ai, passes, matches), (_, assignment) in states.items():
+            for cls in classes:
+                p2 = tuple(a and b for a, b in zip(passes, cls.passes))
+                if not any(p2):
+                    continue
+                m2 = tuple(matches[i] and cls.matches[i] and p2[owner(i)] for i in range(n_excl))
+                key = (ai, p2, m2)
+                if key not in merged:
+                    merged[key] = (ai, assignment | dict(cls.assignment))
+        states = merged
+    outcomes: dict[tuple, tuple[int, dict[str, Any]]] = {}
+    for (ai, passes, matches), (_, assignment) in states.items():
+        excluded = {owner(i) for i in range(n_excl) if matches[i]}
+        eligible = tuple(p and i not in excluded for i, p in enumerate(passes))
+        if any(eligible):  # none eligible in either manifest: nothing can change
+            outcomes.setdefault((ai, eligible), assignment)
+    n_base = len(base.by_op[op])
+    solutions = [None] + sorted({k.solution for k in pool.kernels}, key=lambda s: list(type(s)).index(s))
+    probes = []
+    for (ai, eligible), assignment in outcomes.items():
+        names = [k.name for k, ok in zip(pool.kernels, eligible) if ok]
+        expected = (frozenset(names[:sum(eligible[:n_base])]), frozenset(names[sum(eligible[:n_base]):]))
+        for solution in solutions:
+            fields = assignment | ({"solution": solution} if solution is not None else {})
+            probes.append(Probe(KernelRequest(op=op, **fields), arch_classes[ai].members, expected))
+    return probes
+
+
+# ------------------------------------------------------------------ finding
+
+
+@dataclass
+class Finding:
+    """A group of requests whose outcome changes in the same way.
+
+    ``kind`` is ``lost`` (had a kernel, now none), ``gained`` (had none, now
+    one) or ``changed`` (another kernel: ``before`` -> ``after``).  ``pairs``
+    are the (op, arch) the group covers; ``fields`` maps each request field
+    that matters to the values it takes in the group (fields not named keep
+    their defaults).
+    """
+
+    kind: str
+    pairs: frozenset[tuple[Op, Arch]]
+    fields: dict[str, tuple[Any, ...]]
+    before: Optional[str] = None
+    after: Optional[str] = None
+    because: list[str] = field(default_factory=list)
+    now: str = ""
+    classes: int = 1
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ops(self) -> list[str]:
+        return [op.value for op in _dim_sort(op for op, _ in self.pairs)]
+
+    @property
+    def archs(self) -> list[str]:
+        return [a.value for a in _dim_sort(a for _, a in self.pairs)]
+
+    def request_fields(self) -> dict[str, list[str]]:
+        return {k: [_text(v) for v in vs] for k, vs in self.fields.items()}
+
+    def describe_request(self) -> str:
+        """``solution=flashinfer q_dtype=fp16|bf16 sinks`` (empty for the default request)."""
+        return " ".join(k if vs == ["true"] else f"{k}={'|'.join(vs)}" for k, vs in self.request_fields().items())
+
+    def headline(self) -> str:
+        """``sm_90 mha_decode/mha_extend with solution=flashinfer: loses all candidates``."""
+        who = f"{', '.join(self.archs)} {'/'.join(self.ops)}"
+        if self.fields:
+            who += f" with {self.describe_request()}"
+        if self.kind == "lost":
+            return f"{who}: loses all candidates"
+        if self.kind == "gained":
+            return f"{who}: gains coverage"
+        return f"{who}: {self.before} -> {self.after}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "summary": self.headline(),
+            "archs": self.archs,
+            "ops": self.ops,
+            "request": self.request_fields(),
+            "before": self.before,
+            "after": self.after,
+            "because": self.because,
+            "now": self.now,
+            "request_classes": self.classes,
+            "examples": self.examples,
+        }
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v.value) if hasattr(v, "value") else str(v)
+
+
+_MINIMISE_ORDER = tuple(Features.model_fields) + tuple(Shapes.model_fields) + ("out_dtype", "kv_dtype", "q_dtype", "solution")
+"""Fields are reset in this order: features, shapes, then dtypes, the solution restriction last."""
+
+
+class _Solver:
+    """solve() in both manifests, cached per request (minimisation revisits requests)."""
+
+    def __init__(self, base: Manifest, head: Manifest):
+        self.base, self.head = base, head
+        self.cache: dict[KernelRequest, tuple[Selection, Selection]] = {}
+
+    def both(self, request: KernelRequest) -> tuple[Selection, Selection]:
+        hit = self.cache.get(request)
+        if hit is None:
+            platform = Platform.hypothetical(request.arch)
+            hit = (solve(self.base, platform, request), solve(self.head, platform, request))
+            self.cache[request] = hit
+        return hit
+
+
+def _outcome(old: Selection, new: Selection) -> Optional[tuple]:
+    """None when the winner is the same; else what a minimised request must keep."""
+    if old.name == new.name:
+        return None
+    if not new.name:
+        return ("lost",)
+    if not old.name:
+        return ("gained",)
+    return ("changed", old.name, new.name)
+
+
+def _default(request: KernelRequest, name: str) -> Any:
+    """What ``name`` would be if the caller had not given it (some defaults follow other fields)."""
+    if name == "kv_dtype":
+        return request.q_dtype
+    if name == "out_dtype":
+        return KernelRequest(op=request.op, q_dtype=request.q_dtype).out_dtype
+    if name == "head_dim_vo":
+        return request.head_dim_qk
+    return type(request).model_fields[name].default
+
+
+def _explicit(request: KernelRequest) -> dict[str, Any]:
+    """The fields a caller must give to make this request (besides op and arch)."""
+    return {
+        name: getattr(request, name)
+        for name in type(request).model_fields
+        if name not in ("op", "arch") and getattr(request, name) != _default(request, name)
+    }
+
+
+def _minimise(solver: _Solver, request: KernelRequest, outcome: tuple) -> KernelRequest:
+    """Reset fields to their defaults while the outcome stays the same; the fields left are the ones that matter."""
+    fields = _explicit(request)
+    changed = True
+    while changed:
+        changed = False
+        for name in _MINIMISE_ORDER:
+            if name not in fields:
+                continue
+            trial = {k: v for k, v in fields.items() if k != name}
+            try:
+                candidate = KernelRequest(op=request.op, arch=request.arch, **trial)
+            except KernelselError:
+                continue
+            if _outcome(*solver.both(candidate)) == outcome:
+                fields, changed = trial, True
+    return KernelRequest(op=request.op, arch=request.arch, **fields)
+
+
+def _verdict(sel: Selection, name: str) -> Optional[str]:
+    """A kernel's standing in a selection: its reasons, 'eligible', or None when the manifest lacks it."""
+    v = next((v for v in sel.verdicts if v.kernel.name == name), None)
+    if v is None:
+        return None
+    return "; ".join(v.reasons) if v.reasons else "eligible"
+
+
+def _because(old: Selection, new: Selection, kind: str, op: str) -> list[str]:
+    """Why the outcome changed, in the solver's words: the old winner now, the new winner before."""
+    lines = []
+    if old.kernel is not None:
+        now = _verdict(new, old.name)
+        if kind == "lost":
+            lines.append(f"was {old.name} ({op}): {now or 'removed'}")
+        else:
+            lines.append(f"{old.name}: {'removed' if now is None else 'still eligible, outranked' if now == 'eligible' else now}")
+    if new.kernel is not None:
+        before = _verdict(old, new.name)
+        if before is None:
+            before = "added"
+        elif before == "eligible":
+            before = f"eligible before, ranked below {old.name}"
+        else:
+            before = "before: " + before
+        lines.append(f"{f'now {new.name} ({op})' if kind == 'gained' else new.name}: {before}")
+    return lines
+
+
+def _subject(line: str) -> str:
+    return line.split(":", 1)[0]
+
+
+def _dim_sort(values: Iterable[Any]) -> tuple[Any, ...]:
+    """Values of one dimension in vocabulary order (archs by capability), ints by value."""
+    def key(v: Any) -> tuple:
+        if isinstance(v, Arch):
+            return (0, v.number, "")
+        if hasattr(v, "value"):
+            return (1, list(type(v)).index(v), "")
+        if isinstance(v, (bool, int)):
+            return (2, int(v), "")
+        return (3, 0, str(v))
+
+    return tuple(sorted(set(values), key=key))
+
+
+def _same_change(a: Finding, b: Finding) -> bool:
+    return (a.kind, a.before, a.after) == (b.kind, b.before, b.after)
+
+
+def _absorb(into: Finding, other: Finding) -> None:
+    into.classes += other.classes
+    into.examples += other.examples
+    subjects = {_subject(line) for line in into.because}
+    into.because += [line for line in other.because if _subject(line) not in subjects]
+
+
+def _covers(g: Finding, f: Finding) -> bool:
+    """``g`` covers ``f``: same change, at least f's (op, arch), and every field g names holds f's values."""
+    return (
+        _same_change(f, g)
+        and f.pairs <= g.pairs
+        and set(g.fields) <= set(f.fields)
+        and all(set(f.fields[k]) <= set(g.fields[k]) for k in g.fields)
+    )
+
+
+def _step(findings: list[Finding]) -> bool:
+    """One collapse step; True if two findings became one."""
+    for f in findings:  # a finding that only specialises another is folded into it
+        g = next((g for g in findings if g is not f and _covers(g, f)), None)
+        if g is not None:
+            _absorb(g, f)
+            findings.remove(f)
+            return True
+    for a, b in itertools.combinations(findings, 2):
+        if not _same_change(a, b) or set(a.fields) != set(b.fields):
+            continue
+        differ = [k for k in a.fields if set(a.fields[k]) != set(b.fields[k])]
+        if not differ:  # same request fields: one finding over both (op, arch) sets
+            a.pairs = a.pairs | b.pairs
+        elif len(differ) == 1 and a.pairs == b.pairs:  # one field takes either value
+            a.fields[differ[0]] = _dim_sort(a.fields[differ[0]] + b.fields[differ[0]])
+        else:
+            continue
+        _absorb(a, b)
+        findings.remove(b)
+        return True
+    return False
+
+
+def _split(f: Finding) -> list[Finding]:
+    """One finding per set of archs that share the same ops, so each headline is a product."""
+    ops_by_arch: dict[Arch, set[Op]] = {}
+    for op, arch in f.pairs:
+        ops_by_arch.setdefault(arch, set()).add(op)
+    by_ops: dict[frozenset[Op], list[Arch]] = {}
+    for arch, ops in ops_by_arch.items():
+        by_ops.setdefault(frozenset(ops), []).append(arch)
+    if len(by_ops) == 1:
+        return [f]
+    out = []
+    for ops, archs in by_ops.items():
+        pairs = frozenset((op, a) for op in ops for a in archs)
+        examples = [e for e in f.examples if e["op"] in {o.value for o in ops} and set(e["archs"]) & {a.value for a in archs}]
+        out.append(Finding(f.kind, pairs, dict(f.fields), f.before, f.after,
+                           [line for line in f.because if _mentions(line, ops)] or list(f.because),
+                           f.now, len(examples), examples))
+    return out
+
+
+def _mentions(line: str, ops: Iterable[Op]) -> bool:
+    return any(f"({op.value})" in line for op in ops) or not any(f"({op.value})" in line for op in Op)
+
+
+def _collapse(findings: list[Finding]) -> list[Finding]:
+    findings = list(findings)
+    while _step(findings):
+        pass
+    return [part for f in findings for part in _split(f)]
+
+
+# ------------------------------------------------------------- kernel diff
+
+
+def _render(value: Any) -> str:
+    """A dumped field in its YAML spelling: [a, b], {min: 1, max: 8}, true."""
+    if isinstance(value, dict):
+        items = {k: v for k, v in value.items() if v is not None and v is not False}
+        if set(items) in ({"values"}, {"only"}):
+            return _render(next(iter(items.values())))
+        return "{" + ", ".join(f"{k}: {_render(v)}" for k, v in items.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_render(v) for v in value) + "]"
+    if value is None:
+        return "(unset)"
+    return _text(value)
+
+
+def _flatten(spec: KernelSpec) -> dict[str, Any]:
+    """A kernel's model_dump as dotted fields (dtypes.q_dtype, shapes.page_size, features.sinks, ...)."""
+    out: dict[str, Any] = {}
+    for key, value in spec.model_dump(mode="json").items():
+        if isinstance(value, dict) and key in ("dtypes", "shapes", "features", "settings"):
+            for sub, v in value.items():
+                out[f"{key}.{sub}"] = v
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass
+class KernelChange:
+    name: str
+    fields: list[tuple[str, str, str]]  # (field, base, head) in YAML spelling
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "fields": [{"field": f, "base": b, "head": h} for f, b, h in self.fields]}
+
+
+def kernel_changes(base: Manifest, head: Manifest) -> tuple[list[str], list[str], list[KernelChange]]:
+    """(added names, removed names, changed kernels with every differing field)."""
+    added = [k.name for k in head.kernels if k.name not in base.by_name]
+    removed = [k.name for k in base.kernels if k.name not in head.by_name]
+    changed = []
+    for k in head.kernels:
+        old = base.by_name.get(k.name)
+        if old is None:
+            continue
+        a, b = _flatten(old), _flatten(k)
+        diffs = []
+        for key in list(a) + [x for x in b if x not in a]:
+            va, vb = a.get(key), b.get(key)
+            if va == vb:
+                continue
+            if isinstance(va, list) and isinstance(vb, list) and key in ("exclude", "refs"):
+                diffs += [(key, _render(x), "(removed)") for x in va if x not in vb]
+                diffs += [(key, "(absent)", _render(x)) for x in vb if x not in va]
+            else:
+                diffs.append((key, _render(va), _render(vb)))
+        if diffs:
+            changed.append(KernelChange(k.name, diffs))
+    return added, removed, changed
+
+
+# ------------------------------------------------------------------ report
+
+
+@dataclass
+class DiffReport:
+    base: Manifest
+    head: Manifest
+    lost: list[Finding]
+    gained: list[Finding]
+    changed: list[Finding]
+    added: list[str]
+    removed: list[str]
+    kernels_changed: list[KernelChange]
+    ops_compared: list[str]
+    requests_checked: int
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.lost or self.gained or self.changed or self.added or self.removed or self.kernels_changed)
+
+    @property
+    def exit_status(self) -> int:
+        """1 when some request loses every candidate (a regression a reviewer must see), else 0."""
+        return 1 if self.lost else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        def side(m: Manifest) -> dict[str, Any]:
+            return {"path": m.path, "digest": m.digest, "kernels": len(m.kernels)}
+
+        return {
+            "base": side(self.base),
+            "head": side(self.head),
+            "ops_compared": self.ops_compared,
+            "requests_checked": self.requests_checked,
+            "lost": [f.to_dict() for f in self.lost],
+            "gained": [f.to_dict() for f in self.gained],
+            "changed": [f.to_dict() for f in self.changed],
+            "kernels": {
+                "added": self.added,
+                "removed": self.removed,
+                "changed": [c.to_dict() for c in self.kernels_changed],
+            },
+            "exit_status": self.exit_status,
+        }
+
+    # -------------------------------------------------------------- text
+    def text(self) -> str:
+        b, h = self.base, self.head
+        lines = [
+            f"base      {b.path} ({len(b.kernels)} kernels, sha {b.digest})",
+            f"head      {h.path} ({len(h.kernels)} kernels, sha {h.digest})",
+            f"checked   {self.requests_checked} request classes over "
+            f"{', '.join(self.ops_compared) or 'no op (no op has kernel changes)'}",
+        ]
+        if not self.has_changes:
+            lines.append("no changes")
+            return "\n".join(lines)
+        sections = (
+            ("loses all candidates (exit 1)", self.lost),
+            ("selection changes", self.changed),
+            ("gains coverage", self.gained),
+        )
+        for title, findings in sections:
+            if not findings:
+                continue
+            lines += ["", f"{title}: {len(findings)}"]
+            for f in findings:
+                lines.append(f"  {f.headline()}  [{f.classes} request class{'es' if f.classes != 1 else ''}]")
+                lines += [f"      {line}" for line in f.because]
+                if f.kind == "changed" and f.now:
+                    lines.append(f"      why: {f.now}")
+        if not (self.lost or self.changed or self.gained):
+            lines += ["", "no request changes its kernel"]
+        if self.added or self.removed or self.kernels_changed:
+            lines += ["", "kernels"]
+            lines += [f"  + {n} (added)" for n in self.added]
+            lines += [f"  - {n} (removed)" for n in self.removed]
+            for c in self.kernels_changed:
+                lines.append(f"  ~ {c.name}")
+                lines += [f"      {fld}: {vb} -> {vh}" for fld, vb, vh in c.fields]
+        return "\n".join(lines)
+
+    # ---------------------------------------------------------- markdown
+    def markdown(self) -> str:
+        b, h = self.base, self.head
+        out = [f"### kernelsel diff: `{b.path}` → `{h.path}`", ""]
+        if not self.has_changes:
+            out.append(f"No changes ({self.requests_checked} request classes checked).")
+            return "\n".join(out) + "\n"
+        if self.lost:
+            out.append(f"> [!CAUTION]\n> {len(self.lost)} request group{'s' if len(self.lost) != 1 else ''} "
+                       f"**lose every candidate kernel** with this change.")
+            out.append("")
+        out.append(f"{self.requests_checked} request classes checked over {', '.join(self.ops_compared)}.")
+        tables = (
+            ("Requests that lose all candidates", self.lost, "what they had, and why it is gone"),
+            ("Selection changes", self.changed, "before → after, and why"),
+            ("Requests that gain coverage", self.gained, "what they get now"),
+        )
+        for title, findings, detail in tables:
+            if not findings:
+                continue
+            out += ["", f"#### {title}", "", f"| arch | op | request | {detail} |", "| --- | --- | --- | --- |"]
+            for f in findings:
+                lines = ([f"`{f.before}` → `{f.after}`"] if f.kind == "changed" else []) + [_md(x) for x in f.because]
+                if f.kind == "changed" and f.now:
+                    lines.append(f"why: {_md(f.now)}")
+                request = f"`{_md(f.describe_request())}`" if f.request_fields() else "(default)"
+                out.append(f"| {', '.join(f.archs)} | {', '.join(f.ops)} | {request} | {'<br>'.join(lines)} |")
+        if self.added or self.removed or self.kernels_changed:
+            out += ["", "#### Kernels", ""]
+            out += [f"- added `{n}`" for n in self.added]
+            out += [f"- removed `{n}`" for n in self.removed]
+            for c in self.kernels_changed:
+                out.append(f"- changed `{c.name}`")
+                out += [f"  - `{fld}`: `{vb}` → `{vh}`" for fld, vb, vh in c.fields]
+        return "\n".join(out) + "\n"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def diff_manifests(base: Manifest, head: Manifest, *, skip_identical_ops: bool = True) -> DiffReport:
+    """Compare two manifests request by request (the method is in the module docstring)."""
+    solver = _Solver(base, head)
+    findings: dict[str, list[Finding]] = {"lost": [], "gained": [], "changed": []}
+    compared = []
+    checked = 0
+    same_solutions = base.solutions == head.solutions
+    for op in Op:
+        if skip_identical_ops and same_solutions and _op_dump(base, op) == _op_dump(head, op):
+            continue
+        compared.append(op.value)
+        for probe in request_space(op, base, head):
+            checked += 1
+            old, new = solver.both(probe.request)
+            outcome = _outcome(old, new)
+            if outcome is None:
+                continue
+            kind = outcome[0]
+            small = _minimise(solver, probe.request, outcome)
+            old_m, new_m = solver.both(small)
+            findings[kind].append(Finding(
+                kind=kind,
+                pairs=frozenset((op, a) for a in probe.archs),
+                fields={k: (v,) for k, v in _explicit(small).items()},
+                before=old_m.name if kind == "changed" else None,
+                after=new_m.name if kind == "changed" else None,
+                because=_because(old_m, new_m, kind, op.value),
+                now=new_m.why if new_m.kernel is not None else "",
+                examples=[{"op": op.value, "archs": [a.value for a in probe.archs], "request": probe.request.given(),
+                           "before": old.name or None, "after": new.name or None}],
+            ))
+    added, removed, kernels_changed = kernel_changes(base, head)
+
+    def order(f: Finding) -> tuple:
+        return (Arch(f.archs[0]).number, [Op.values().index(o) for o in f.ops], f.describe_request(), f.before or "")
+
+    return DiffReport(
+        base=base, head=head,
+        lost=sorted(_collapse(findings["lost"]), key=order),
+        gained=sorted(_collapse(findings["gained"]), key=order),
+        changed=sorted(_collapse(findings["changed"]), key=order),
+        added=added, removed=removed, kernels_changed=kernels_changed,
+        ops_compared=compared, requests_checked=checked,
+    )
+
+
+def _op_dump(m: Manifest, op: Op) -> list[dict[str, Any]]:
+    return sorted((k.model_dump(mode="json") for k in m.by_op[op]), key=lambda d: d["name"])

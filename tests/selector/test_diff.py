@@ -1,0 +1,329 @@
+"""``kernelsel diff``: the consequences of a manifest edit, request by request.
+
+Cases are edits applied to copies of the bundled manifest (or to small
+manifests built from its own solutions and adapters), never restated facts.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import pathlib
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from registry.loader import load_manifest
+from registry.vocab import Arch, DType, Op, Solution
+from selector import KernelRequest, Platform, solve
+from selector.cli import main
+from selector.diff import diff_manifests, read_manifest, request_space
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BUNDLED = ROOT / "kernels.yaml"
+GATE_FROM, GATE_TO = Arch.SM_90, Arch.SM_100
+
+
+def run(capsys, *argv):
+    """main(argv) in-process; returns (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def bundled_data() -> dict:
+    return yaml.safe_load(BUNDLED.read_text())
+
+
+def write(tmp_path: pathlib.Path, name: str, data: dict) -> pathlib.Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------ the first seed's regression
+
+
+def move_flashinfer_mha_gate(data: dict) -> list[str]:
+    """The first seed's edit: every FlashInfer MHA decode/extend entry admitting sm_90 is gated at sm_100."""
+    manifest = load_manifest(BUNDLED)
+    moved = []
+    for raw in data["kernels"]:
+        spec = manifest.by_name[raw["name"]]
+        if spec.solution is not Solution.FLASHINFER or spec.op not in (Op.MHA_DECODE, Op.MHA_EXTEND):
+            continue
+        if not spec.arch.allows(GATE_FROM):
+            continue
+        if isinstance(raw["arch"], list):
+            kept = [a for a in raw["arch"] if Arch(a) >= GATE_TO]
+            raw["arch"] = kept or [GATE_TO.value]
+        else:
+            raw["arch"]["min"] = GATE_TO.value
+        moved.append(raw["name"])
+    return moved
+
+
+@pytest.fixture
+def seed_edit(tmp_path):
+    data = bundled_data()
+    moved = move_flashinfer_mha_gate(data)
+    ops = {load_manifest(BUNDLED).by_name[n].op for n in moved}
+    assert ops == {Op.MHA_DECODE, Op.MHA_EXTEND}, "the bundled manifest has FlashInfer MHA decode and extend on sm_90"
+    return write(tmp_path, "kernels.yaml", data), moved
+
+
+def test_seed_regression_is_reported_as_a_loss_with_arch_ops_and_solution(capsys, seed_edit):
+    head, _ = seed_edit
+    code, out, err = run(capsys, "diff", BUNDLED, head)
+    assert code == 1, err
+    assert re.search(
+        r"^  (sm_\d+, )*sm_90(, sm_\d+)* mha_decode/mha_extend with solution=flashinfer: loses all candidates",
+        out, re.MULTILINE,
+    ), out
+    assert "Traceback" not in out + err
+
+
+def test_seed_regression_json_names_the_lost_kernels_and_why(capsys, seed_edit):
+    head, moved = seed_edit
+    code, out, _ = run(capsys, "diff", BUNDLED, head, "--json")
+    data = json.loads(out)
+    assert code == 1 and data["exit_status"] == 1
+    loss = next(f for f in data["lost"] if f["request"] == {"solution": ["flashinfer"]} and GATE_FROM.value in f["archs"])
+    assert {"mha_decode", "mha_extend"} <= set(loss["ops"])
+    # every line says which kernel was lost and the solver's reason it no longer fits
+    assert all(re.match(r"was [a-z0-9-]+ \((mha_decode|mha_extend)\): ", line) for line in loss["because"])
+    assert any(f"arch {GATE_FROM.value}" in line for line in loss["because"])
+    assert {c["name"] for c in data["kernels"]["changed"]} == set(moved)
+    assert all([f["field"] for f in c["fields"]] == ["arch"] for c in data["kernels"]["changed"])
+
+
+def test_seed_regression_markdown_is_a_pr_comment(capsys, seed_edit):
+    head, _ = seed_edit
+    code, out, _ = run(capsys, "diff", "--markdown", BUNDLED, head)
+    assert code == 1
+    assert out.startswith("### kernelsel diff:")
+    assert "lose every candidate kernel" in out
+    row = next(line for line in out.splitlines() if line.startswith("| ") and "`solution=flashinfer`" in line
+               and "mha_decode, mha_extend" in line)
+    assert GATE_FROM.value in row.split("|")[1]
+
+
+def test_seed_regression_also_shows_who_now_serves_hopper(seed_edit):
+    head, moved = seed_edit
+    report = diff_manifests(load_manifest(BUNDLED), load_manifest(head))
+    hopper = [f for f in report.changed if GATE_FROM.value in f.archs and not f.fields]
+    assert hopper, "the unrestricted sm_90 request changes kernel"
+    for f in hopper:
+        assert f.before in moved and f.after not in moved
+        sel = solve(load_manifest(head), Platform.hypothetical(GATE_FROM), KernelRequest(op=f.ops[0], arch=GATE_FROM))
+        assert sel.kernel.name == f.after
+
+
+# ----------------------------------------------------------- small manifests
+
+
+def synthetic(kernels: list[dict]) -> dict:
+    """A manifest with the bundled solutions, plan and adapters, and the given mha_decode kernels."""
+    data = bundled_data()
+    adapters = {k["solution"]: k["adapter"] for k in data["kernels"] if k["op"] == Op.MHA_DECODE.value}
+    out = {key: data[key] for key in ("schema_version", "solutions", "attention_plan")}
+    out["kernels"] = [
+        {"op": Op.MHA_DECODE.value, "adapter": adapters[k["solution"]], "refs": ["tests/selector/test_diff.py"]} | k
+        for k in kernels
+    ]
+    return out
+
+
+FAST = {"name": "a-fast", "solution": "flashinfer", "backend": "fa2", "arch": {"min": "sm_80"},
+        "dtypes": {"q_dtype": ["bf16"], "kv_dtype": ["bf16"]}, "shapes": {"head_dim_qk": [128]}, "priority": 10}
+PORTABLE = {"name": "b-portable", "solution": "triton", "backend": "triton", "arch": {"min": "sm_80"},
+            "dtypes": {"q_dtype": ["bf16", "fp16"], "kv_dtype": ["bf16", "fp16"]},
+            "shapes": {"head_dim_qk": [64, 128, 256]}, "features": {"sinks": True}, "priority": 5}
+
+
+@pytest.fixture
+def base(tmp_path):
+    return write(tmp_path, "base.yaml", synthetic([FAST, PORTABLE]))
+
+
+def edited(tmp_path, name, kernels) -> pathlib.Path:
+    return write(tmp_path, name, synthetic(kernels))
+
+
+def test_identical_manifests_say_no_changes_and_exit_0(capsys, base):
+    code, out, _ = run(capsys, "diff", base, base)
+    assert code == 0
+    assert out.strip().endswith("no changes")
+
+
+def test_the_bundled_manifest_against_itself_finds_nothing_even_when_every_op_is_enumerated():
+    m = load_manifest(BUNDLED)
+    report = diff_manifests(m, m, skip_identical_ops=False)
+    assert report.requests_checked > 0 and set(report.ops_compared) == {op.value for op in Op if m.by_op[op]}
+    assert not report.has_changes and report.exit_status == 0
+
+
+def test_a_narrowed_shape_changes_the_selection_and_says_why(capsys, tmp_path, base):
+    narrowed = copy.deepcopy(FAST) | {"shapes": {"head_dim_qk": [256]}}
+    code, out, _ = run(capsys, "diff", base, edited(tmp_path, "head.yaml", [narrowed, PORTABLE]), "--json")
+    data = json.loads(out)
+    # restricted to a-fast's solution, head dim 128 now has nothing
+    assert code == 1 and [f["request"] for f in data["lost"]] == [{"head_dim_qk": ["128"], "solution": ["flashinfer"]}]
+    away = next(f for f in data["changed"] if (f["before"], f["after"]) == ("a-fast", "b-portable"))
+    back = next(f for f in data["changed"] if (f["before"], f["after"]) == ("b-portable", "a-fast"))
+    assert away["request"] == {"head_dim_qk": ["128"]} and back["request"] == {"head_dim_qk": ["256"]}
+    assert "a-fast: head_dim_qk 128 not in [256]" in away["because"]
+    assert any(line.startswith("b-portable: eligible before, ranked below a-fast") for line in away["because"])
+    assert {"field": "shapes.head_dim_qk", "base": "[128]", "head": "[256]"} in data["kernels"]["changed"][0]["fields"]
+
+
+def test_a_dropped_dtype_loses_every_candidate_and_exits_1(capsys, tmp_path, base):
+    bf16_only = copy.deepcopy(PORTABLE) | {"dtypes": {"q_dtype": ["bf16"], "kv_dtype": ["bf16"]}}
+    code, out, _ = run(capsys, "diff", base, edited(tmp_path, "head.yaml", [FAST, bf16_only]))
+    assert code == 1
+    assert re.search(r"^  sm_80, .*sm_121 mha_decode with q_dtype=fp16: loses all candidates", out, re.MULTILINE), out
+    assert "was b-portable (mha_decode): q_dtype fp16 not in [bf16]" in out
+
+
+def test_an_added_kernel_gains_coverage_and_is_listed(capsys, tmp_path, base):
+    fp8 = copy.deepcopy(PORTABLE) | {"name": "c-fp8", "dtypes": {"q_dtype": ["fp8_e4m3"], "kv_dtype": ["fp8_e4m3"]},
+                                     "features": {}}
+    code, out, _ = run(capsys, "diff", base, edited(tmp_path, "head.yaml", [FAST, PORTABLE, fp8]), "--json")
+    data = json.loads(out)
+    assert code == 0 and data["kernels"]["added"] == ["c-fp8"]
+    gain = next(f for f in data["gained"])
+    assert gain["request"] == {"q_dtype": ["fp8_e4m3"]}
+    assert gain["because"] == ["now c-fp8 (mha_decode): added"]
+
+
+def test_a_removed_kernel_is_listed_and_its_requests_move(capsys, tmp_path, base):
+    code, out, _ = run(capsys, "diff", base, edited(tmp_path, "head.yaml", [PORTABLE]), "--json")
+    data = json.loads(out)
+    assert data["kernels"]["removed"] == ["a-fast"]
+    moved = [f for f in data["changed"] if f["before"] == "a-fast"]
+    assert moved and all(f["after"] == "b-portable" and "a-fast: removed" in f["because"] for f in moved)
+
+
+def test_a_priority_only_edit_is_a_field_change_without_request_changes(capsys, tmp_path, base):
+    code, out, _ = run(capsys, "diff", base, edited(tmp_path, "head.yaml", [FAST | {"priority": 11}, PORTABLE]))
+    assert code == 0
+    assert "no request changes its kernel" in out
+    assert re.search(r"~ a-fast\n\s+priority: 10 -> 11", out)
+
+
+def test_an_added_exclusion_is_seen_through_the_fields_it_joins(capsys, tmp_path, base):
+    excluded = copy.deepcopy(PORTABLE) | {"exclude": [{"when": {"q_dtype": "fp16", "sinks": True},
+                                                       "reason": "test", "ref": "test"}]}
+    code, out, _ = run(capsys, "diff", base, edited(tmp_path, "head.yaml", [FAST, excluded]), "--json")
+    data = json.loads(out)
+    assert code == 1
+    assert [f["request"] for f in data["lost"]] == [{"q_dtype": ["fp16"], "sinks": ["true"]}]
+    assert data["kernels"]["changed"][0]["fields"][0]["field"] == "exclude"
+
+
+# ------------------------------------------------------------- git objects
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_git_objects_are_read_with_git_show_and_named_by_their_ref(capsys, tmp_path, monkeypatch, seed_edit):
+    head, _ = seed_edit
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=kernelsel", "-c", "user.email=kernelsel@example.invalid", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    shutil.copy(BUNDLED, repo / "kernels.yaml")
+    subprocess.run(git + ["add", "kernels.yaml"], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "base"], cwd=repo, check=True)
+    shutil.copy(head, repo / "kernels.yaml")
+    monkeypatch.chdir(repo)
+
+    m = read_manifest("HEAD:kernels.yaml")
+    assert m.path == "HEAD:kernels.yaml" and m.kernels[0].origin.startswith("HEAD:kernels.yaml:")
+    code, out, _ = run(capsys, "diff", "HEAD:kernels.yaml", "kernels.yaml")
+    assert code == 1 and out.startswith("base      HEAD:kernels.yaml")
+    assert "mha_decode/mha_extend with solution=flashinfer: loses all candidates" in out
+
+    code, _, err = run(capsys, "diff", "no-such-ref:kernels.yaml", "kernels.yaml")
+    assert code == 2 and re.search(r"^error: no-such-ref:kernels\.yaml: not a file, and git cannot read it", err)
+    code, _, err = run(capsys, "diff", "HEAD:missing.yaml", "kernels.yaml")
+    assert code == 2 and "missing.yaml" in err and "Traceback" not in err
+
+
+def test_a_path_on_disk_wins_over_a_git_object(tmp_path, monkeypatch, base):
+    monkeypatch.chdir(tmp_path)
+    odd = tmp_path / "main:kernels.yaml"
+    odd.write_text(base.read_text())
+    assert read_manifest("main:kernels.yaml").path == "main:kernels.yaml"
+    assert len(read_manifest("main:kernels.yaml").kernels) == 2
+
+
+def test_bad_arguments_exit_2_with_a_message(capsys, base):
+    code, _, err = run(capsys, "diff", "nowhere.yaml", base)
+    assert code == 2 and err.startswith("error: nowhere.yaml: no such file")
+    code, _, err = run(capsys, "diff", base, base, "--json", "--markdown")
+    assert code == 2 and "not both" in err
+
+
+# ------------------------------------------------------ the request space
+
+
+@pytest.mark.parametrize("op", [op for op in Op])
+def test_every_probe_is_solved_as_the_enumeration_expects(op, seed_edit):
+    """The enumeration's own view of eligibility agrees with the solver on every probe it makes."""
+    base, head = load_manifest(BUNDLED), load_manifest(seed_edit[0])
+    for probe in request_space(op, base, head):
+        for manifest, expected in zip((base, head), probe.expected):
+            wanted = {n for n in expected if _restriction_admits(probe.request, manifest.by_name[n].solution)}
+            for arch in probe.archs:  # every arch of the class behaves alike
+                request = KernelRequest(**(probe.request.model_dump() | {"arch": arch}))
+                sel = solve(manifest, Platform.hypothetical(arch), request)
+                assert {k.name for k in sel.eligible} == wanted, (request.describe(), manifest.path)
+
+
+def _restriction_admits(request: KernelRequest, solution: Solution) -> bool:
+    """The solution restriction and the reference rule, which the enumeration leaves to the solver."""
+    if request.solution is not None:
+        return solution is request.solution
+    return solution is not Solution.REFERENCE
+
+
+def test_the_enumeration_reaches_every_outcome_a_brute_force_sweep_finds(tmp_path):
+    """On a small pair of manifests, sweep arch x dtypes x head dim x page size x sinks exhaustively."""
+    a = {"name": "a", "solution": "flashinfer", "backend": "fa2", "arch": {"min": "sm_80", "max": "sm_90"},
+         "dtypes": {"q_dtype": ["bf16", "fp16"], "kv_dtype": ["bf16", "fp8_e4m3"]},
+         "shapes": {"head_dim_qk": [8, 16, 32], "page_size": {"min": 8, "max": 32, "multiple_of": 8}},
+         "exclude": [{"when": {"page_size": 16, "head_dim_qk": {"min": 16}}, "reason": "r", "ref": "r"}],
+         "priority": 9}
+    b = {"name": "b", "solution": "xqa", "backend": "xqa", "arch": ["sm_90", "sm_100"],
+         "dtypes": {"q_dtype": ["bf16"], "kv_dtype": ["bf16"]},
+         "shapes": {"head_dim_qk": {"min": 12, "max": 20}, "page_size": {"min": 4, "power_of_two": True}},
+         "features": {"sinks": True}, "priority": 10}
+    c = {"name": "c", "solution": "triton", "backend": "triton", "arch": {"min": "sm_80"},
+         "dtypes": {"q_dtype": ["fp16"], "kv_dtype": ["fp16", "fp8_e4m3"]}, "shapes": {"page_size": [16, 24]},
+         "priority": 5}
+    b2 = b | {"arch": ["sm_100"], "shapes": {"head_dim_qk": [16], "page_size": {"min": 8, "power_of_two": True}}}
+    base = load_manifest(write(tmp_path, "b.yaml", synthetic([a, b, c])))
+    head = load_manifest(write(tmp_path, "h.yaml", synthetic([a, b2, c])))
+    probes = request_space(Op.MHA_DECODE, base, head)
+    reached = {(arch, p.expected) for p in probes if p.request.solution is None for arch in p.archs}
+
+    swept = set()
+    archs = (Arch.SM_70, Arch.SM_80, Arch.SM_90, Arch.SM_100, Arch.SM_121)  # each bound named above, and beyond
+    dtypes = (DType.BF16, DType.FP16, DType.FP8_E4M3, DType.FP32)  # each dtype named above, and one more
+    head_dims = range(4, 41, 4)  # every bound above is a multiple of 4
+    page_sizes = (*range(1, 9), *range(12, 41, 4))
+    for arch, q, kv, hd, ps, sinks in itertools.product(archs, dtypes, dtypes, head_dims, page_sizes, (False, True)):
+        req = KernelRequest(op="mha_decode", arch=arch, q_dtype=q, kv_dtype=kv, head_dim_qk=hd, page_size=ps, sinks=sinks)
+        platform = Platform.hypothetical(arch)
+        eligible = tuple(frozenset(k.name for k in solve(m, platform, req).eligible) for m in (base, head))
+        if any(eligible):
+            swept.add((arch, eligible))
+    assert swept <= reached, sorted((a.value, e) for a, e in swept - reached)
