@@ -12,6 +12,8 @@ import difflib
 import re
 from enum import Enum
 
+from registry.errors import RequestError
+
 
 class _Vocab(str, Enum):
     """A str enum that prints as its manifest spelling."""
@@ -122,7 +124,7 @@ _ARCH_FORMS = re.compile(r"^(?:sm_?|compute_?)?(\d+)(?:\.(\d))?[af]?$", re.IGNOR
 def parse_arch(text: str | int | float | Arch) -> Arch:
     """Normalise 'sm_90', 'sm90', '9.0', '90', '90a', (9, 0) spellings to an Arch.
 
-    Raises ValueError naming the accepted values.
+    Raises RequestError (a ValueError) naming the accepted values.
     """
     if isinstance(text, Arch):
         return text
@@ -137,7 +139,7 @@ def parse_arch(text: str | int | float | Arch) -> Arch:
             return Arch(f"sm_{number}")
         except ValueError:
             pass
-    raise ValueError(
+    raise RequestError(
         f"{raw!r} is not an SM like sm_90; expected one of {', '.join(Arch.values())}"
         + did_you_mean(raw, Arch.values())
     )
@@ -167,7 +169,7 @@ def parse_dtype(text: str | DType) -> DType:
     try:
         return DType(raw)
     except ValueError:
-        raise ValueError(
+        raise RequestError(
             f"{text!r} is not a dtype; expected one of {', '.join(DType.values())}"
             + did_you_mean(raw, DType.values())
         ) from None

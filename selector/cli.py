@@ -117,7 +117,7 @@ def _build(op: Optional[str], kw: dict) -> tuple[Selector, KernelRequest]:
     overrides = Overrides.from_env()
     manifest = _manifest(kw.get("manifest_path"), overrides)
     platform = _platform(manifest, kw.get("arch"), kw.get("installed_only", False))
-    fields = {k: v for k, v in kw.items() if k not in _NOT_REQUEST and v not in (None, False)}
+    fields = {k: v for k, v in kw.items() if k not in _NOT_REQUEST and v is not None and v is not False}
     fields["arch"] = platform.arch
     if op is not None:
         fields["op"] = op

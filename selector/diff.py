@@ -38,9 +38,17 @@ cross product):
    in both manifests.  A request whose winner differs is minimised: fields
    are reset to their defaults one at a time while the outcome stays the same
    (same old -> new winner; for a loss or gain, still a loss or gain), so
-   the report names only the fields that matter.  Findings that then differ
-   in one dimension only (arch, op, or one field's value) are collapsed into
-   one line, and a finding that only specialises another is folded into it.
+   the report names only the fields that matter.
+6. Findings are grouped: the same change with the same fields is one finding
+   over all its (op, arch); findings over the same (op, arch) whose fields
+   differ in one value are joined (``q_dtype=fp16|fp8_e4m3``); a finding that
+   only specialises another (more fields, values inside it) is folded into
+   it.  Each finding prints one line per set of archs sharing the same ops.
+
+Limits: only values derived from the constraints are probed (a class no
+probe value falls into is not seen), the ``backend`` and ``kernel`` request
+fields are not varied, and an overlay read from a git object resolves
+``base:`` only when it is ``bundled``.
 """
 
 from __future__ import annotations
@@ -52,11 +60,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from registry.constraints import IntRange, OneOf
 from registry.errors import KernelselError
 from registry.loader import load_manifest
 from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
 from registry.schema import Features, KernelSpec, Manifest, Shapes
-from registry.constraints import IntRange, OneOf
 from registry.vocab import Arch, DType, Op
 from selector.platform import Platform
 from selector.request import KernelRequest

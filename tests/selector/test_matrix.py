@@ -9,7 +9,7 @@ import pytest
 from registry.loader import load_manifest
 from registry.vocab import Arch, DType, Op
 from selector.cli import main
-from selector.matrix import DEFAULT_PATH, REGENERATE, YES, NO, common_dtype, default_winners, render_matrix
+from selector.matrix import DEFAULT_PATH, NO, REGENERATE, YES, common_dtype, default_winners, render_matrix
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / DEFAULT_PATH

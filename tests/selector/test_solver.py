@@ -102,8 +102,9 @@ def test_manifest_env_var_loads_an_overlay(monkeypatch, tmp_path, manifest):
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text("base: bundled\ndisable: [flashinfer-fa2-tc-decode]\n")
     monkeypatch.setenv("KERNELSEL_MANIFEST", str(overlay))
-    sel = select_kernel(op="mha_decode", arch="sm_90", q_dtype="bf16", solution="flashinfer")
+    sel = selector.default_selector().solve(KernelRequest(op="mha_decode", arch="sm_90", q_dtype="bf16"))
     assert "flashinfer-fa2-tc-decode" not in [v.kernel.name for v in sel.verdicts]
+    assert "flashinfer-fa2-decode" in [v.kernel.name for v in sel.verdicts]
     assert f"override  KERNELSEL_MANIFEST={overlay}" in sel.explain()
 
 
