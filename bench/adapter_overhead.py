@@ -75,31 +75,28 @@ def _graph_replay_us(fn, n: int) -> float:
     return _per_call_us(graph.replay, n)
 
 
-def cases():
-    """(name, adapter call, direct FlashInfer call) with identical inputs and output buffers."""
+def _decode_case(cls, want_lse: bool):
+    bt, sl, (k, v) = _paged(((HKV, D), (HKV, D)))
+    q = torch.randn(1, HQ, D, device="cuda").to(torch.bfloat16)
+    out, lse = torch.empty_like(q), torch.empty(1, HQ, device="cuda")
+    ad = _adapter(cls, "mha_decode", return_lse=want_lse)
+    ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl))
+    w, pdl, kw = ad._wrapper, ad._pdl, (dict(lse=lse) if want_lse else {})
+    return (
+        lambda: ad.run(q, k, v, out=out, **kw),
+        lambda: w.run(q, (k, v), out=out, return_lse=want_lse, enable_pdl=pdl, **kw),
+    )
+
+
+def _xqa_case():
     fi = __import__("flashinfer")
     bt, sl, (k, v) = _paged(((HKV, D), (HKV, D)))
     q = torch.randn(1, HQ, D, device="cuda").to(torch.bfloat16)
     out = torch.empty_like(q)
-    lse = torch.empty(1, HQ, device="cuda")
-
-    for cls in (fa.FA2Decode, fa.FA2TCDecode):
-        for want_lse in (False, True):
-            ad = _adapter(cls, "mha_decode", return_lse=want_lse)
-            ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl))
-            w, pdl = ad._wrapper, ad._pdl
-            lse_kw = dict(lse=lse) if want_lse else {}
-            yield (
-                f"{cls.__name__}{'+lse' if want_lse else ''}",
-                lambda ad=ad, kw=lse_kw: ad.run(q, k, v, out=out, **kw),
-                lambda w=w, pdl=pdl, r=want_lse, kw=lse_kw: w.run(q, (k, v), out=out, return_lse=r, enable_pdl=pdl, **kw),
-            )
-
     ad = _adapter(trt.XQADecode, "mha_decode")
     ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl))
     ws, sm, pdl = ad._workspace, 1.0 / math.sqrt(D), ad._pdl
-    yield (
-        "XQADecode",
+    return (
         lambda: ad.run(q, k, v, out=out),
         lambda: fi.decode.trtllm_batch_decode_with_kv_cache(
             q, (k, v), ws, bt, sl, SEQ, bmm1_scale=sm, bmm2_scale=1.0, window_left=-1, out=out,
@@ -107,52 +104,70 @@ def cases():
         ),
     )
 
-    ext = _adapter(fa.FA2Extend, "mha_extend")
-    qe = torch.randn(8, HQ, D, device="cuda").to(torch.bfloat16)
-    oute = torch.empty_like(qe)
-    ext.plan(ExtendMetadata(block_table=bt, seq_lens=sl, cu_seqlens_q=torch.tensor([0, 8], dtype=torch.int32, device="cuda")))
-    we, pdl = ext._wrapper, ext._pdl
-    yield (
-        "FA2Extend",
-        lambda: ext.run(qe, k, v, out=oute),
-        lambda: we.run(qe, (k, v), out=oute, enable_pdl=pdl),
-    )
 
-    mla = _adapter(
+def _extend_case():
+    bt, sl, (k, v) = _paged(((HKV, D), (HKV, D)))
+    q = torch.randn(8, HQ, D, device="cuda").to(torch.bfloat16)
+    out = torch.empty_like(q)
+    ad = _adapter(fa.FA2Extend, "mha_extend")
+    cu = torch.tensor([0, 8], dtype=torch.int32, device="cuda")
+    ad.plan(ExtendMetadata(block_table=bt, seq_lens=sl, cu_seqlens_q=cu))
+    w, pdl = ad._wrapper, ad._pdl
+    return lambda: ad.run(q, k, v, out=out), lambda: w.run(q, (k, v), out=out, enable_pdl=pdl)
+
+
+def _mla_case():
+    ad = _adapter(
         fa.FA3MLADecode, "mla_decode", head_dim_qk=None, num_kv_heads=None, num_qo_heads=16, page_size=64,
         kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
     )
     kv = torch.randn(1, 64, 576, device="cuda").to(torch.bfloat16)
     q_nope = torch.randn(1, 16, 512, device="cuda").to(torch.bfloat16)
     q_pe = torch.randn(1, 16, 64, device="cuda").to(torch.bfloat16)
-    outm = torch.empty_like(q_nope)
-    mla.plan(DecodeMetadata(block_table=torch.zeros(1, 1, dtype=torch.int32, device="cuda"), seq_lens=sl))
-    wm = mla._wrapper
-    yield (
-        "FA3MLADecode",
-        lambda: mla.run(q_nope, q_pe, kv, out=outm),
-        lambda: wm.run(query=(q_nope, q_pe), kv_cache=kv, out=outm),
+    out = torch.empty_like(q_nope)
+    sl = torch.tensor([SEQ], dtype=torch.int32, device="cuda")
+    ad.plan(DecodeMetadata(block_table=torch.zeros(1, 1, dtype=torch.int32, device="cuda"), seq_lens=sl))
+    w = ad._wrapper
+    return (
+        lambda: ad.run(q_nope, q_pe, kv, out=out),
+        lambda: w.run(query=(q_nope, q_pe), kv_cache=kv, out=out),
     )
+
+
+CASES = {
+    "FA2Decode": lambda: _decode_case(fa.FA2Decode, False),
+    "FA2Decode+lse": lambda: _decode_case(fa.FA2Decode, True),
+    "FA2TCDecode": lambda: _decode_case(fa.FA2TCDecode, False),
+    "FA2TCDecode+lse": lambda: _decode_case(fa.FA2TCDecode, True),
+    "XQADecode": _xqa_case,
+    "FA2Extend": _extend_case,
+    "FA3MLADecode": _mla_case,
+}
+"""name -> setup returning (adapter call, direct FlashInfer call) on identical inputs and output buffers."""
 
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
     fi = __import__("flashinfer")
     results = []
-    for name, adapter_call, direct_call in cases():
-        for fn in (adapter_call, direct_call):  # warm-up: JIT, caches
-            for _ in range(20):
-                fn()
-        direct, adapter = [], []
-        for _ in range(REPS):
-            direct.append(_per_call_us(direct_call, n))
-            adapter.append(_per_call_us(adapter_call, n))
-        results.append(dict(
-            adapter=name, direct_us=round(min(direct), 2), adapter_us=round(min(adapter), 2),
-            added_us=round(min(adapter) - min(direct), 2),
-            added_us_median=round(sorted(adapter)[REPS // 2] - sorted(direct)[REPS // 2], 2),
-            graph_replay_us=round(_graph_replay_us(adapter_call, n), 2),
-        ))
+    for name, setup in CASES.items():
+        try:
+            adapter_call, direct_call = setup()
+            for fn in (adapter_call, direct_call):  # warm-up: JIT, caches
+                for _ in range(20):
+                    fn()
+            direct, adapter = [], []
+            for _ in range(REPS):
+                direct.append(_per_call_us(direct_call, n))
+                adapter.append(_per_call_us(adapter_call, n))
+            results.append(dict(
+                adapter=name, direct_us=round(min(direct), 2), adapter_us=round(min(adapter), 2),
+                added_us=round(min(adapter) - min(direct), 2),
+                added_us_median=round(sorted(adapter)[REPS // 2] - sorted(direct)[REPS // 2], 2),
+                graph_replay_us=round(_graph_replay_us(adapter_call, n), 2),
+            ))
+        except Exception as exc:  # report the others
+            results.append(dict(adapter=name, error=f"{type(exc).__name__}: {exc}"[:300]))
     print(json.dumps(dict(
         device=torch.cuda.get_device_name(), torch=torch.__version__, flashinfer=fi.__version__,
         calls_per_rep=n, reps=REPS, problem=dict(batch=1, seq=SEQ, num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D),

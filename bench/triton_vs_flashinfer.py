@@ -215,6 +215,24 @@ def attempt(rec: Recorder, base: dict, kernel: str, make: Callable[[], Callable[
     return ms
 
 
+LAUNCH_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "value_splits")
+
+
+def tuned_from_sweep(path: str | None) -> dict:
+    """Best launch configuration per (op, kv) from a ``--sweep`` result file (config rows only)."""
+    if not path or not Path(path).is_file():
+        return {}
+    best: dict = {}
+    for row in json.loads(Path(path).read_text())["rows"]:
+        if "ms" not in row or not any(k in row for k in LAUNCH_KEYS) or row["batch"] < 16:
+            continue
+        key = (row["op"], row["kv"])
+        score = row["ms"] / row["batch"] / row["context"]
+        if key not in best or score < best[key][0]:
+            best[key] = (score, {k: row[k] for k in LAUNCH_KEYS if k in row})
+    return {k: v[1] for k, v in best.items()}
+
+
 def run_decode(rec: Recorder, fi: Any, args: Any) -> list[dict]:
     ws = torch.zeros(128 << 20, dtype=torch.uint8, device=DEV)
     xqa_ws = torch.zeros(256 << 20, dtype=torch.uint8, device=DEV)
@@ -230,6 +248,9 @@ def run_decode(rec: Recorder, fi: Any, args: Any) -> list[dict]:
                 base = dict(op="mha_decode", kv=kv_name, batch=batch, context=context)
                 t = attempt(rec, base, "triton", case.triton, case.kv_bytes)
                 splits = getattr(case, "last_splits", 0)
+                tuned = args.tuned.get(("mha_decode", kv_name))
+                if tuned:
+                    attempt(rec, dict(base, **tuned), "triton-tuned", lambda: case.triton(tuned), case.kv_bytes)
                 fis = {
                     "fa2-cuda-cores": attempt(rec, base, "flashinfer-fa2", lambda: case.flashinfer_wrapper(fi, ws, False), case.kv_bytes),
                     "fa2-tensor-cores": attempt(rec, base, "flashinfer-fa2-tc", lambda: case.flashinfer_wrapper(fi, ws, True), case.kv_bytes),
@@ -256,6 +277,9 @@ def run_mla(rec: Recorder, fi: Any, args: Any) -> list[dict]:
             base = dict(op="mla_decode", kv="bf16", batch=batch, context=context)
             t = attempt(rec, base, "triton", case.triton, case.kv_bytes(False), case.flops)
             splits = getattr(case, "last_splits", 0)
+            tuned = args.tuned.get(("mla_decode", "bf16"))
+            if tuned:
+                attempt(rec, dict(base, **tuned), "triton-tuned", lambda: case.triton(tuned), case.kv_bytes(False), case.flops)
             t8 = attempt(rec, dict(base, kv="fp8_e4m3"), "triton", lambda: case.triton(fp8=True, pool_fp8=pool_fp8),
                          case.kv_bytes(True), case.flops)
             fis = {b: attempt(rec, base, f"flashinfer-{b}", lambda b=b: case.flashinfer(fi, ws, b), case.kv_bytes(False), case.flops)
@@ -333,7 +357,9 @@ def main() -> None:
     p.add_argument("--contexts", type=int, nargs="*")
     p.add_argument("--mla-batches", type=int, nargs="*")
     p.add_argument("--mla-contexts", type=int, nargs="*")
+    p.add_argument("--tuned-from", help="also time Triton with the best launch config of this --sweep result")
     args = p.parse_args()
+    args.tuned = tuned_from_sweep(args.tuned_from)
     import triton
 
     props = torch.cuda.get_device_properties(0)
@@ -343,6 +369,7 @@ def main() -> None:
         import flashinfer
 
         meta["flashinfer"] = flashinfer.__version__
+    meta["tuned"] = {f"{op}/{kv}": cfg for (op, kv), cfg in args.tuned.items()}
     rec = Recorder(args.out, meta)
     print(json.dumps(meta), flush=True)
     if args.sweep:

@@ -304,6 +304,38 @@ def schema(out: Optional[str], check: bool) -> None:
     _write_or_check(render_schema(), out, check, DEFAULT_PATH, REGENERATE)
 
 
+@cli.command()
+@click.option("--op", type=_choice(Op.values()), help="only kernels of this op")
+@click.option("--kernel", help="only this kernel")
+@click.option("--solution", type=_choice(Solution.values()), help="only kernels of this solution")
+@click.option("--quick", is_flag=True, help="one case per declared value instead of the cross product")
+@click.option("--device", default="cuda", show_default=True, help="cuda (arch detected) or cpu")
+@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="the full report as JSON")
+@click.option("--out", type=click.Path(dir_okay=False), help="also write the JSON report here")
+def verify(op: Optional[str], kernel: Optional[str], solution: Optional[str], quick: bool, device: str,
+           manifest_path: Optional[str], as_json: bool, out: Optional[str]) -> None:
+    """Run every kernel the manifest declares for this GPU against the torch reference (exit 1 on any failure)."""
+    try:
+        from selector.verify import verify as run_verify
+    except ImportError as exc:
+        raise Failure(f"verify needs torch: {exc} (pip install torch)", EXIT_USAGE) from None
+    manifest = _manifest(manifest_path, Overrides.from_env())
+    if kernel is not None and kernel not in manifest.by_name:
+        raise Failure(f"no kernel named {kernel!r}{did_you_mean(kernel, list(manifest.by_name))}", EXIT_USAGE)
+    report = run_verify(manifest, op=op, kernel=kernel, solution=solution, quick=quick, device=device)
+    data = report.to_dict()
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, default=str)
+    if as_json:
+        _echo_json(data)
+    else:
+        click.echo(report.render())
+    if not report.ok:
+        sys.exit(EXIT_INVALID)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: run the CLI, turning kernelsel errors into one-line messages and exit codes."""
     try:

@@ -14,7 +14,12 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
-from registry.contracts import AttentionResult, DecodeMetadata, ExtendMetadata, PrefillMetadata
+from registry.contracts import (
+    AttentionResult,
+    DecodeMetadata,
+    ExtendMetadata,
+    PrefillMetadata,
+)
 from registry.errors import RequestError
 
 if TYPE_CHECKING:

@@ -31,6 +31,7 @@ from registry.adapters.flashinfer_common import (
     FlashInferAdapter,
     check_scale,
     float_workspace,
+    mul_out,
 )
 from registry.adapters.paged import (
     block_table_to_csr,
@@ -61,15 +62,6 @@ def _v_scale_arg(name: str, v_scale: Any, device_index: int) -> Any:
         return None if v_scale == 1.0 else v_scale
     check_scale(name, v_scale, device_index)
     return float(v_scale) if isinstance(v_scale, int) else v_scale
-
-
-def _mul_out(out: "torch.Tensor", scale: Any) -> None:
-    """``out *= scale`` for a non-unit float or a one-element tensor (in place, capturable)."""
-    if isinstance(scale, float):
-        if scale != 1.0:
-            out.mul_(scale)
-    else:
-        out.mul_(scale.view(1))
 
 
 # ---------------------------------------------------------------- mha_decode
@@ -427,7 +419,7 @@ class _RaggedPrefill(_PagedPrefill):
         )
         out, lse = res if want else (res, None)
         if not self._fp8_q:
-            _mul_out(out, float(v_scale) if isinstance(v_scale, int) else v_scale)
+            mul_out(out, v_scale)
         return AttentionResult(out, lse)
 
 
@@ -517,8 +509,8 @@ class _MLADecode(FlashInferAdapter):
             causal=q_len > 1, sm_scale=sm_scale, q_data_type=self.q_dtype, kv_data_type=self.kv_dtype,
             query_layout="split", kv_cache_layout="packed",
             lse_mode="basee" if want else "none", output_dtype=self.out_dtype,
-            scale_mode="kv-per-tensor" if self._fp8_kv else "default", enable_pdl=self._pdl,
-        )
+            scale_mode="kv-per-tensor" if self._fp8_kv else "default",
+        )  # no enable_pdl: the FA MLA backends refuse enable_pdl=True (_capabilities.py plan check)
         t = batch * q_len
         self._nope_shape = (t, r.num_qo_heads, rank)
         self._pe_shape = (t, r.num_qo_heads, rope)
@@ -562,7 +554,7 @@ class _MLADecode(FlashInferAdapter):
         )
         out, lse = res if want else (res, None)
         if not kv_in_kernel:
-            _mul_out(out, float(kv_scale) if isinstance(kv_scale, int) else kv_scale)
+            mul_out(out, kv_scale)
         return AttentionResult(out, lse)
 
 

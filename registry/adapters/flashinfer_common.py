@@ -91,6 +91,15 @@ def scale_product(buf: "torch.Tensor", host: float, dev: Sequence["torch.Tensor"
     return buf
 
 
+def mul_out(out: "torch.Tensor", scale: Any) -> None:
+    """``out *= scale`` for a non-unit number or a one-element tensor (in place, capturable)."""
+    if isinstance(scale, (int, float)):
+        if scale != 1.0:
+            out.mul_(float(scale))
+    else:
+        out.mul_(scale.view(1))
+
+
 class FlashInferAdapter(Adapter):
     """Shared by every FlashInfer adapter: request facts, feature refusals, buffers, fast input checks.
 

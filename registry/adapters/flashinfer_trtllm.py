@@ -33,6 +33,7 @@ from registry.adapters.flashinfer_common import (
     FlashInferAdapter,
     check_scale,
     float_workspace,
+    mul_out,
     scale_product,
 )
 from registry.adapters.paged import (
@@ -178,9 +179,15 @@ class XQADecode(_MHADecode):
     head_dim <= 256, the generic ``mha.cu`` kernel the rest; xqa.py:386-393).
     No LSE (decode.py:4162-4203), no soft cap (no parameter).  Multi-token
     decode exists in XQA but needs a bit-packed draft mask that this adapter
-    does not build, so ``q_len > 1`` is refused.  With one-element tensor
-    scales, FlashInfer's wrapper derives XQA's own scales with two 4-byte
-    device temporaries per call (decode.py:4741-4742).
+    does not build, so ``q_len > 1`` is refused.
+
+    XQA applies its KV scale only to a quantized (FP8) cache (csrc/xqa/mha.cu:
+    1586, 1817, 2614), while FlashInfer's wrapper divides ``bmm1_scale`` by
+    ``bmm2_scale`` for it (decode.py:4741-4742): with a 16-bit cache a
+    ``v_scale`` != 1 would be dropped and the logits mis-scaled (measured on
+    H200).  So for a 16-bit cache this adapter passes ``bmm2_scale=1`` and
+    scales the output itself.  With one-element tensor scales FlashInfer's
+    wrapper derives XQA's scales with two 4-byte device temporaries per call.
     """
 
     backend = "xqa"
@@ -200,13 +207,19 @@ class XQADecode(_MHADecode):
 
     def run(self, q, k_cache, v_cache, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
         self._check_mha_inputs(q, k_cache, v_cache, sinks, out, lse)
-        bmm1, bmm2 = self._bmm_scales(self._sm, (("q_scale", "k_scale"), (q_scale, k_scale)), (("v_scale",), (v_scale,)))
+        fp8_kv = self.kv_dtype.itemsize == 1
+        v_in_kernel = (("v_scale",), (v_scale,)) if fp8_kv else ((), ())
+        bmm1, bmm2 = self._bmm_scales(self._sm, (("q_scale", "k_scale"), (q_scale, k_scale)), v_in_kernel)
         out = self._fi.decode.trtllm_batch_decode_with_kv_cache(
             q, (k_cache, v_cache), self._workspace, self._block_table, self._seq_lens, self._max_seq_len,
             bmm1_scale=bmm1, bmm2_scale=bmm2, window_left=self._window_left, out=out,
             out_dtype=self.out_dtype, sinks=sinks, kv_layout="NHD", enable_pdl=self._pdl,
             backend="xqa", q_len_per_req=1,
         )
+        if not fp8_kv:
+            if not isinstance(v_scale, float):
+                check_scale("v_scale", v_scale, self._device_index)
+            mul_out(out, v_scale)
         return AttentionResult(out)
 
 

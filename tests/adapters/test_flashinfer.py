@@ -137,6 +137,7 @@ CASES = [
     Case(fa.FA2Decode, q="fp16", kv="fp16", d=64, hq=16, hkv=8, page=32, window=64, cap=30.0),
     Case(fa.FA2Decode, kv="fp8_e4m3", hq=32, hkv=4, scales=FP8_SCALES),
     Case(fa.FA2Decode, d=256, hq=16, hkv=4),
+    Case(fa.FA2Decode, scales=(1.0, 0.5, 2.0)),
     # mha_decode, FA2 on tensor cores (shares the FA2 prefill modules below)
     Case(fa.FA2TCDecode, hq=64, hkv=8),
     Case(fa.FA2TCDecode, q_len=4, seq=(37, 300, 1000, 8)),
@@ -148,6 +149,7 @@ CASES = [
     Case(trt.XQADecode, kv="fp8_e4m3", hq=64, hkv=8, page=32, lse=False, scales=FP8_SCALES),
     Case(trt.XQADecode, q="fp16", kv="fp16", d=64, hq=8, hkv=8, page=64, lse=False),
     Case(trt.XQADecode, d=256, hq=16, hkv=8, page=128, lse=False),
+    Case(trt.XQADecode, hq=32, hkv=8, lse=False, scales=(1.0, 0.5, 2.0)),  # scales with a 16-bit cache
     # mha_extend
     Case(fa.FA2Extend),
     Case(fa.FA2Extend, q="fp16", kv="fp16", d=64, hq=16, hkv=4, page=32, window=64, cap=30.0),
@@ -157,9 +159,11 @@ CASES = [
     Case(fa.FA3Extend, q="fp16", kv="fp16", d=64, hq=16, hkv=4, page=32, window=64, cap=30.0),
     Case(fa.FA3Extend, q="fp8_e4m3", kv="fp8_e4m3", scales=FP8_QK_SCALES),
     Case(fa.FA3Extend, d=256, hq=8, hkv=2, page=64),
+    Case(fa.FA3Extend, scales=(2.0, 0.5, 2.0)),
     # mha_prefill
     Case(fa.FA2Prefill),
     Case(fa.FA2Prefill, causal=False),
+    Case(fa.FA2Prefill, scales=(2.0, 0.5, 2.0)),
     Case(fa.FA2Prefill, q="fp16", kv="fp16", d=64, hq=16, hkv=4, window=64, cap=30.0),
     Case(fa.FA3Prefill),
     Case(fa.FA3Prefill, causal=False, hq=16, hkv=16),

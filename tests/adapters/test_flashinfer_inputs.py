@@ -459,12 +459,26 @@ def test_xqa_gets_bmm_scales_the_engine_block_table_and_its_own_workspace(fake):
     ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl, window_left=6))
     q, k, v = decode_inputs(req, 2)
     sinks = torch.zeros(4)
-    ad.run(q, k, v, sinks=sinks, q_scale=2.0, k_scale=0.5, v_scale=torch.tensor([3.0]))
+    out = torch.ones(2, 4, 16, dtype=torch.bfloat16)
+    ad.run(q, k, v, sinks=sinks, q_scale=2.0, k_scale=0.5, v_scale=torch.tensor([3.0]), out=out)
     name, call = fake.calls[0]
     assert name == "decode" and call.args[3] is bt and call.args[4] is sl and call.args[5] == 9
     kw = call.kwargs
     assert kw["backend"] == "xqa" and kw["kv_layout"] == "NHD" and kw["window_left"] == 6 and kw["sinks"] is sinks
-    assert kw["bmm1_scale"] == pytest.approx(1 / math.sqrt(16)) and kw["bmm2_scale"].tolist() == [3.0]
+    # XQA applies its KV scale to FP8 caches only: a 16-bit cache gets bmm2 = 1 and the output is scaled here
+    assert kw["bmm1_scale"] == pytest.approx(1 / math.sqrt(16)) and kw["bmm2_scale"] == 1.0
+    assert torch.all(out == 3.0)
+
+
+def test_xqa_passes_the_v_scale_as_bmm2_for_an_fp8_cache(fake):
+    req = make_request("mha_decode", kv_dtype="fp8_e4m3")
+    ad = trt.XQADecode(make_spec(trt.XQADecode), req)
+    bt, sl = paged()
+    ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl))
+    q, k, v = decode_inputs(req, 2)
+    ad.run(q, k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn), k_scale=torch.tensor([0.5]), v_scale=3.0)
+    kw = fake.calls[0][1].kwargs
+    assert kw["bmm1_scale"].tolist() == [pytest.approx(0.5 / math.sqrt(16))] and kw["bmm2_scale"] == 3.0
 
 
 def test_xqa_refuses_multi_token_decode(fake):

@@ -82,7 +82,7 @@ def build_paged(per_request, page_size, gen):
     block_table = torch.full((len(lens), max(pages + [1]) + 1), perm[-1], dtype=torch.int32)
     caches = [torch.full((total, page_size, *ts[0].shape[1:]), 50.0) for ts in per_request]
     nxt = 0
-    for b, n in enumerate(lens):
+    for b in range(len(lens)):
         for p in range(pages[b]):
             page = perm[nxt]
             nxt += 1
@@ -248,7 +248,7 @@ def test_empty_rows_give_zero_output_and_lse_of_the_sink_alone():
 
 
 def _decode_case(seed=6, hq=4, hkv=2):
-    q, ks, vs, kc, vc, bt, sl, sinks = paged_mha_case(seed, q_lens=[2, 2], kv_lens=[11, 6], hq=hq, hkv=hkv, d=8, page_size=4)
+    q, _, _, kc, vc, bt, sl, _ = paged_mha_case(seed, q_lens=[2, 2], kv_lens=[11, 6], hq=hq, hkv=hkv, d=8, page_size=4)
     return q, kc, vc, bt, sl, cu([2, 2])
 
 
@@ -326,7 +326,7 @@ def test_mla_paged_matches_naive(q_len, use_sinks):
 
 
 def test_mla_fp8_float_and_tensor_scale_identical():
-    qn, qp, kvs, kv, bt, sl, _ = mla_case(9, batch=2, q_len=1, kv_lens=[5, 9], hq=2, rank=16, rope=4, page_size=4,
+    qn, qp, _, kv, bt, sl, _ = mla_case(9, batch=2, q_len=1, kv_lens=[5, 9], hq=2, rank=16, rope=4, page_size=4,
                                           kv_dtype=FP8, scale=0.5)
     a = ref.mla_paged(qn.bfloat16(), qp.bfloat16(), kv, bt, sl, sm_scale=0.1, kv_scale=0.5)
     b = ref.mla_paged(qn.bfloat16(), qp.bfloat16(), kv, bt, sl, sm_scale=0.1, kv_scale=torch.tensor([0.5]))
