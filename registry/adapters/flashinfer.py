@@ -45,11 +45,12 @@ from registry.errors import AdapterInputError, UnsupportedFeatureError
 if TYPE_CHECKING:
     import torch
 
+_new_tuple = tuple.__new__  # AttentionResult without NamedTuple.__new__'s Python frame, on the hot path
+
 _SINKS_DROPPED = (
     "FlashInfer 0.7.2 accepts sinks= on this path and never passes it to the kernel "
     "(decode.py:3264-3310, prefill.py:836-931); a sink needs the AttentionSink JIT variant"
 )
-_FP8 = ("fp8_e4m3", "fp8_e5m2")
 
 
 def _is_fp8(dtype: "torch.dtype") -> bool:
@@ -128,31 +129,39 @@ class _PagedDecode(FlashInferAdapter):
             sm_scale=self._sm_scale(metadata, d), seq_lens=metadata.seq_lens, **extra,
         )
         t = batch * q_len
-        self._q_shape = (t, r.num_qo_heads, d)
-        self._kv_tail = (r.page_size, r.num_kv_heads, d)
-        self._lse_shape = (t, r.num_qo_heads)
+        q_shape, kv_tail = (t, r.num_qo_heads, d), (r.page_size, r.num_kv_heads, d)
+        self._plan_io(
+            (("q", q_shape, self.q_dtype, False), ("k_cache", kv_tail, self.kv_dtype, True),
+             ("v_cache", kv_tail, self.kv_dtype, True)),
+            out_shape=q_shape, lse_shape=(t, r.num_qo_heads),
+        )
         if self.kv_dtype.itemsize == 1:
-            self._plan_buffer("q", self._q_shape, self.q_dtype)
+            self._plan_buffer("q", q_shape, self.q_dtype)
         self._planned = True
 
     def run(self, q, k_cache, v_cache, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
-        import torch
-
-        if not self._planned:
-            self._require_planned()
+        try:
+            sig = (q.dtype, q.shape, q.get_device(), k_cache.dtype, k_cache.shape, k_cache.get_device(),
+                   v_cache.dtype, v_cache.shape, v_cache.get_device())
+        except AttributeError:
+            sig = None
+        if sig != self._sig:
+            self._learn_inputs(sig, q, k_cache, v_cache)
         if sinks is not None:
             self._refuse("sinks", True)
-        self._expect("q", q, self._q_shape, self.q_dtype)
-        self._expect("k_cache", k_cache, self._kv_tail, self.kv_dtype, tail=True)
-        self._expect("v_cache", v_cache, self._kv_tail, self.kv_dtype, tail=True)
-        if out is not None:
-            self._expect("out", out, self._q_shape, self.out_dtype)
-        want = self._lse_wanted(lse)
-        if lse is not None:
-            self._expect("lse", lse, self._lse_shape, torch.float32)
-        host, dev = self._scales(("q_scale", "k_scale"), (q_scale, k_scale))
-        if dev:
-            q = self._prescaled(q, 1.0, dev)
+        want = self._want_lse if out is None and lse is None else self._outputs(out, lse)
+        if q_scale.__class__ is float and k_scale.__class__ is float and v_scale.__class__ is float:
+            host = q_scale * k_scale
+            if host == 1.0 and v_scale == 1.0:  # the common case, kept short: this is per layer
+                res = self._wrapper.run(q, (k_cache, v_cache), out=out, lse=lse, return_lse=want, enable_pdl=self._pdl)
+                if not want:
+                    return _new_tuple(AttentionResult, (res, None))
+                res[1].mul_(LN2)
+                return _new_tuple(AttentionResult, res)
+        else:
+            host, dev = self._scales(("q_scale", "k_scale"), (q_scale, k_scale))
+            if dev:
+                q = self._prescaled(q, 1.0, dev)
         res = self._wrapper.run(
             q, (k_cache, v_cache),
             q_scale=None if host == 1.0 else host,
@@ -219,8 +228,6 @@ class _PagedPrefill(FlashInferAdapter):
         return self._fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=self.backend, **kwargs)
 
     def plan(self, metadata: Any) -> None:
-        import torch
-
         r = self.request
         self._check_options(metadata, causal=metadata.causal)
         self._check_fp8_options(metadata)
@@ -245,15 +252,17 @@ class _PagedPrefill(FlashInferAdapter):
             q_data_type=self.q_dtype, kv_data_type=self.kv_dtype, o_data_type=self.out_dtype,
             seq_lens=metadata.seq_lens,
         )
-        self._q_shape = (total, r.num_qo_heads, d)
-        self._out_shape = (total, r.num_qo_heads, dv)
-        self._k_tail = (r.page_size, r.num_kv_heads, d)
-        self._v_tail = (r.page_size, r.num_kv_heads, dv)
-        self._lse_shape = (total, r.num_qo_heads)
+        q_shape = (total, r.num_qo_heads, d)
+        self._plan_io(
+            (("q", q_shape, self.q_dtype, False),
+             ("k_cache", (r.page_size, r.num_kv_heads, d), self.kv_dtype, True),
+             ("v_cache", (r.page_size, r.num_kv_heads, dv), self.kv_dtype, True)),
+            out_shape=(total, r.num_qo_heads, dv), lse_shape=(total, r.num_qo_heads),
+        )
         if self._fp8_q:
             self._plan_per_head_scales()
         elif self.kv_dtype.itemsize == 1:
-            self._plan_buffer("q", self._q_shape, self.q_dtype)
+            self._plan_buffer("q", q_shape, self.q_dtype)
         self._planned = True
 
     def _check_fp8_options(self, metadata: Any) -> None:
@@ -285,28 +294,25 @@ class _PagedPrefill(FlashInferAdapter):
                 args.append(buf)
         return tuple(args)
 
-    def _check_run(self, q, k, v, sinks, out, lse) -> bool:
-        import torch
-
-        if not self._planned:
-            self._require_planned()
+    def run(self, q, k_cache, v_cache, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
+        try:
+            sig = (q.dtype, q.shape, q.get_device(), k_cache.dtype, k_cache.shape, k_cache.get_device(),
+                   v_cache.dtype, v_cache.shape, v_cache.get_device())
+        except AttributeError:
+            sig = None
+        if sig != self._sig:
+            self._learn_inputs(sig, q, k_cache, v_cache)
         if sinks is not None:
             self._refuse("sinks", True)
-        self._expect("q", q, self._q_shape, self.q_dtype)
-        self._expect_kv(k, v)
-        if out is not None:
-            self._expect("out", out, self._out_shape, self.out_dtype)
-        want = self._lse_wanted(lse)
-        if lse is not None:
-            self._expect("lse", lse, self._lse_shape, torch.float32)
-        return want
-
-    def _expect_kv(self, k_cache, v_cache) -> None:
-        self._expect("k_cache", k_cache, self._k_tail, self.kv_dtype, tail=True)
-        self._expect("v_cache", v_cache, self._v_tail, self.kv_dtype, tail=True)
-
-    def run(self, q, k_cache, v_cache, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
-        want = self._check_run(q, k_cache, v_cache, sinks, out, lse)
+        want = self._want_lse if out is None and lse is None else self._outputs(out, lse)
+        if (
+            not self._fp8_q and q_scale.__class__ is float and k_scale.__class__ is float
+            and v_scale.__class__ is float and q_scale * k_scale == 1.0 and v_scale == 1.0
+        ):  # the common case, kept short
+            res = self._wrapper.run(
+                q, (k_cache, v_cache), out=out, lse=lse, return_lse=want, lse_base="ln", enable_pdl=self._pdl
+            )
+            return _new_tuple(AttentionResult, res if want else (res, None))
         if self._fp8_q:
             args, host, v_arg = self._fp8_args(q_scale, k_scale, v_scale), 1.0, None
         else:
@@ -336,6 +342,27 @@ class FA3Extend(_PagedPrefill):
 
     backend = "fa3"
 
+
+
+class CuteDSLExtend(_PagedPrefill):
+    """FlashInfer paged prefill, ``backend="cute-dsl"``: the CuTe-DSL (FA4-lineage) kernel for sm_100+.
+
+    NOT executed here: the verification GPU is sm_90.  Written to
+    ``prefill.py:3551-3620`` (plan: q dtype == kv dtype, head_dim_vo ==
+    head_dim_qk) and ``:4185-4230`` (run: no q/k/v scales, no run-time sinks).
+    FP8 scales are refused rather than dropped.
+    """
+
+    backend = "cute-dsl"
+
+    def run(self, q, k_cache, v_cache, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
+        for name, s in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
+            if not (isinstance(s, (int, float)) and float(s) == 1.0):
+                raise UnsupportedFeatureError(
+                    f"{self.spec.name}: {name} is not supported by FlashInfer's cute-dsl paged route "
+                    "(prefill.py:4186-4189); select another kernel for scaled inputs"
+                )
+        return super().run(q, k_cache, v_cache, sinks=sinks, out=out, lse=lse)
 
 # --------------------------------------------------------------- mha_prefill
 
@@ -388,23 +415,28 @@ class _RaggedPrefill(_PagedPrefill):
             window_left=metadata.window_left, logits_soft_cap=metadata.logits_soft_cap,
             q_data_type=self.q_dtype, kv_data_type=self.kv_dtype, o_data_type=self.out_dtype,
         )
-        self._q_shape = (tq, r.num_qo_heads, d)
-        self._out_shape = (tq, r.num_qo_heads, dv)
-        self._k_shape = (tk, r.num_kv_heads, d)
-        self._v_shape = (tk, r.num_kv_heads, dv)
-        self._lse_shape = (tq, r.num_qo_heads)
+        q_shape = (tq, r.num_qo_heads, d)
+        self._plan_io(
+            (("q", q_shape, self.q_dtype, False), ("k", (tk, r.num_kv_heads, d), self.kv_dtype, False),
+             ("v", (tk, r.num_kv_heads, dv), self.kv_dtype, False)),
+            out_shape=(tq, r.num_qo_heads, dv), lse_shape=(tq, r.num_qo_heads),
+        )
         if self._fp8_q:
             self._plan_per_head_scales()
         elif self.kv_dtype.itemsize == 1:
-            self._plan_buffer("q", self._q_shape, self.q_dtype)
+            self._plan_buffer("q", q_shape, self.q_dtype)
         self._planned = True
 
-    def _expect_kv(self, k, v) -> None:
-        self._expect("k", k, self._k_shape, self.kv_dtype)
-        self._expect("v", v, self._v_shape, self.kv_dtype)
-
     def run(self, q, k, v, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
-        want = self._check_run(q, k, v, sinks, out, lse)
+        try:
+            sig = (q.dtype, q.shape, q.get_device(), k.dtype, k.shape, k.get_device(), v.dtype, v.shape, v.get_device())
+        except AttributeError:
+            sig = None
+        if sig != self._sig:
+            self._learn_inputs(sig, q, k, v)
+        if sinks is not None:
+            self._refuse("sinks", True)
+        want = self._outputs(out, lse)
         if self._fp8_q:
             args = self._fp8_args(q_scale, k_scale, v_scale)
         else:
@@ -512,30 +544,37 @@ class _MLADecode(FlashInferAdapter):
             scale_mode="kv-per-tensor" if self._fp8_kv else "default",
         )  # no enable_pdl: the FA MLA backends refuse enable_pdl=True (_capabilities.py plan check)
         t = batch * q_len
-        self._nope_shape = (t, r.num_qo_heads, rank)
-        self._pe_shape = (t, r.num_qo_heads, rope)
-        self._kv_tail = (r.page_size, rank + rope)
-        self._lse_shape = (t, r.num_qo_heads)
+        nope_shape, pe_shape = (t, r.num_qo_heads, rank), (t, r.num_qo_heads, rope)
+        self._plan_io(
+            (("q_nope", nope_shape, self.q_dtype, False), ("q_pe", pe_shape, self.q_dtype, False),
+             ("kv_cache", (r.page_size, rank + rope), self.kv_dtype, True)),
+            out_shape=nope_shape, lse_shape=(t, r.num_qo_heads),
+        )
         if self._fp8_kv:
-            self._plan_buffer("q_nope", self._nope_shape, self.q_dtype)
-            self._plan_buffer("q_pe", self._pe_shape, self.q_dtype)
+            self._plan_buffer("q_nope", nope_shape, self.q_dtype)
+            self._plan_buffer("q_pe", pe_shape, self.q_dtype)
         self._planned = True
 
     def run(self, q_nope, q_pe, kv_cache, *, q_scale=1.0, kv_scale=1.0, sinks=None, out=None, lse=None):
-        import torch
-
-        if not self._planned:
-            self._require_planned()
+        try:
+            sig = (q_nope.dtype, q_nope.shape, q_nope.get_device(), q_pe.dtype, q_pe.shape, q_pe.get_device(),
+                   kv_cache.dtype, kv_cache.shape, kv_cache.get_device())
+        except AttributeError:
+            sig = None
+        if sig != self._sig:
+            self._learn_inputs(sig, q_nope, q_pe, kv_cache)
         if sinks is not None:
             self._refuse("sinks", True)
-        self._expect("q_nope", q_nope, self._nope_shape, self.q_dtype)
-        self._expect("q_pe", q_pe, self._pe_shape, self.q_dtype)
-        self._expect("kv_cache", kv_cache, self._kv_tail, self.kv_dtype, tail=True)
-        if out is not None:
-            self._expect("out", out, self._nope_shape, self.out_dtype)
-        want = self._lse_wanted(lse)
-        if lse is not None:
-            self._expect("lse", lse, self._lse_shape, torch.float32)
+        want = self._want_lse if out is None and lse is None else self._outputs(out, lse)
+        if q_scale.__class__ is float and kv_scale.__class__ is float and q_scale == 1.0 and (
+            kv_scale == 1.0 or self._fp8_kv
+        ):  # the common case: nothing to apply outside the kernel
+            fp8_args = dict(ckv_scale=kv_scale, kpe_scale=kv_scale) if self._fp8_kv else {}
+            res = self._wrapper.run(
+                query=(q_nope, q_pe), kv_cache=kv_cache, out=out, lse=lse,
+                return_lse=want, return_lse_base_on_e=want, **fp8_args,
+            )
+            return _new_tuple(AttentionResult, res if want else (res, None))
         kv_in_kernel = self._fp8_kv and isinstance(kv_scale, (int, float))
         if kv_in_kernel:  # FlashInfer dequantises FP8 KV with a host float (mla.cuh:312-377)
             host, dev = self._scales(("q_scale",), (q_scale,))

@@ -91,6 +91,13 @@ def scale_product(buf: "torch.Tensor", host: float, dev: Sequence["torch.Tensor"
     return buf
 
 
+def _matches(t: Any, sig: tuple) -> bool:
+    try:
+        return (t.dtype, t.shape, t.get_device()) == sig
+    except AttributeError:
+        return False
+
+
 def mul_out(out: "torch.Tensor", scale: Any) -> None:
     """``out *= scale`` for a non-unit number or a one-element tensor (in place, capturable)."""
     if isinstance(scale, (int, float)):
@@ -125,6 +132,8 @@ class FlashInferAdapter(Adapter):
         self._device_index = -1
         self._pdl = False
         self._buffers: dict = {}
+        self._want_lse = bool(request.return_lse)
+        self._sig: tuple = ()  # the last run() input signature that passed; () matches nothing
 
     @staticmethod
     def _default_out_dtype(request: Any) -> "torch.dtype":
@@ -155,7 +164,50 @@ class FlashInferAdapter(Adapter):
     def _sm_scale(self, metadata: Any, head_dim: int) -> float:
         return metadata.sm_scale if metadata.sm_scale is not None else 1.0 / math.sqrt(head_dim)
 
+    def _plan_io(self, inputs: tuple, out_shape: tuple, lse_shape: tuple) -> None:
+        """Fix run()'s tensors at plan time: ``(name, shape, dtype, tail)`` per input, in call order.
+
+        ``tail`` inputs (paged caches) are checked on ``shape[1:]``: the pool
+        size is the engine's.  run() compares one tuple of (dtype, shape,
+        device) per input with the last signature that passed (``_sig``); only
+        a new signature pays for the per-argument check in ``_learn_inputs``.
+        """
+        import torch
+
+        dev = self._device_index
+        self._inputs = inputs
+        self._sig = ()
+        self._out_sig = (self.out_dtype, torch.Size(out_shape), dev)
+        self._lse_sig = (torch.float32, torch.Size(lse_shape), dev)
+
     # -- run-time helpers (hot path: keep them cheap) ----------------------
+
+    def _learn_inputs(self, sig: Optional[tuple], *tensors: Any) -> None:
+        """A signature run() has not seen since plan(): check every argument, then remember it.
+
+        Raises naming the first argument that breaks the contract.
+        """
+        if not self._planned:
+            self._require_planned()
+        for (name, shape, dtype, tail), t in zip(self._inputs, tensors):
+            self._expect(name, t, shape, dtype, tail=tail)
+        self._sig = sig
+
+    def _outputs(self, out: Any, lse: Any) -> bool:
+        """Check caller-owned ``out``/``lse`` against the plan; return whether the LSE is wanted."""
+        if out is not None:
+            try:
+                ok = (out.dtype, out.shape, out.get_device()) == self._out_sig
+            except AttributeError:
+                ok = False
+            if not ok:
+                self._expect("out", out, self._out_sig[1], self.out_dtype)
+        if lse is not None:
+            if not self._want_lse:
+                self._refuse("return_lse (an lse= buffer)", True)
+            if not _matches(lse, self._lse_sig):
+                self._expect("lse", lse, self._lse_sig[1], self._lse_sig[0])
+        return self._want_lse
 
     def _expect(self, name: str, t: Any, shape: tuple, dtype: "torch.dtype", *, tail: bool = False) -> None:
         """Cheap check of shape (or ``shape[1:]`` with ``tail``), dtype and device; the slow path explains."""
@@ -181,13 +233,6 @@ class FlashInferAdapter(Adapter):
             if not isinstance(s, float):
                 check_scale(name, s, self._device_index)
         return host, dev
-
-    def _lse_wanted(self, lse: Any) -> bool:
-        """The LSE is returned iff the request asked for it; a buffer without the request is refused."""
-        want = bool(self.request.return_lse)
-        if lse is not None and not want:
-            self._refuse("return_lse (an lse= buffer)", True)
-        return want
 
     def _prescaled(self, q: "torch.Tensor", host: float, dev: Sequence["torch.Tensor"], slot: str = "q") -> "torch.Tensor":
         """``q * host * prod(dev)`` into a buffer planned for it (for scales a library cannot take).

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     import torch
 
 _LOG2E = 1.0 / math.log(2.0)
+_new_tuple = tuple.__new__  # AttentionResult without NamedTuple.__new__'s Python frame, on the hot path
 
 
 class _TrtllmAdapter(FlashInferAdapter):
@@ -116,20 +117,25 @@ class _TrtllmAdapter(FlashInferAdapter):
         return bmm1, bmm2
 
     def _check_mha_inputs(self, q, k_cache, v_cache, sinks, out, lse) -> bool:
-        import torch
+        try:
+            sig = (q.dtype, q.shape, q.get_device(), k_cache.dtype, k_cache.shape, k_cache.get_device(),
+                   v_cache.dtype, v_cache.shape, v_cache.get_device())
+        except AttributeError:
+            sig = None
+        if sig != self._sig:
+            self._learn_inputs(sig, q, k_cache, v_cache)
+        if sinks is not None or self.request.sinks:
+            self._check_sinks(sinks)
+        return self._want_lse if out is None and lse is None else self._outputs(out, lse)
 
-        if not self._planned:
-            self._require_planned()
-        self._expect("q", q, self._q_shape, self.q_dtype)
-        self._expect("k_cache", k_cache, self._k_tail, self.kv_dtype, tail=True)
-        self._expect("v_cache", v_cache, self._v_tail, self.kv_dtype, tail=True)
-        if out is not None:
-            self._expect("out", out, self._out_shape, self.out_dtype)
-        self._check_sinks(sinks)
-        want = self._lse_wanted(lse)
-        if lse is not None:
-            self._expect("lse", lse, self._lse_shape, torch.float32)
-        return want
+    def _plan_mha_io(self, tokens: int, d: int, dv: int) -> None:
+        r = self.request
+        self._plan_io(
+            (("q", (tokens, r.num_qo_heads, d), self.q_dtype, False),
+             ("k_cache", (r.page_size, r.num_kv_heads, d), self.kv_dtype, True),
+             ("v_cache", (r.page_size, r.num_kv_heads, dv), self.kv_dtype, True)),
+            out_shape=(tokens, r.num_qo_heads, dv), lse_shape=(tokens, r.num_qo_heads),
+        )
 
     def _check_sinks(self, sinks: Any) -> None:
         import torch
@@ -156,12 +162,7 @@ class _MHADecode(_TrtllmAdapter):
         self._check_q_len(self._q_len)
         d, dv = r.head_dim_qk, r.head_dim_vo or r.head_dim_qk
         self._sm = self._sm_scale(metadata, d)
-        t = batch * self._q_len
-        self._q_shape = (t, r.num_qo_heads, d)
-        self._out_shape = (t, r.num_qo_heads, dv)
-        self._k_tail = (r.page_size, r.num_kv_heads, d)
-        self._v_tail = (r.page_size, r.num_kv_heads, dv)
-        self._lse_shape = (t, r.num_qo_heads)
+        self._plan_mha_io(batch * self._q_len, d, dv)
         self._plan_kernel_state(batch)
         self._planned = True
 
@@ -208,19 +209,22 @@ class XQADecode(_MHADecode):
     def run(self, q, k_cache, v_cache, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
         self._check_mha_inputs(q, k_cache, v_cache, sinks, out, lse)
         fp8_kv = self.kv_dtype.itemsize == 1
-        v_in_kernel = (("v_scale",), (v_scale,)) if fp8_kv else ((), ())
-        bmm1, bmm2 = self._bmm_scales(self._sm, (("q_scale", "k_scale"), (q_scale, k_scale)), v_in_kernel)
+        if q_scale.__class__ is float and k_scale.__class__ is float and v_scale.__class__ is float:
+            bmm1, bmm2 = self._sm * q_scale * k_scale, v_scale if fp8_kv else 1.0
+        else:
+            v_in_kernel = (("v_scale",), (v_scale,)) if fp8_kv else ((), ())
+            bmm1, bmm2 = self._bmm_scales(self._sm, (("q_scale", "k_scale"), (q_scale, k_scale)), v_in_kernel)
+            if not fp8_kv and not isinstance(v_scale, (int, float)):
+                check_scale("v_scale", v_scale, self._device_index)
         out = self._fi.decode.trtllm_batch_decode_with_kv_cache(
             q, (k_cache, v_cache), self._workspace, self._block_table, self._seq_lens, self._max_seq_len,
             bmm1_scale=bmm1, bmm2_scale=bmm2, window_left=self._window_left, out=out,
             out_dtype=self.out_dtype, sinks=sinks, kv_layout="NHD", enable_pdl=self._pdl,
             backend="xqa", q_len_per_req=1,
         )
-        if not fp8_kv:
-            if not isinstance(v_scale, float):
-                check_scale("v_scale", v_scale, self._device_index)
+        if not fp8_kv and not (v_scale.__class__ is float and v_scale == 1.0):
             mul_out(out, v_scale)
-        return AttentionResult(out)
+        return _new_tuple(AttentionResult, (out, None))
 
 
 class TrtllmGenDecode(_MHADecode):
@@ -308,11 +312,7 @@ class TrtllmGenExtend(_TrtllmAdapter):
             self._max_q_len = max_q_len
         d, dv = r.head_dim_qk, r.head_dim_vo or r.head_dim_qk
         self._sm = self._sm_scale(metadata, d)
-        self._q_shape = (total, r.num_qo_heads, d)
-        self._out_shape = (total, r.num_qo_heads, dv)
-        self._k_tail = (r.page_size, r.num_kv_heads, d)
-        self._v_tail = (r.page_size, r.num_kv_heads, dv)
-        self._lse_shape = (total, r.num_qo_heads)
+        self._plan_mha_io(total, d, dv)
         self._plan_counter(batch)
         self._planned = True
 
@@ -361,10 +361,12 @@ class _MLADecode(_TrtllmAdapter):
         sm = metadata.sm_scale
         self._sm = sm if sm is not None else 1.0 / math.sqrt(r.qk_nope_head_dim + rope)
         t = batch * self._q_len
-        self._nope_shape = (t, r.num_qo_heads, rank)
-        self._pe_shape = (t, r.num_qo_heads, rope)
-        self._kv_tail = (r.page_size, rank + rope)
-        self._lse_shape = (t, r.num_qo_heads)
+        nope_shape = (t, r.num_qo_heads, rank)
+        self._plan_io(
+            (("q_nope", nope_shape, self.q_dtype, False), ("q_pe", (t, r.num_qo_heads, rope), self.q_dtype, False),
+             ("kv_cache", (r.page_size, rank + rope), self.kv_dtype, True)),
+            out_shape=nope_shape, lse_shape=(t, r.num_qo_heads),
+        )
         self._plan_buffer("query", (t, r.num_qo_heads, rank + rope), self.q_dtype)
         self._plan_kernel_state(batch)
         self._planned = True
@@ -387,20 +389,15 @@ class _MLADecode(_TrtllmAdapter):
         return packed.unflatten(0, (self._batch, self._q_len))
 
     def _check_inputs(self, q_nope, q_pe, kv_cache, sinks, out, lse) -> bool:
-        import torch
-
-        if not self._planned:
-            self._require_planned()
-        self._expect("q_nope", q_nope, self._nope_shape, self.q_dtype)
-        self._expect("q_pe", q_pe, self._pe_shape, self.q_dtype)
-        self._expect("kv_cache", kv_cache, self._kv_tail, self.kv_dtype, tail=True)
-        if out is not None:
-            self._expect("out", out, self._nope_shape, self.out_dtype)
+        try:
+            sig = (q_nope.dtype, q_nope.shape, q_nope.get_device(), q_pe.dtype, q_pe.shape, q_pe.get_device(),
+                   kv_cache.dtype, kv_cache.shape, kv_cache.get_device())
+        except AttributeError:
+            sig = None
+        if sig != self._sig:
+            self._learn_inputs(sig, q_nope, q_pe, kv_cache)
         self._check_sinks(sinks)
-        want = self._lse_wanted(lse)
-        if lse is not None:
-            self._expect("lse", lse, self._lse_shape, torch.float32)
-        return want
+        return self._outputs(out, lse)
 
     def _call(self, q_nope, q_pe, kv_cache, q_scale, kv_scale, sinks, out, lse, want, **extra):
         r = self.request
@@ -413,8 +410,8 @@ class _MLADecode(_TrtllmAdapter):
             out=out_4d, bmm1_scale=bmm1, bmm2_scale=bmm2, sinks=sinks, enable_pdl=self._pdl,
             backend=self.backend, **lse_args, **extra,
         )
-        o, l = res if want else (res, None)
-        return AttentionResult(o.flatten(0, 1), l)
+        out, lse = res if want else (res, None)
+        return AttentionResult(out.flatten(0, 1), lse)
 
 
 class TrtllmGenMLADecode(_MLADecode):
@@ -530,26 +527,27 @@ class TrtllmGenSparseMLADecode(_TrtllmAdapter):
         self._indices = self._buffers["indices"].fill_(-1)
         self._topk_lens = self._buffers["topk_lens"].fill_(self._SWA_COLUMNS + k)
         self._no_window = self._buffers["no_window"].zero_()
-        self._nope_shape = (t, r.num_qo_heads, r.kv_lora_rank)
-        self._pe_shape = (t, r.num_qo_heads, 0)
-        self._kv_tail = (r.page_size, r.kv_lora_rank)
-        self._topk_shape = (t, k)
+        nope_shape = (t, r.num_qo_heads, r.kv_lora_rank)
+        self._plan_io(
+            (("q_nope", nope_shape, self.q_dtype, False), ("q_pe", (t, r.num_qo_heads, 0), self.q_dtype, False),
+             ("kv_cache", (r.page_size, r.kv_lora_rank), self.kv_dtype, True),
+             ("topk_indices", (t, k), torch.int32, False)),
+            out_shape=nope_shape, lse_shape=(t, r.num_qo_heads),
+        )
         self._plan_counter(batch)
         self._planned = True
 
     def run(self, q_nope, q_pe, kv_cache, topk_indices, *, q_scale=1.0, kv_scale=1.0, sinks=None, out=None, lse=None):
-        import torch
-
-        if not self._planned:
-            self._require_planned()
-        self._expect("q_nope", q_nope, self._nope_shape, self.q_dtype)
-        self._expect("q_pe", q_pe, self._pe_shape, self.q_dtype)
-        self._expect("kv_cache", kv_cache, self._kv_tail, self.kv_dtype, tail=True)
-        self._expect("topk_indices", topk_indices, self._topk_shape, torch.int32)
-        if out is not None:
-            self._expect("out", out, self._nope_shape, self.out_dtype)
+        try:
+            sig = (q_nope.dtype, q_nope.shape, q_nope.get_device(), q_pe.dtype, q_pe.shape, q_pe.get_device(),
+                   kv_cache.dtype, kv_cache.shape, kv_cache.get_device(),
+                   topk_indices.dtype, topk_indices.shape, topk_indices.get_device())
+        except AttributeError:
+            sig = None
+        if sig != self._sig:
+            self._learn_inputs(sig, q_nope, q_pe, kv_cache, topk_indices)
         self._check_sinks(sinks)
-        self._lse_wanted(lse)
+        self._outputs(out, lse)
         self._indices[:, self._SWA_COLUMNS:].copy_(
             logical_to_slot(topk_indices, self._block_table, self.request.page_size, q_len=self._q_len)
         )

@@ -82,12 +82,12 @@ class _TritonAdapter(Adapter):
     def _config(self, default: Any) -> Any:
         return default.replace(**self.tuning)
 
-    def _splits(self, planning: Any, work: int, keys: int, block_n: int, tokens: int, heads: int, dv: int) -> int:
+    def _splits(self, planning: Any, work: int, keys: int, tokens: int, heads: int, dv: int, family: dict) -> int:
         if "num_splits" in self.tuning:
             return max(1, int(self.tuning["num_splits"]))
         return planning.kv_splits(
-            work, keys, planning.num_sms(self.device), block_n=block_n,
-            partial_bytes_per_split=4 * tokens * heads * (dv + 1),
+            work, keys, planning.num_sms(self.device), block_n=self.cfg.block_n,
+            partial_bytes_per_split=4 * tokens * heads * (dv + 1), **family,
         )
 
     def _partials(self, splits: int, tokens: int, heads: int, dv: int) -> None:
@@ -164,10 +164,11 @@ class _TritonPagedMHA(_TritonAdapter):
         planning = _kernels("planning")
         r = self.request
         d, dv = r.head_dim_qk, r.head_dim_vo or r.head_dim_qk
-        self.cfg = self._config(planning.mha_config(max_rows, d, dv))
+        kv_bytes = torch_dtype(r.kv_dtype).itemsize
+        self.cfg = self._config(planning.mha_config(max_rows, d, dv, kv_bytes))
         keys = self.max_len if self.window_left < 0 else min(self.max_len, self.window_left + rows_per_request)
         work = num_tiles(self.cfg.block_m) * r.num_kv_heads
-        self.num_splits = self._splits(planning, work, keys, self.cfg.block_n, self.tokens, r.num_qo_heads, dv)
+        self.num_splits = self._splits(planning, work, keys, self.tokens, r.num_qo_heads, dv, planning.MHA_SPLITS)
         self._partials(self.num_splits, self.tokens, r.num_qo_heads, dv)
 
     def run(self, q, k_cache, v_cache, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
@@ -312,8 +313,9 @@ class TritonMLADecode(_TritonMLA):
         self.cfg = self._config(planning.mla_config(rows))
         keys = self.max_len if self.window_left < 0 else min(self.max_len, self.window_left + self.q_len)
         work = self.batch * -(-rows // self.cfg.block_m) * self.cfg.value_splits
-        self.num_splits = self._splits(planning, work, keys, self.cfg.block_n, self.tokens, r.num_qo_heads,
-                                       r.kv_lora_rank)
+        self.num_splits = self._splits(
+            planning, work, keys, self.tokens, r.num_qo_heads, r.kv_lora_rank, planning.MLA_SPLITS
+        )
         self._partials(self.num_splits, self.tokens, r.num_qo_heads, r.kv_lora_rank)
         self._planned = True
 
@@ -347,8 +349,9 @@ class TritonSparseMLADecode(_TritonMLA):
         topk = getattr(r, "topk", None) or self.max_len
         self.cfg = self._config(planning.sparse_mla_config(r.num_qo_heads))
         work = self.tokens * -(-r.num_qo_heads // self.cfg.block_m)
-        self.num_splits = self._splits(planning, work, topk, self.cfg.block_n, self.tokens, r.num_qo_heads,
-                                       r.kv_lora_rank)
+        self.num_splits = self._splits(
+            planning, work, topk, self.tokens, r.num_qo_heads, r.kv_lora_rank, planning.MLA_SPLITS
+        )
         self._partials(self.num_splits, self.tokens, r.num_qo_heads, r.kv_lora_rank)
         self._planned = True
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import math
 import os
 import subprocess
@@ -73,6 +74,7 @@ class Case:
     value_splits: int = 1  # MLA launch option
     batch: int = 3
     context: int = 40
+    new_tokens: int = 5  # mha_extend: new tokens of most requests
 
     def id(self, op: str) -> str:
         if op.startswith("mha"):
@@ -284,9 +286,10 @@ def run_mha(spec: Any, case: Case, seed: int = 0) -> None:
     if decode:
         lens = _lens(case, gen, minimum=case.q_len)
         new = [case.q_len] * case.batch
-    else:  # ragged: one request without new tokens, one that is all new tokens
+    else:  # ragged: new_tokens per request, except one without new tokens and one that is all new tokens
         lens = _lens(case, gen, minimum=1)
-        new = [min(n, k) for n, k in zip(lens, (5, 0, lens[-1]))][: case.batch]
+        pattern = [case.new_tokens, 0, None]
+        new = [n if p is None else min(n, p) for n, p in zip(lens, itertools.cycle(pattern))]
     cu = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32)
     if "noncontiguous_kv" in case.features:  # K and V interleaved per page: [P, 2, S, Hkv, D]
         (kv,), block_table, seq_lens = paged_cache(lens, case.page_size, (2, hkv, case.head_dim), kv_dtype, gen)
@@ -555,7 +558,7 @@ def test_mha_decode_real_sizes(batch, context, group, head_dim, kv, q_len):
 def test_mha_extend_real_sizes(batch, context, new):
     for spec in triton_kernels("mha_extend"):
         feats = frozenset(f for f in ("sliding_window", "return_lse") if getattr(spec.features, f))
-        case = Case(group=4, batch=batch, context=context, splits=None, features=feats)
+        case = Case(group=4, batch=batch, context=context, new_tokens=new, splits=None, features=feats)
         run_mha(spec, case, seed=new)
 
 

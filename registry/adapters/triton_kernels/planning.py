@@ -1,8 +1,9 @@
 """Launch heuristics for the Triton kernels: tile shapes and split-KV counts.
 
 Pure Python (torch only to read the SM count), called from ``plan()``.
-The numbers were tuned on an H200 with ``bench/triton_vs_flashinfer.py``;
-they are performance choices, never capability facts.
+The numbers come from ``bench/triton_vs_flashinfer.py --sweep`` on an H200
+(bench/results/triton_sweep-h200.json); they are performance choices,
+never capability facts.
 """
 
 from __future__ import annotations
@@ -54,19 +55,29 @@ def num_sms(device: Any) -> int:
     return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def mha_config(rows_per_request: int, head_dim: int, head_dim_vo: int) -> LaunchConfig:
-    """Paged MHA: rows = (new tokens x query heads per KV head) of a request."""
+def mha_config(rows_per_request: int, head_dim: int, head_dim_vo: int, kv_bytes: int = 2) -> LaunchConfig:
+    """Paged MHA: rows = (new tokens x query heads per KV head) of a request.
+
+    H200 sweep at head_dim 128 (B 64, context 4096): 64 keys per step, 4 warps,
+    2 stages for 16-bit KV (4.05 TB/s); 128 keys for 1-byte KV (0.259 ms
+    against 0.337 ms with 64 keys and 3 stages).
+    """
     widest = max(head_dim, head_dim_vo)
     cap = 64 if widest <= 128 else 32
     block_m = min(cap, max(16, next_pow2(rows_per_request)))
-    block_n = 64 if widest <= 128 else 32
-    return LaunchConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=3)
+    block_n = (128 if kv_bytes == 1 else 64) if widest <= 128 else 32
+    return LaunchConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=2)
 
 
 def mla_config(rows_per_request: int) -> LaunchConfig:
-    """Dense MLA: rows = (new tokens x heads); 64 rows fill a Hopper warpgroup MMA."""
+    """Dense MLA: rows = (new tokens x heads); 64 rows fill a Hopper warpgroup MMA.
+
+    H200 sweep (128 heads, B 64, context 8192): 64 rows x 64 keys, 8 warps,
+    2 stages took 0.71 ms; 32 keys 0.97 ms; splitting the value columns
+    (``value_splits=2``) did not help.
+    """
     block_m = min(64, max(16, next_pow2(rows_per_request)))
-    return LaunchConfig(block_m=block_m, block_n=32, num_warps=8 if block_m >= 64 else 4, num_stages=2)
+    return LaunchConfig(block_m=block_m, block_n=64, num_warps=8 if block_m >= 64 else 4, num_stages=2)
 
 
 def sparse_mla_config(heads: int) -> LaunchConfig:
@@ -75,20 +86,34 @@ def sparse_mla_config(heads: int) -> LaunchConfig:
     return LaunchConfig(block_m=block_m, block_n=32, num_warps=8 if block_m >= 64 else 4, num_stages=2)
 
 
+def pow2_floor(n: float) -> int:
+    return 1 << max(0, int(n).bit_length() - 1) if n >= 1 else 1
+
+
 def kv_splits(
-    work_items: int, max_keys: int, sms: int, *, block_n: int, min_keys: int = 256, waves: int = 4,
+    work_items: int, max_keys: int, sms: int, *, block_n: int, min_keys: int, waves: float,
     partial_bytes_per_split: int = 0,
 ) -> int:
-    """Key-range splits so ``work_items x splits`` programs cover ``waves`` x the SMs.
+    """Key-range splits: a power of two near ``waves x SMs / work_items`` programs per SM.
 
-    Each split keeps at least ``min_keys`` keys (and one block), the count is
-    capped by ``MAX_SPLITS`` and by the partial-buffer budget.
+    Powers of two keep the last wave of programs full (H200, B 8, context
+    32768: 8 splits 0.263 ms, 9 splits 0.360 ms).  Each split keeps at least
+    ``min_keys`` keys and one block; ``MAX_SPLITS`` and the partial-buffer
+    budget cap the count.  Memory-bound MHA wants about 4 waves, compute-bound
+    MLA about 1 (H200: MLA B 16 context 8192, 4 splits 0.245 ms, 16 splits 0.280 ms).
     """
     if work_items <= 0 or max_keys <= 0:
         return 1
-    want = -(-waves * sms // work_items)
-    by_len = max(1, max_keys // max(min_keys, block_n))
-    splits = max(1, min(want, by_len, MAX_SPLITS))
+    want = pow2_floor(waves * sms / work_items)
+    by_len = pow2_floor(max_keys / max(min_keys, block_n))
+    splits = min(want, by_len, MAX_SPLITS)
     if partial_bytes_per_split and splits > 1:
-        splits = max(1, min(splits, PARTIAL_BYTES // partial_bytes_per_split))
-    return splits
+        splits = pow2_floor(min(splits, PARTIAL_BYTES // partial_bytes_per_split))
+    return max(1, splits)
+
+
+MHA_SPLITS = dict(min_keys=64, waves=4)
+"""Memory-bound paged MHA (H200: B 1 context 4096 best at 48-64 splits, B 64 at 1)."""
+
+MLA_SPLITS = dict(min_keys=32, waves=1)
+"""Compute-bound MLA (H200: B 1 context 1024 best at 32 splits, B 16 context 1024 at 4)."""
