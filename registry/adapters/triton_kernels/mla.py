@@ -157,7 +157,7 @@ def mla_decode(
         HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=soft_cap > 0, HAS_SINKS=sinks is not None and final,
         Q_SCALE_PTR=q_scale[1] is not None, KV_SCALE_PTR=kv_scale[1] is not None,
         WRITE_LSE=lse is not None and final, FINAL=final,
-        DOT=dot_dtype(q_nope.dtype, _mla_decode_kernel), num_warps=num_warps, num_stages=num_stages,
+        DOT=dot_dtype(q_nope.dtype, _mla_decode_kernel, kv_cache.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     if not final:
         merge_splits(o_part, lse_part, out, lse, sinks=sinks, v_mul=kv_scale[0], v_scale_ptr=kv_scale[1])

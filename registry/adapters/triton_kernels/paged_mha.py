@@ -185,7 +185,7 @@ def paged_mha(
         HAS_SINKS=sinks is not None and final,
         Q_SCALE_PTR=q_scale[1] is not None, K_SCALE_PTR=k_scale[1] is not None,
         V_SCALE_PTR=v_scale[1] is not None and final, WRITE_LSE=lse is not None and final, FINAL=final,
-        DOT=dot_dtype(q.dtype, _paged_mha_kernel), num_warps=num_warps, num_stages=num_stages,
+        DOT=dot_dtype(q.dtype, _paged_mha_kernel, k_cache.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     if not final:
         merge_splits(o_part, lse_part, out, lse, sinks=sinks, v_mul=v_scale[0], v_scale_ptr=v_scale[1])
