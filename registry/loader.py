@@ -12,7 +12,7 @@ import hashlib
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 from pydantic import ValidationError
@@ -20,6 +20,9 @@ from pydantic import ValidationError
 from registry.errors import ManifestError
 from registry.schema import KernelSpec, Manifest
 from registry.vocab import did_you_mean
+
+if TYPE_CHECKING:
+    from registry.perf import PerfTable
 
 Loc = tuple[Any, ...]
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # same safe constructors, in C when available
@@ -221,3 +224,27 @@ def _load_overlay(path: Path, filename: str, data: dict, marks: _Marks, digest: 
     merged._path = filename
     merged._digest = hashlib.sha256((base.digest + digest).encode()).hexdigest()[:12]
     return merged
+
+
+def load_perf_table(path: os.PathLike | str, *, text: Optional[str] = None) -> "PerfTable":
+    """Load and validate a perf table (``perf/*.yaml``); raise ManifestError with every problem located."""
+    from registry.perf import PerfTable
+
+    path = Path(path)
+    filename = _display_name(path)
+    data, marks = _compose(text if text is not None else _read(path), filename)
+    if not isinstance(data, dict):
+        raise ManifestError([f"{filename}:1:1: (top level): expected a mapping with gpu, arch and entries"])
+    try:
+        table = PerfTable.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(_problems(exc, marks, filename)) from None
+    table._path = filename
+    return table
+
+
+def bundled_perf_dir() -> Path:
+    """The committed perf tables: ``perf/`` in a checkout, ``registry/perf_tables`` in a wheel."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "perf"
+    return checkout if checkout.is_dir() else here / "perf_tables"

@@ -10,11 +10,13 @@ environment).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 from typing import Any, Optional
 
 from registry.errors import RequestError
-from registry.loader import load_manifest
+from registry.loader import bundled_perf_dir, load_manifest, load_perf_table
+from registry.perf import PerfTable
 from registry.schema import Manifest
 from registry.vocab import Arch
 from selector.overrides import Overrides
@@ -27,10 +29,13 @@ from selector.solver import solve
 class Selector:
     """A manifest + platform + overrides, with a per-request cache of selections."""
 
-    def __init__(self, manifest: Manifest, platform: Platform, overrides: Overrides = Overrides()):
+    def __init__(self, manifest: Manifest, platform: Platform, overrides: Overrides = Overrides(),
+                 perf: Optional[PerfTable] = None, *, auto_perf: bool = False):
         self.manifest = manifest
         self.platform = platform
         self.overrides = overrides
+        self.perf = perf
+        self._auto_perf = auto_perf and perf is None  # find the committed table for the GPU, once known
         self._cache: dict[KernelRequest, Selection] = {}
 
     @classmethod
@@ -38,8 +43,12 @@ class Selector:
         overrides = Overrides.from_env()
         manifest = load_manifest(overrides.manifest)
         libraries = installed_versions(required_distributions(manifest.solutions))
+        perf = None
+        if overrides.perf and overrides.perf.lower() != "off":
+            perf = load_perf_table(overrides.perf)
         # the arch is detected (through torch) only when a request arrives without one
-        return cls(manifest, Platform(arch=None, libraries=libraries, detected=True), overrides)
+        return cls(manifest, Platform(arch=None, libraries=libraries, detected=True), overrides, perf,
+                   auto_perf=overrides.perf is None)
 
     def _device_arch(self) -> Arch:
         if self.platform.arch is None:
@@ -60,7 +69,11 @@ class Selector:
         full = request
         if request.arch is None:
             full = KernelRequest(**{**request.model_dump(exclude_defaults=True), "arch": self._device_arch()})
-        selection = solve(self.manifest, self.platform, full, self.overrides)
+        if self._auto_perf and (request.arch is None or "torch" in sys.modules):
+            self._auto_perf = False  # never import torch just for this: engines have it loaded already
+            arch, name = _cuda_device()
+            self.perf = find_perf_table(name, arch)
+        selection = solve(self.manifest, self.platform, full, self.overrides, self.perf)
         self._cache[request] = selection
         return selection
 
@@ -70,6 +83,18 @@ class Selector:
         if selection.kernel is None:
             raise NoKernelError(selection)
         return selection
+
+
+def find_perf_table(gpu: str, arch: Optional[Arch]) -> Optional[PerfTable]:
+    """The committed perf table for this GPU model and arch, if there is one."""
+    if not gpu or arch is None:
+        return None
+    directory = bundled_perf_dir()
+    for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else []:
+        table = load_perf_table(path)
+        if table.matches(gpu, arch):
+            return table
+    return None
 
 
 _DEFAULT: Optional[Selector] = None
@@ -121,5 +146,6 @@ def select_kernel(
         manifest if manifest is not None else base.manifest,
         platform if platform is not None else base.platform,
         base.overrides if base is not None else Overrides(),
+        base.perf if base is not None else None,
     )
     return selector.select(request)

@@ -17,7 +17,7 @@ import click
 import yaml
 
 from registry.errors import KernelselError, ManifestError
-from registry.loader import load_manifest
+from registry.loader import load_manifest, load_perf_table
 from registry.priority import band_name
 from registry.schema import Manifest
 from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean, parse_arch
@@ -91,6 +91,8 @@ def request_options(f):
         click.option("--qk-rope-head-dim", type=int),
         click.option("--qk-nope-head-dim", type=int),
         click.option("--topk", type=int, help="sparse MLA: positions per query token"),
+        click.option("--batch-size", type=int, help="batch size (bucketed to a power of two; perf lookup)"),
+        click.option("--kv-len", type=int, help="longest KV length (bucketed to a power of two; perf lookup)"),
         click.option("--sinks", is_flag=True, help="needs attention sinks"),
         click.option("--sliding-window", is_flag=True, help="needs a sliding window"),
         click.option("--soft-cap", "logits_soft_cap", is_flag=True, help="needs a logits soft cap"),
@@ -102,6 +104,7 @@ def request_options(f):
         click.option("--backend", type=_choice(Backend.values()), help="restrict to one backend"),
         click.option("--kernel", help="force one kernel by name"),
         click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="manifest or overlay (default: bundled)"),
+        click.option("--perf", "perf_path", type=click.Path(dir_okay=False), help="rank eligible kernels by this perf table"),
         click.option("--installed-only", is_flag=True, help="with --arch: only libraries installed here count"),
         click.option("--json", "as_json", is_flag=True, help="machine-readable output"),
     ]
@@ -110,7 +113,7 @@ def request_options(f):
     return f
 
 
-_NOT_REQUEST = {"manifest_path", "installed_only", "as_json"}
+_NOT_REQUEST = {"manifest_path", "perf_path", "installed_only", "as_json"}
 
 
 def _build(op: Optional[str], kw: dict) -> tuple[Selector, KernelRequest]:
@@ -121,7 +124,12 @@ def _build(op: Optional[str], kw: dict) -> tuple[Selector, KernelRequest]:
     fields["arch"] = platform.arch
     if op is not None:
         fields["op"] = op
-    return Selector(manifest, platform, overrides), KernelRequest(**fields)
+    perf_path = kw.get("perf_path") or (overrides.perf if overrides.perf and overrides.perf.lower() != "off" else None)
+    try:
+        perf = load_perf_table(perf_path) if perf_path else None
+    except ManifestError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
+    return Selector(manifest, platform, overrides, perf), KernelRequest(**fields)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -3,6 +3,8 @@
 * ``KERNELSEL_MANIFEST=PATH``        another manifest, or an overlay (``base: bundled``)
 * ``KERNELSEL_FORCE_<OP>=NAME``      force a kernel for one op, e.g. KERNELSEL_FORCE_MLA_DECODE
 * ``KERNELSEL_DISABLE=NAME,NAME``    remove kernels from consideration
+* ``KERNELSEL_PERF=PATH|off``        rank by this perf table, or by priority only (default: the
+                                     committed table matching the current GPU, when there is one)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from registry.vocab import Op, did_you_mean
 PREFIX_FORCE = "KERNELSEL_FORCE_"
 ENV_MANIFEST = "KERNELSEL_MANIFEST"
 ENV_DISABLE = "KERNELSEL_DISABLE"
+ENV_PERF = "KERNELSEL_PERF"
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class Overrides:
     manifest: Optional[str] = None
     force: tuple[tuple[Op, str], ...] = ()
     disable: frozenset[str] = frozenset()
+    perf: Optional[str] = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Overrides":
@@ -39,7 +43,8 @@ class Overrides:
                 )
             force.append((Op(op_text), value.strip()))
         disable = frozenset(n.strip() for n in environ.get(ENV_DISABLE, "").split(",") if n.strip())
-        return cls(manifest=environ.get(ENV_MANIFEST) or None, force=tuple(force), disable=disable)
+        return cls(manifest=environ.get(ENV_MANIFEST) or None, force=tuple(force), disable=disable,
+                   perf=environ.get(ENV_PERF) or None)
 
     def forced(self, op: Op) -> Optional[str]:
         for forced_op, name in self.force:
@@ -57,4 +62,6 @@ class Overrides:
             lines.append(f"{PREFIX_FORCE}{op.value.upper()}={name}")
         if self.disable:
             lines.append(f"{ENV_DISABLE}={','.join(sorted(self.disable))}")
+        if self.perf:
+            lines.append(f"{ENV_PERF}={self.perf}")
         return lines

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from registry.errors import RequestError
 from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
+from registry.perf import bucket
 from registry.schema import Features, Shapes
 from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean, parse_arch, parse_dtype
 
@@ -39,6 +40,8 @@ class KernelRequest(BaseModel):
     qk_rope_head_dim: Optional[int] = Field(default=None, ge=0)
     qk_nope_head_dim: Optional[int] = _Pos
     topk: Optional[int] = _Pos
+    batch_size: Optional[int] = Field(default=None, ge=1, description="requests in the batch, bucketed up to a power of two (perf lookup)")
+    kv_len: Optional[int] = Field(default=None, ge=1, description="longest KV length, bucketed up to a power of two (perf lookup)")
     sinks: bool = False
     sliding_window: bool = False
     logits_soft_cap: bool = False
@@ -67,6 +70,12 @@ class KernelRequest(BaseModel):
     @classmethod
     def _dtype(cls, v: Any) -> Any:
         return v if v is None else parse_dtype(v)
+
+    @field_validator("batch_size", "kv_len", mode="after")
+    @classmethod
+    def _bucket(cls, v: Optional[int]) -> Optional[int]:
+        """Nearby shapes share one bucket: one cache entry and one perf-table row."""
+        return bucket(v)
 
     @field_validator("op", "solution", "backend", mode="before")
     @classmethod

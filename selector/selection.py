@@ -57,6 +57,8 @@ class Selection:
     why: str
     forced_by: Optional[str] = None
     overrides: tuple[str, ...] = ()
+    measured: dict = field(default_factory=dict)  # kernel name -> median us, from the perf table
+    perf_source: str = ""  # "perf/<file>.yaml, <GPU>" when measured times ranked the kernels
     _adapter: list = field(default_factory=list, repr=False)
 
     # ------------------------------------------------------------------ access
@@ -102,7 +104,9 @@ class Selection:
             "overrides": list(self.overrides),
             "selected": _kernel_dict(self.kernel) | {"settings": self.settings} if self.kernel else None,
             "why": self.why,
-            "eligible": [_kernel_dict(k) for k in self.eligible],
+            "perf": {"source": self.perf_source, "median_us": dict(self.measured)} if self.perf_source else None,
+            "eligible": [_kernel_dict(k) | ({"median_us": self.measured[k.name]} if k.name in self.measured else {})
+                         for k in self.eligible],
             "rejected": [
                 {"name": v.kernel.name, "solution": v.kernel.solution.value, "backend": v.kernel.backend.value,
                  "origin": v.kernel.origin, "reasons": list(v.reasons)}
@@ -123,6 +127,8 @@ class Selection:
             lines.append(f"unchecked {', '.join(unchecked)} (not given, so not checked)")
         for o in self.overrides:
             lines.append(f"override  {o}")
+        if self.perf_source:
+            lines.append(f"perf      {self.perf_source} (measured times rank the eligible kernels)")
         if self.kernel:
             k = self.kernel
             lines.append(f"selected  {k.name} ({k.solution.value}/{k.backend.value}, priority {k.priority} {band_name(k.priority)})")
@@ -138,7 +144,9 @@ class Selection:
         for v in ordered:
             head = f"  {'ok' if v.eligible else 'no'}  {v.kernel.name:<{width}}  {v.kernel.origin:<{owidth}}"
             if v.eligible:
-                lines.append(f"{head}  #{rank[v.kernel.name]} priority {v.kernel.priority}".rstrip())
+                t = self.measured.get(v.kernel.name)
+                timing = f"  {t:.1f} us" if t is not None else ("  (not measured)" if self.perf_source else "")
+                lines.append(f"{head}  #{rank[v.kernel.name]} priority {v.kernel.priority}{timing}".rstrip())
             else:
                 lines.append(f"{head}  {v.reasons[0]}")
                 pad = " " * len(head)

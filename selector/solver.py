@@ -12,6 +12,7 @@ from typing import Optional
 
 from registry.errors import RequestError
 from registry.priority import band_name
+from registry.perf import PerfTable
 from registry.schema import KernelSpec, Manifest
 from registry.vocab import Solution, did_you_mean
 from selector.overrides import PREFIX_FORCE, Overrides
@@ -61,9 +62,25 @@ def _rank_key(kernel: KernelSpec) -> tuple[int, str]:
     return (-kernel.priority, kernel.name)
 
 
-def _why(winner: KernelSpec, ranked: list[KernelSpec], total: int) -> str:
+def _measured_rank_key(times: dict[str, float]):
+    """Measured time first (unmeasured last), then priority, then name: total and deterministic."""
+    inf = float("inf")
+    return lambda k: (times.get(k.name, inf), -k.priority, k.name)
+
+
+def _why(winner: KernelSpec, ranked: list[KernelSpec], total: int, times: Optional[dict[str, float]] = None,
+         source: str = "") -> str:
     if len(ranked) == 1:
         return f"only eligible kernel (1 of {total})"
+    if times and winner.name in times:
+        runner_up = ranked[1]
+        if runner_up.name in times:
+            ratio = times[runner_up.name] / times[winner.name]
+            return (
+                f"fastest measured of {len(ranked)} eligible: {times[winner.name]:.1f} us vs "
+                f"{runner_up.name} {times[runner_up.name]:.1f} us ({ratio:.2f}x) [{source}]"
+            )
+        return f"only eligible kernel measured ({times[winner.name]:.1f} us) [{source}]"
     runner_up = ranked[1]
     if runner_up.priority == winner.priority:
         return (
@@ -81,8 +98,13 @@ def solve(
     platform: Platform,
     request: KernelRequest,
     overrides: Overrides = Overrides(),
+    perf: Optional[PerfTable] = None,
 ) -> Selection:
-    """Evaluate every kernel of ``request.op``; pick the forced or best-ranked eligible one."""
+    """Evaluate every kernel of ``request.op``; pick the forced or best-ranked eligible one.
+
+    Eligible kernels rank by measured time when ``perf`` (for this arch) has
+    the request's bucket, else by priority; ties by priority, then name.
+    """
     if request.arch is None:
         raise RequestError(
             "request.arch: not given and no CUDA device was detected; pass arch='sm_90' (or 9.0, sm90)"
@@ -106,14 +128,18 @@ def solve(
         Verdict(k, reasons(k, request, manifest, platform, overrides, forced=(k.name == forced_name)))
         for k in kernels
     )
-    ranked = sorted((v.kernel for v in verdicts if v.eligible), key=_rank_key)
+    entry = perf.lookup(request) if perf is not None and perf.arch is request.arch else None
+    times = {n: t for n, t in entry.median_us.items()} if entry is not None else {}
+    source = f"{perf.path}, {perf.gpu}" if entry is not None else ""
+    eligible = [v.kernel for v in verdicts if v.eligible]
+    ranked = sorted(eligible, key=_measured_rank_key(times) if times else _rank_key)
     if forced_name is not None:
         forced_verdict = next(v for v in verdicts if v.kernel.name == forced_name)
         chosen: Optional[KernelSpec] = forced_verdict.kernel if forced_verdict.eligible else None
         why = f"forced by {forced_by}" if chosen else f"forced by {forced_by}, but it is not eligible"
     else:
         chosen = ranked[0] if ranked else None
-        why = _why(chosen, ranked, len(kernels)) if chosen else f"no eligible kernel (0 of {len(kernels)})"
+        why = _why(chosen, ranked, len(kernels), times, source) if chosen else f"no eligible kernel (0 of {len(kernels)})"
     return Selection(
         request=request,
         platform=platform,
@@ -124,6 +150,8 @@ def solve(
         why=why,
         forced_by=forced_by if forced_name is not None else None,
         overrides=tuple(overrides.applied(request.op)),
+        measured={k.name: times[k.name] for k in ranked if k.name in times},
+        perf_source=source,
     )
 
 

@@ -1,0 +1,120 @@
+"""Perf tables: measured kernel times per request bucket, on one GPU model, as reviewable data.
+
+A perf table lives in ``perf/<gpu>-<arch>.yaml`` and is validated like the
+manifest (strict pydantic models, ``file:line:col`` errors through
+``registry.loader``).  Each entry is one request bucket -- the op plus the
+request fields in ``PERF_KEY`` (``batch_size`` and ``kv_len`` are bucketed to
+powers of two by the request) -- and the median time of every kernel that
+was eligible and measured there.  Lookups are one dict hit.
+
+Measured times only *rank* eligible kernels: a perf entry never makes an
+ineligible kernel eligible (the solver checks eligibility first).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from registry.schema import StrictModel
+from registry.vocab import Arch, Op, did_you_mean, parse_arch
+
+PERF_KEY: tuple[str, ...] = (
+    "q_dtype", "kv_dtype", "head_dim_qk", "head_dim_vo", "num_qo_heads", "num_kv_heads",
+    "page_size", "q_len", "kv_lora_rank", "qk_rope_head_dim", "topk", "batch_size", "kv_len",
+)
+"""Request fields that identify a perf bucket (features are not part of it: they decide eligibility)."""
+
+
+def bucket(n: Optional[int]) -> Optional[int]:
+    """The power-of-two bucket of a batch size or KV length (next power of two, at least 1)."""
+    if n is None:
+        return None
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _plain(value: Any) -> Any:
+    return getattr(value, "value", value)
+
+
+def request_key(op: Any, fields: Any) -> tuple:
+    """The lookup key of a request (or of a mapping of its fields)."""
+    get = fields.get if isinstance(fields, dict) else (lambda f: getattr(fields, f, None))
+    return (_plain(op),) + tuple(_plain(get(f)) for f in PERF_KEY)
+
+
+class PerfEntry(StrictModel):
+    """One request bucket and the median time of each kernel measured there."""
+
+    op: Op
+    shape: dict[str, Any] = Field(description="request fields from PERF_KEY identifying the bucket")
+    median_us: dict[str, float] = Field(min_length=1, description="kernel name -> median time in microseconds")
+    tbps: dict[str, float] = Field(default_factory=dict, description="kernel name -> achieved KV bandwidth, TB/s")
+
+    @field_validator("shape")
+    @classmethod
+    def _known(cls, shape: dict[str, Any]) -> dict[str, Any]:
+        for key, value in shape.items():
+            if key not in PERF_KEY:
+                raise ValueError(f"unknown shape field {key!r}{did_you_mean(str(key), list(PERF_KEY))}; "
+                                 f"expected some of: {', '.join(PERF_KEY)}")
+            if key in ("batch_size", "kv_len") and bucket(value) != value:
+                raise ValueError(f"{key} {value} is not a bucket (a power of two); use {bucket(value)}")
+        return shape
+
+    @field_validator("median_us")
+    @classmethod
+    def _positive(cls, times: dict[str, float]) -> dict[str, float]:
+        for name, t in times.items():
+            if not t > 0:
+                raise ValueError(f"median_us[{name}]: {t} is not a positive time")
+        return times
+
+    @property
+    def key(self) -> tuple:
+        return request_key(self.op, self.shape)
+
+
+class PerfTable(StrictModel):
+    """Measured times on one GPU model and arch."""
+
+    schema_version: int = Field(1, ge=1, le=1)
+    gpu: str = Field(min_length=1, description="torch.cuda.get_device_name(), e.g. 'NVIDIA H200'")
+    arch: Arch
+    software: dict[str, str] = Field(default_factory=dict, description="library versions when measured")
+    method: str = Field(default="", description="how times were taken (events, warm-up, repeats, L2 flush)")
+    recorded: str = Field(default="", description="when (ISO date)")
+    entries: tuple[PerfEntry, ...] = ()
+
+    _path: str = ""
+
+    @field_validator("arch", mode="before")
+    @classmethod
+    def _arch(cls, v: Any) -> Any:
+        return parse_arch(v)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "PerfTable":
+        seen: dict[tuple, int] = {}
+        for i, e in enumerate(self.entries):
+            if e.key in seen:
+                raise ValueError(f"entries[{i}]: the same bucket as entries[{seen[e.key]}]")
+            seen[e.key] = i
+        return self
+
+    @functools.cached_property
+    def by_key(self) -> dict[tuple, PerfEntry]:
+        return {e.key: e for e in self.entries}
+
+    def lookup(self, request: Any) -> Optional[PerfEntry]:
+        """The entry for the request's bucket, or None (one dict lookup)."""
+        return self.by_key.get(request_key(request.op, request))
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def matches(self, gpu: str, arch: Optional[Arch]) -> bool:
+        return self.arch is arch and (not gpu or gpu == self.gpu)

@@ -1,0 +1,126 @@
+"""Measured selection: a perf table ranks eligible kernels; it never makes an ineligible one eligible."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+import selector
+from registry.errors import ManifestError
+from registry.loader import load_perf_table
+from selector import KernelRequest, Platform, Selector, select_kernel
+
+DECODE = dict(op="mha_decode", arch="sm_90", q_dtype="bf16", head_dim_qk=128, num_qo_heads=32, num_kv_heads=8,
+              page_size=16, batch_size=64, kv_len=4096)
+
+
+def _table(tmp_path, times: dict, *, shape=None, arch="sm_90", name="h200.yaml"):
+    shape = shape or {"q_dtype": "bf16", "kv_dtype": "bf16", "head_dim_qk": 128, "head_dim_vo": 128,
+                      "num_qo_heads": 32, "num_kv_heads": 8, "page_size": 16, "q_len": 1,
+                      "batch_size": 64, "kv_len": 4096}
+    lines = [f"gpu: NVIDIA H200", f"arch: {arch}", "method: test", "entries:", "  - op: mha_decode", "    shape:"]
+    lines += [f"      {k}: {v}" for k, v in shape.items()]
+    lines += ["    median_us:"] + [f"      {k}: {v}" for k, v in times.items()]
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return load_perf_table(path)
+
+
+def _solve(manifest, perf, **fields):
+    return Selector(manifest, Platform.hypothetical(fields["arch"]), perf=perf).solve(KernelRequest(**fields))
+
+
+def test_measured_times_rank_eligible_kernels(manifest, tmp_path):
+    by_priority = _solve(manifest, None, **DECODE)
+    slowest_first = {k.name: 100.0 + 10 * i for i, k in enumerate(by_priority.eligible)}
+    perf = _table(tmp_path, slowest_first)
+    sel = _solve(manifest, perf, **DECODE)
+    assert [k.name for k in sel.eligible] == [k.name for k in by_priority.eligible]  # same order: times agree
+    reversed_times = {k.name: 100.0 - 10 * i for i, k in enumerate(by_priority.eligible)}
+    sel = _solve(manifest, _table(tmp_path, reversed_times), **DECODE)
+    assert [k.name for k in sel.eligible] == [k.name for k in reversed(by_priority.eligible)]
+    assert sel.why.startswith("fastest measured of")
+    assert sel.perf_source.endswith("h200.yaml, NVIDIA H200") and sel.measured == reversed_times
+    text = sel.explain()
+    assert "h200.yaml, NVIDIA H200 (measured times rank the eligible kernels)" in text.split("\nperf      ")[1]
+    assert f"{reversed_times[sel.kernel.name]:.1f} us" in text
+
+
+def test_a_perf_entry_never_makes_an_ineligible_kernel_eligible(manifest, tmp_path):
+    perf = _table(tmp_path, {"trtllm-gen-decode": 1.0, "flashinfer-fa2-tc-decode": 500.0})
+    sel = _solve(manifest, perf, **DECODE)
+    assert sel.kernel.name == "flashinfer-fa2-tc-decode"
+    assert "trtllm-gen-decode" not in [k.name for k in sel.eligible]
+
+
+def test_unmeasured_kernels_rank_after_measured_ones_by_priority(manifest, tmp_path):
+    by_priority = _solve(manifest, None, **DECODE)
+    last = by_priority.eligible[-1]
+    sel = _solve(manifest, _table(tmp_path, {last.name: 50.0}), **DECODE)
+    assert sel.eligible[0] is last
+    assert [k.name for k in sel.eligible[1:]] == [k.name for k in by_priority.eligible[:-1]]
+
+
+def test_other_buckets_and_archs_fall_back_to_priority(manifest, tmp_path):
+    by_priority = _solve(manifest, None, **DECODE)
+    times = {k.name: 100.0 - i for i, k in enumerate(by_priority.eligible)}
+    perf = _table(tmp_path, times)
+    other_bucket = _solve(manifest, perf, **{**DECODE, "batch_size": 8})
+    assert other_bucket.eligible == by_priority.eligible and not other_bucket.perf_source
+    same_bucket = _solve(manifest, perf, **{**DECODE, "batch_size": 40, "kv_len": 3000})  # buckets to 64 / 4096
+    assert same_bucket.perf_source and same_bucket.kernel.name == by_priority.eligible[-1].name
+    other_arch = _solve(manifest, _table(tmp_path, times, arch="sm_80", name="a100.yaml"), **DECODE)
+    assert not other_arch.perf_source
+
+
+def test_selection_with_a_perf_table_is_deterministic(manifest, tmp_path):
+    perf = _table(tmp_path, {"flashinfer-fa2-tc-decode": 10.0, "xqa-decode": 10.0, "triton-mha-decode": 10.0})
+    orders = {tuple(k.name for k in _solve(manifest, perf, **DECODE).eligible) for _ in range(5)}
+    assert len(orders) == 1
+    first = _solve(manifest, perf, **DECODE).eligible
+    assert [k.priority for k in first[:3]] == sorted([k.priority for k in first[:3]], reverse=True)
+
+
+def test_kernelsel_perf_environment_variable(manifest, tmp_path, monkeypatch):
+    by_priority = _solve(manifest, None, **DECODE)
+    times = {k.name: 100.0 - i for i, k in enumerate(by_priority.eligible)}
+    _table(tmp_path, times)
+    monkeypatch.setenv("KERNELSEL_PERF", str(tmp_path / "h200.yaml"))
+    selector.reset()
+    sel = selector.default_selector().solve(KernelRequest(**DECODE))
+    assert sel.perf_source and f"KERNELSEL_PERF={tmp_path / 'h200.yaml'}" in sel.overrides
+    monkeypatch.setenv("KERNELSEL_PERF", "off")
+    selector.reset()
+    assert not selector.default_selector().solve(KernelRequest(**DECODE)).perf_source
+
+
+def test_cli_explain_with_perf(manifest, tmp_path, capsys):
+    from selector.cli import main
+
+    by_priority = _solve(manifest, None, **DECODE)
+    times = {k.name: 100.0 - i for i, k in enumerate(by_priority.eligible)}
+    _table(tmp_path, times)
+    main(["explain", "--op", "mha_decode", "--arch", "sm_90", "--head-dim", "128", "--num-qo-heads", "32",
+          "--num-kv-heads", "8", "--page-size", "16", "--batch-size", "64", "--kv-len", "4096",
+          "--perf", str(tmp_path / "h200.yaml")])
+    out = capsys.readouterr().out
+    assert "fastest measured of" in out and "us" in out
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.replace("arch: sm_90", "arch: sm_95"), r"arch: 'sm_95' is not an SM like sm_90"),
+        (lambda t: t.replace("batch_size: 64", "batch_size: 48"), r"batch_size 48 is not a bucket \(a power of two\); use 64"),
+        (lambda t: t.replace("page_size: 16", "pagesize: 16"), r"unknown shape field 'pagesize' \(did you mean 'page_size'\?\)"),
+        (lambda t: t.replace("xqa-decode: 10.0", "xqa-decode: -1"), r"median_us\[xqa-decode\]: -1.0 is not a positive time"),
+        (lambda t: t.replace("method: test", "methd: test"), r"unknown key 'methd' \(did you mean 'method'\?\)"),
+    ],
+)
+def test_broken_perf_tables_are_located(tmp_path, edit, message):
+    good = _table(tmp_path, {"xqa-decode": 10.0})
+    path = tmp_path / "h200.yaml"
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(ManifestError, match=r"h200\.yaml:\d+:\d+: .*" + message):
+        load_perf_table(path)
