@@ -1,6 +1,6 @@
-"""``kernelsel``: explain, plan, list, show, validate (and verify on a GPU).
+"""``kernelsel``: explain, plan, list, show, validate (and verify, bench on a GPU).
 
-Exit codes: 0 success; 1 an invalid manifest (validate) or failed verification;
+Exit codes: 0 success; 1 an invalid manifest (validate), failed verification or nothing recorded (bench);
 2 bad input (unknown option value, bad request, unreadable manifest);
 3 no kernel can serve the request.  Errors are one-line messages, never tracebacks.
 """
@@ -135,7 +135,7 @@ def _build(op: Optional[str], kw: dict) -> tuple[Selector, KernelRequest]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="kernelsel", message="kernelsel %(version)s")
 def cli() -> None:
-    """Declarative attention-kernel selection: explain, plan, list, show, validate, verify."""
+    """Declarative attention-kernel selection: explain, plan, list, show, validate, verify, bench."""
 
 
 @cli.command()
@@ -343,6 +343,102 @@ def verify(op: Optional[str], kernel: Optional[str], solution: Optional[str], qu
     if not report.ok:
         sys.exit(EXIT_INVALID)
 
+
+
+def _list(text: Optional[str], flag: str, kind: type = str) -> list[Any]:
+    """A comma-separated option as a list (ints checked), or [None] when not given."""
+    if text is None:
+        return [None]
+    values = [v.strip() for v in str(text).split(",") if v.strip()]
+    if not values:
+        raise Failure(f"{flag}: give at least one value", EXIT_USAGE)
+    if kind is int:
+        bad = [v for v in values if not v.isdigit() or int(v) < 1]
+        if bad:
+            raise Failure(f"{flag}: {', '.join(bad)} is not a positive integer (comma-separated list)", EXIT_USAGE)
+        return [int(v) for v in values]
+    return values
+
+
+@cli.command()
+@click.option("--op", type=_choice(Op.values()), help="the op to time over the grid below (or give --suite)")
+@click.option("--suite", "suite_path", type=click.Path(dir_okay=False), help="time exactly the requests of this suite file")
+@click.option("--batch", default="1,8,64", show_default=True, help="batch sizes (comma-separated)")
+@click.option("--kv-len", default="512,4096,32768", show_default=True,
+              help="KV tokens per request, new ones included (comma-separated)")
+@click.option("--new-len", help="mha_extend: new tokens per request (comma-separated)")
+@click.option("--q-len", default="1", show_default=True, help="decode ops: query tokens per request (comma-separated)")
+@click.option("--q-dtype", default="bf16", show_default=True, help="comma-separated")
+@click.option("--kv-dtype", help="comma-separated (default: the q dtype)")
+@click.option("--out-dtype")
+@click.option("--head-dim", "head_dim_qk", type=int, help="query/key head dim")
+@click.option("--head-dim-v", "head_dim_vo", type=int, help="value/output head dim (default: --head-dim)")
+@click.option("--num-qo-heads", type=int)
+@click.option("--num-kv-heads", type=int)
+@click.option("--page-size", type=int)
+@click.option("--kv-lora-rank", type=int)
+@click.option("--qk-rope-head-dim", type=int)
+@click.option("--qk-nope-head-dim", type=int)
+@click.option("--topk", type=int, help="sparse MLA: positions per query token")
+@click.option("--kernel", "kernels", multiple=True,
+              help="time only these kernels (repeat, or comma-separated); a reference kernel is timed only when named")
+@click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True, help="timed runs per kernel (median)")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="untimed runs first")
+@click.option("--device", default="cuda", show_default=True, help="cuda, or cpu (wall-clock timing; needs --arch)")
+@click.option("--arch", help="with --device cpu: the nominal arch selection runs for (on a GPU: its own)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="manifest or overlay (default: bundled)")
+@click.option("--out", type=click.Path(dir_okay=False), help="perf table to merge into (default: perf/<gpu>-<arch>.yaml)")
+@click.option("--json", "as_json", is_flag=True, help="also print every timing as JSON")
+def bench(op: Optional[str], suite_path: Optional[str], kernels: tuple, repeats: int, warmup: int, device: str,
+          arch: Optional[str], seed: int, manifest_path: Optional[str], out: Optional[str], as_json: bool,
+          **kw: Any) -> None:
+    """Time every eligible kernel per request on this GPU; merge the medians into a perf table.
+
+    The grid is the cartesian product of the comma-separated options; each
+    request carries its batch_size and kv_len buckets.  A kernel that fails is
+    reported and skipped.  Progress goes to stderr, one line per request.
+    """
+    import importlib.util
+
+    from selector import bench as bench_module
+
+    if (op is None) == (suite_path is None):
+        raise Failure("give --op (and the grid options) or --suite, not both", EXIT_USAGE)
+    if importlib.util.find_spec("torch") is None:
+        raise Failure("bench needs torch (pip install torch)", EXIT_USAGE)
+    overrides = Overrides.from_env()
+    manifest = _manifest(manifest_path, overrides)
+    env = bench_module.environment(manifest, device, arch)
+    if suite_path is not None:
+        cases = bench_module.load_suite(suite_path, env.arch)
+    else:
+        sizes = {"batch": _list(kw.pop("batch"), "--batch", int), "kv_len": _list(kw.pop("kv_len"), "--kv-len", int),
+                 "new_len": _list(kw.pop("new_len"), "--new-len", int)}
+        axes = {"q_dtype": _list(kw.pop("q_dtype"), "--q-dtype"), "kv_dtype": _list(kw.pop("kv_dtype"), "--kv-dtype"),
+                "q_len": _list(kw.pop("q_len"), "--q-len", int), **sizes}
+        if op in (Op.MHA_EXTEND.value, Op.MHA_PREFILL.value):
+            if axes.pop("q_len") != [1]:
+                raise Failure(f"--q-len: {op} takes its new tokens from --new-len", EXIT_USAGE)
+        elif axes["new_len"] != [None]:
+            raise Failure(f"--new-len is for mha_extend and mha_prefill; {op} takes --q-len", EXIT_USAGE)
+        axes = {k: v for k, v in axes.items() if v != [None]}
+        fixed = {k: v for k, v in kw.items() if v is not None}
+        cases = bench_module.grid(op, env.arch, fixed, axes)
+    names = [n.strip() for k in kernels for n in k.split(",") if n.strip()]
+    for name in names:
+        if name not in manifest.by_name:
+            raise Failure(f"--kernel: no kernel named {name!r}{did_you_mean(name, list(manifest.by_name))}", EXIT_USAGE)
+    selector = Selector(manifest, env.platform, overrides)
+    path = out or str(bench_module.default_table_path(env.gpu, env.arch))
+    report = bench_module.run_bench(cases, selector, env, timer=bench_module.default_timer(device, repeats, warmup),
+                                    out=path, kernels=names or None, seed=seed)
+    if as_json:
+        _echo_json(report.to_dict())
+    if report.table is None:
+        raise Failure(f"nothing recorded ({report.errors} kernel errors); {path} not written", EXIT_INVALID)
+    click.echo(f"wrote {path}: {len(report.table.entries)} buckets ({report.recorded} kernel timings from this run, "
+               f"{report.errors} errors); {report.method}", err=True)
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: run the CLI, turning kernelsel errors into one-line messages and exit codes."""

@@ -22,8 +22,7 @@ device buffers a captured ``run()`` reads.
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from registry.adapters.flashinfer_common import (
     FLOAT_WORKSPACE_BYTES,
@@ -31,30 +30,18 @@ from registry.adapters.flashinfer_common import (
     FlashInferAdapter,
     check_scale,
     float_workspace,
+    ln_lse_result,
     mul_out,
+    new_tuple,
 )
-from registry.adapters.paged import (
-    block_table_to_csr,
-    check_cu_seqlens,
-    check_paged_metadata,
-    uniform_cu_seqlens,
-)
+from registry.adapters.paged import block_table_to_csr, check_cu_seqlens, uniform_cu_seqlens
 from registry.contracts import AttentionResult
 from registry.errors import AdapterInputError, UnsupportedFeatureError
-
-if TYPE_CHECKING:
-    import torch
-
-_new_tuple = tuple.__new__  # AttentionResult without NamedTuple.__new__'s Python frame, on the hot path
 
 _SINKS_DROPPED = (
     "FlashInfer 0.7.2 accepts sinks= on this path and never passes it to the kernel "
     "(decode.py:3264-3310, prefill.py:836-931); a sink needs the AttentionSink JIT variant"
 )
-
-
-def _is_fp8(dtype: "torch.dtype") -> bool:
-    return dtype.itemsize == 1
 
 
 def _v_scale_arg(name: str, v_scale: Any, device_index: int) -> Any:
@@ -65,44 +52,66 @@ def _v_scale_arg(name: str, v_scale: Any, device_index: int) -> Any:
     return float(v_scale) if isinstance(v_scale, int) else v_scale
 
 
-# ---------------------------------------------------------------- mha_decode
+class _WrapperAdapter(FlashInferAdapter):
+    """A FlashInfer wrapper object, built by the first ``plan()`` and planned again by each later one.
 
-
-class _PagedDecode(FlashInferAdapter):
-    """``BatchDecodeWithPagedKVCacheWrapper`` with an explicit inner kernel."""
-
-    op = "mha_decode"
-    use_tensor_cores = False
-    drops = {"sinks": _SINKS_DROPPED}
+    Subclasses implement ``_make_wrapper(*shape)``.  In CUDA-graph mode the
+    first plan's shape is final: the wrapper's index buffers are fixed.
+    """
 
     def __init__(self, spec: Any, request: Any) -> None:
         super().__init__(spec, request)
         self._wrapper = None
         self._graph_shape: Optional[tuple] = None
 
-    def _make_wrapper(self, batch: int, max_pages: int) -> Any:
+    def _ensure_wrapper(self, shape: tuple, fixed: str) -> None:
+        """Build the wrapper for ``shape`` once; a CUDA-graph adapter refuses another shape (``fixed`` says which)."""
+        if self._wrapper is None or (self.request.cuda_graph and shape != self._graph_shape):
+            if self._wrapper is not None:
+                raise AdapterInputError(
+                    f"{self.spec.name}: CUDA-graph mode fixes {fixed} at the first plan {self._graph_shape}; "
+                    f"got {shape}. Use one adapter per captured shape."
+                )
+            self._wrapper, self._graph_shape = self._make_wrapper(*shape), shape
+
+    def _new_wrapper(self, wrapper: Any, *args: Any, graph_buffers: dict, **kwargs: Any) -> Any:
+        """``wrapper(workspace, *args, **kwargs)``; in CUDA-graph mode also ``use_cuda_graph=True`` and, per
+        ``graph_buffers`` entry (keyword -> length), the int32 device buffer FlashInfer plans into."""
         import torch
 
         ws = float_workspace(self._device, "flashinfer-fa", FLOAT_WORKSPACE_BYTES)
-        kwargs: dict = {}
+        graph: dict = {}
         if self.request.cuda_graph:
-            kwargs = dict(
-                use_cuda_graph=True,
-                paged_kv_indptr_buffer=torch.empty(batch + 1, dtype=torch.int32, device=self._device),
-                paged_kv_indices_buffer=torch.empty(max(1, batch * max_pages), dtype=torch.int32, device=self._device),
-                paged_kv_last_page_len_buffer=torch.empty(batch, dtype=torch.int32, device=self._device),
-            )
+            graph = dict(use_cuda_graph=True)
+            for name, length in graph_buffers.items():
+                graph[name] = torch.empty(length, dtype=torch.int32, device=self._device)
+        return wrapper(ws, *args, **kwargs, **graph)
+
+
+# ---------------------------------------------------------------- mha_decode
+
+
+class _PagedDecode(_WrapperAdapter):
+    """``BatchDecodeWithPagedKVCacheWrapper`` with an explicit inner kernel."""
+
+    op = "mha_decode"
+    use_tensor_cores = False
+    drops = {"sinks": _SINKS_DROPPED}
+
+    def _make_wrapper(self, batch: int, max_pages: int) -> Any:
         backend = {"backend": "fa2"} if self.use_tensor_cores else {}
-        return self._fi.BatchDecodeWithPagedKVCacheWrapper(
-            ws, "NHD", use_tensor_cores=self.use_tensor_cores, **backend, **kwargs
+        return self._new_wrapper(
+            self._fi.BatchDecodeWithPagedKVCacheWrapper, "NHD", use_tensor_cores=self.use_tensor_cores, **backend,
+            graph_buffers=dict(
+                paged_kv_indptr_buffer=batch + 1,
+                paged_kv_indices_buffer=max(1, batch * max_pages),
+                paged_kv_last_page_len_buffer=batch,
+            ),
         )
 
     def plan(self, metadata: Any) -> None:
         r = self.request
-        self._check_options(metadata)
-        contract = f"{self.spec.name}, {self.op}"
-        self._bind_device(metadata.block_table)
-        batch = check_paged_metadata(metadata.block_table, metadata.seq_lens, r.page_size, contract=contract)
+        batch = self._plan_paged(metadata)
         q_len = int(metadata.q_len)
         if q_len > 1 and not self.use_tensor_cores:
             raise UnsupportedFeatureError(
@@ -112,14 +121,7 @@ class _PagedDecode(FlashInferAdapter):
         d, dv = r.head_dim_qk, r.head_dim_vo or r.head_dim_qk
         if dv != d:
             raise UnsupportedFeatureError(f"{self.spec.name}: head_dim_vo {dv} != head_dim_qk {d}; the decode wrapper has one head_dim")
-        shape = (batch, metadata.block_table.shape[1])
-        if self._wrapper is None or (r.cuda_graph and shape != self._graph_shape):
-            if self._wrapper is not None:
-                raise AdapterInputError(
-                    f"{self.spec.name}: CUDA-graph mode fixes batch and block_table width at the first plan "
-                    f"{self._graph_shape}; got {shape}. Use one adapter per captured shape."
-                )
-            self._wrapper, self._graph_shape = self._make_wrapper(*shape), shape
+        self._ensure_wrapper((batch, metadata.block_table.shape[1]), "batch and block_table width")
         indptr, indices, last = block_table_to_csr(metadata.block_table, metadata.seq_lens, r.page_size)
         extra = {"q_len_per_req": q_len} if self.use_tensor_cores else {}
         self._wrapper.plan(
@@ -129,35 +131,21 @@ class _PagedDecode(FlashInferAdapter):
             sm_scale=self._sm_scale(metadata, d), seq_lens=metadata.seq_lens, **extra,
         )
         t = batch * q_len
-        q_shape, kv_tail = (t, r.num_qo_heads, d), (r.page_size, r.num_kv_heads, d)
-        self._plan_io(
-            (("q", q_shape, self.q_dtype, False), ("k_cache", kv_tail, self.kv_dtype, True),
-             ("v_cache", kv_tail, self.kv_dtype, True)),
-            out_shape=q_shape, lse_shape=(t, r.num_qo_heads),
-        )
-        if self.kv_dtype.itemsize == 1:
-            self._plan_buffer("q", q_shape, self.q_dtype)
+        self._plan_mha_io(t, d, d)
+        if self._fp8_kv:
+            self._plan_buffer("q", (t, r.num_qo_heads, d), self.q_dtype)
         self._planned = True
 
     def run(self, q, k_cache, v_cache, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
-        try:
-            sig = (q.dtype, q.shape, q.get_device(), k_cache.dtype, k_cache.shape, k_cache.get_device(),
-                   v_cache.dtype, v_cache.shape, v_cache.get_device())
-        except AttributeError:
-            sig = None
-        if sig != self._sig:
-            self._learn_inputs(sig, q, k_cache, v_cache)
-        if sinks is not None:
-            self._refuse("sinks", True)
-        want = self._want_lse if out is None and lse is None else self._outputs(out, lse)
+        want = self._check_inputs(q, k_cache, v_cache, sinks, out, lse)
         if q_scale.__class__ is float and k_scale.__class__ is float and v_scale.__class__ is float:
             host = q_scale * k_scale
             if host == 1.0 and v_scale == 1.0:  # the common case, kept short: this is per layer
                 res = self._wrapper.run(q, (k_cache, v_cache), out=out, lse=lse, return_lse=want, enable_pdl=self._pdl)
                 if not want:
-                    return _new_tuple(AttentionResult, (res, None))
+                    return new_tuple(AttentionResult, (res, None))
                 res[1].mul_(LN2)
-                return _new_tuple(AttentionResult, res)
+                return new_tuple(AttentionResult, res)
         else:
             host, dev = self._scales(("q_scale", "k_scale"), (q_scale, k_scale))
             if dev:
@@ -168,10 +156,7 @@ class _PagedDecode(FlashInferAdapter):
             v_scale=_v_scale_arg("v_scale", v_scale, self._device_index),
             out=out, lse=lse, return_lse=want, enable_pdl=self._pdl,
         )
-        if not want:
-            return AttentionResult(res)
-        res[1].mul_(LN2)
-        return AttentionResult(res[0], res[1])
+        return ln_lse_result(res, want)
 
 
 class FA2Decode(_PagedDecode):
@@ -198,51 +183,31 @@ class FA2TCDecode(_PagedDecode):
 # ---------------------------------------------------------------- mha_extend
 
 
-class _PagedPrefill(FlashInferAdapter):
+class _PagedPrefill(_WrapperAdapter):
     """``BatchPrefillWithPagedKVCacheWrapper`` (``mha_extend``) on an explicit FA backend."""
 
     op = "mha_extend"
     backend = ""
     drops = {"sinks": _SINKS_DROPPED}
 
-    def __init__(self, spec: Any, request: Any) -> None:
-        super().__init__(spec, request)
-        self._wrapper = None
-        self._graph_shape: Optional[tuple] = None
-        self._fp8_q = _is_fp8(self.q_dtype)
-
     def _make_wrapper(self, batch: int, max_pages: int) -> Any:
-        import torch
-
-        ws = float_workspace(self._device, "flashinfer-fa", FLOAT_WORKSPACE_BYTES)
-        kwargs: dict = {}
-        if self.request.cuda_graph:
-            i32 = dict(dtype=torch.int32, device=self._device)
-            kwargs = dict(
-                use_cuda_graph=True,
-                qo_indptr_buf=torch.empty(batch + 1, **i32),
-                paged_kv_indptr_buf=torch.empty(batch + 1, **i32),
-                paged_kv_indices_buf=torch.empty(max(1, batch * max_pages), **i32),
-                paged_kv_last_page_len_buf=torch.empty(batch, **i32),
-            )
-        return self._fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=self.backend, **kwargs)
+        return self._new_wrapper(
+            self._fi.BatchPrefillWithPagedKVCacheWrapper, "NHD", backend=self.backend,
+            graph_buffers=dict(
+                qo_indptr_buf=batch + 1,
+                paged_kv_indptr_buf=batch + 1,
+                paged_kv_indices_buf=max(1, batch * max_pages),
+                paged_kv_last_page_len_buf=batch,
+            ),
+        )
 
     def plan(self, metadata: Any) -> None:
         r = self.request
-        self._check_options(metadata, causal=metadata.causal)
-        self._check_fp8_options(metadata)
-        contract = f"{self.spec.name}, {self.op}"
-        self._bind_device(metadata.block_table)
-        batch = check_paged_metadata(metadata.block_table, metadata.seq_lens, r.page_size, contract=contract)
-        total = check_cu_seqlens("cu_seqlens_q", metadata.cu_seqlens_q, batch, device=self._device, contract=contract)
-        shape = (batch, metadata.block_table.shape[1])
-        if self._wrapper is None or (r.cuda_graph and shape != self._graph_shape):
-            if self._wrapper is not None:
-                raise AdapterInputError(
-                    f"{self.spec.name}: CUDA-graph mode fixes batch and block_table width at the first plan "
-                    f"{self._graph_shape}; got {shape}. Use one adapter per captured shape."
-                )
-            self._wrapper, self._graph_shape = self._make_wrapper(*shape), shape
+        batch = self._plan_paged(metadata, causal=metadata.causal)
+        total = check_cu_seqlens(
+            "cu_seqlens_q", metadata.cu_seqlens_q, batch, device=self._device, contract=self._contract
+        )
+        self._ensure_wrapper((batch, metadata.block_table.shape[1]), "batch and block_table width")
         d, dv = r.head_dim_qk, r.head_dim_vo or r.head_dim_qk
         indptr, indices, last = block_table_to_csr(metadata.block_table, metadata.seq_lens, r.page_size)
         self._wrapper.plan(
@@ -252,34 +217,34 @@ class _PagedPrefill(FlashInferAdapter):
             q_data_type=self.q_dtype, kv_data_type=self.kv_dtype, o_data_type=self.out_dtype,
             seq_lens=metadata.seq_lens,
         )
-        q_shape = (total, r.num_qo_heads, d)
-        self._plan_io(
-            (("q", q_shape, self.q_dtype, False),
-             ("k_cache", (r.page_size, r.num_kv_heads, d), self.kv_dtype, True),
-             ("v_cache", (r.page_size, r.num_kv_heads, dv), self.kv_dtype, True)),
-            out_shape=(total, r.num_qo_heads, dv), lse_shape=(total, r.num_qo_heads),
-        )
-        if self._fp8_q:
-            self._plan_per_head_scales()
-        elif self.kv_dtype.itemsize == 1:
-            self._plan_buffer("q", q_shape, self.q_dtype)
+        self._plan_mha_io(total, d, dv)
+        self._plan_scale_buffers((total, r.num_qo_heads, d))
         self._planned = True
 
-    def _check_fp8_options(self, metadata: Any) -> None:
+    def _check_options(self, metadata: Any, *, causal: Optional[bool] = None) -> None:
+        super()._check_options(metadata, causal=causal)
         if self._fp8_q and metadata.logits_soft_cap > 0:
             raise UnsupportedFeatureError(
                 f"{self.spec.name}: logits_soft_cap with an FP8 query: FA3's FP8 variant has no soft cap "
                 "and would ignore it (jit/attention/modules.py:1093-1107, hopper/variants.cuh DefaultFP8Attention)"
             )
 
-    def _plan_per_head_scales(self) -> None:
-        """FA3's FP8 kernel reads scale tensors per head (hopper/variants.cuh get_q_scale/get_k_scale)."""
+    def _plan_scale_buffers(self, q_shape: tuple) -> None:
+        """Plan the buffers run() writes tensor scales into.
+
+        FA3's FP8 kernel reads scale tensors per head (hopper/variants.cuh
+        get_q_scale/get_k_scale); a 16-bit query over an FP8 cache is scaled
+        into a copy of the query.
+        """
         import torch
 
         r = self.request
-        self._plan_buffer("scale_q", (r.num_qo_heads,), torch.float32)
-        self._plan_buffer("scale_k", (r.num_kv_heads,), torch.float32)
-        self._plan_buffer("scale_v", (r.num_kv_heads,), torch.float32)
+        if self._fp8_q:
+            self._plan_buffer("scale_q", (r.num_qo_heads,), torch.float32)
+            self._plan_buffer("scale_k", (r.num_kv_heads,), torch.float32)
+            self._plan_buffer("scale_v", (r.num_kv_heads,), torch.float32)
+        elif self._fp8_kv:
+            self._plan_buffer("q", q_shape, self.q_dtype)
 
     def _fp8_args(self, q_scale: Any, k_scale: Any, v_scale: Any) -> tuple:
         """FA3 FP8 scale arguments: floats as they are, tensors broadcast into the planned per-head buffers."""
@@ -295,16 +260,7 @@ class _PagedPrefill(FlashInferAdapter):
         return tuple(args)
 
     def run(self, q, k_cache, v_cache, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
-        try:
-            sig = (q.dtype, q.shape, q.get_device(), k_cache.dtype, k_cache.shape, k_cache.get_device(),
-                   v_cache.dtype, v_cache.shape, v_cache.get_device())
-        except AttributeError:
-            sig = None
-        if sig != self._sig:
-            self._learn_inputs(sig, q, k_cache, v_cache)
-        if sinks is not None:
-            self._refuse("sinks", True)
-        want = self._want_lse if out is None and lse is None else self._outputs(out, lse)
+        want = self._check_inputs(q, k_cache, v_cache, sinks, out, lse)
         if (
             not self._fp8_q and q_scale.__class__ is float and k_scale.__class__ is float
             and v_scale.__class__ is float and q_scale * k_scale == 1.0 and v_scale == 1.0
@@ -312,7 +268,7 @@ class _PagedPrefill(FlashInferAdapter):
             res = self._wrapper.run(
                 q, (k_cache, v_cache), out=out, lse=lse, return_lse=want, lse_base="ln", enable_pdl=self._pdl
             )
-            return _new_tuple(AttentionResult, res if want else (res, None))
+            return new_tuple(AttentionResult, res if want else (res, None))
         if self._fp8_q:
             args, host, v_arg = self._fp8_args(q_scale, k_scale, v_scale), 1.0, None
         else:
@@ -343,7 +299,6 @@ class FA3Extend(_PagedPrefill):
     backend = "fa3"
 
 
-
 class CuteDSLExtend(_PagedPrefill):
     """FlashInfer paged prefill, ``backend="cute-dsl"``: the CuTe-DSL (FA4-lineage) kernel for sm_100+.
 
@@ -364,6 +319,7 @@ class CuteDSLExtend(_PagedPrefill):
                 )
         return super().run(q, k_cache, v_cache, sinks=sinks, out=out, lse=lse)
 
+
 # --------------------------------------------------------------- mha_prefill
 
 
@@ -378,36 +334,22 @@ class _RaggedPrefill(_PagedPrefill):
 
     op = "mha_prefill"
 
-    def _make_wrapper(self, batch: int, _unused: int = 0) -> Any:
-        import torch
-
-        ws = float_workspace(self._device, "flashinfer-fa", FLOAT_WORKSPACE_BYTES)
-        kwargs: dict = {}
-        if self.request.cuda_graph:
-            i32 = dict(dtype=torch.int32, device=self._device)
-            kwargs = dict(
-                use_cuda_graph=True,
-                qo_indptr_buf=torch.empty(batch + 1, **i32),
-                kv_indptr_buf=torch.empty(batch + 1, **i32),
-            )
-        return self._fi.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend=self.backend, **kwargs)
+    def _make_wrapper(self, batch: int) -> Any:
+        return self._new_wrapper(
+            self._fi.BatchPrefillWithRaggedKVCacheWrapper, "NHD", backend=self.backend,
+            graph_buffers=dict(qo_indptr_buf=batch + 1, kv_indptr_buf=batch + 1),
+        )
 
     def plan(self, metadata: Any) -> None:
         r = self.request
         self._check_options(metadata, causal=metadata.causal)
-        self._check_fp8_options(metadata)
-        contract = f"{self.spec.name}, {self.op}"
         self._bind_device(metadata.cu_seqlens_q)
-        tq = check_cu_seqlens("cu_seqlens_q", metadata.cu_seqlens_q, contract=contract)
+        tq = check_cu_seqlens("cu_seqlens_q", metadata.cu_seqlens_q, contract=self._contract)
         batch = metadata.cu_seqlens_q.shape[0] - 1
-        tk = check_cu_seqlens("cu_seqlens_kv", metadata.cu_seqlens_kv, batch, device=self._device, contract=contract)
-        if self._wrapper is None or (r.cuda_graph and (batch,) != self._graph_shape):
-            if self._wrapper is not None:
-                raise AdapterInputError(
-                    f"{self.spec.name}: CUDA-graph mode fixes the batch at the first plan {self._graph_shape}; "
-                    f"got {(batch,)}. Use one adapter per captured shape."
-                )
-            self._wrapper, self._graph_shape = self._make_wrapper(batch), (batch,)
+        tk = check_cu_seqlens(
+            "cu_seqlens_kv", metadata.cu_seqlens_kv, batch, device=self._device, contract=self._contract
+        )
+        self._ensure_wrapper((batch,), "the batch")
         d, dv = r.head_dim_qk, r.head_dim_vo or r.head_dim_qk
         self._wrapper.plan(
             metadata.cu_seqlens_q, metadata.cu_seqlens_kv, r.num_qo_heads, r.num_kv_heads, d,
@@ -421,22 +363,11 @@ class _RaggedPrefill(_PagedPrefill):
              ("v", (tk, r.num_kv_heads, dv), self.kv_dtype, False)),
             out_shape=(tq, r.num_qo_heads, dv), lse_shape=(tq, r.num_qo_heads),
         )
-        if self._fp8_q:
-            self._plan_per_head_scales()
-        elif self.kv_dtype.itemsize == 1:
-            self._plan_buffer("q", q_shape, self.q_dtype)
+        self._plan_scale_buffers(q_shape)
         self._planned = True
 
     def run(self, q, k, v, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
-        try:
-            sig = (q.dtype, q.shape, q.get_device(), k.dtype, k.shape, k.get_device(), v.dtype, v.shape, v.get_device())
-        except AttributeError:
-            sig = None
-        if sig != self._sig:
-            self._learn_inputs(sig, q, k, v)
-        if sinks is not None:
-            self._refuse("sinks", True)
-        want = self._outputs(out, lse)
+        want = self._check_inputs(q, k, v, sinks, out, lse)
         if self._fp8_q:
             args = self._fp8_args(q_scale, k_scale, v_scale)
         else:
@@ -473,7 +404,7 @@ class FA3Prefill(_RaggedPrefill):
 # ---------------------------------------------------------------- mla_decode
 
 
-class _MLADecode(FlashInferAdapter):
+class _MLADecode(_WrapperAdapter):
     """``BatchMLAPagedAttentionWrapper`` with its keyword API: ``plan(metadata=MLAPlanMetadata.csr(...))``.
 
     The query goes in split (``query=(q_nope, q_pe)``), the latent cache packed
@@ -491,49 +422,23 @@ class _MLADecode(FlashInferAdapter):
         "logits_soft_cap": "FlashInfer's FA MLA backends have no soft cap (fa2_backend.py:21-28 capabilities)",
     }
 
-    def __init__(self, spec: Any, request: Any) -> None:
-        super().__init__(spec, request)
-        self._wrapper = None
-        self._graph_shape: Optional[tuple] = None
-        self._fp8_kv = _is_fp8(self.kv_dtype)
-
     def _make_wrapper(self, batch: int, max_pages: int) -> Any:
-        import torch
-
-        ws = float_workspace(self._device, "flashinfer-fa", FLOAT_WORKSPACE_BYTES)
-        kwargs: dict = {}
-        if self.request.cuda_graph:
-            i32 = dict(dtype=torch.int32, device=self._device)
-            kwargs = dict(
-                use_cuda_graph=True,
-                qo_indptr=torch.empty(batch + 1, **i32),
-                kv_indptr=torch.empty(batch + 1, **i32),
-                kv_indices=torch.empty(max(1, batch * max_pages), **i32),
-                kv_len_arr=torch.empty(batch, **i32),
-            )
-        return self._fi.mla.BatchMLAPagedAttentionWrapper(ws, backend=self.backend, **kwargs)
+        return self._new_wrapper(
+            self._fi.mla.BatchMLAPagedAttentionWrapper, backend=self.backend,
+            graph_buffers=dict(
+                qo_indptr=batch + 1, kv_indptr=batch + 1, kv_indices=max(1, batch * max_pages), kv_len_arr=batch
+            ),
+        )
 
     def plan(self, metadata: Any) -> None:
         r = self.request
-        self._check_options(metadata)
-        contract = f"{self.spec.name}, {self.op}"
-        self._bind_device(metadata.block_table)
-        batch = check_paged_metadata(metadata.block_table, metadata.seq_lens, r.page_size, contract=contract)
+        batch = self._plan_paged(metadata)
         q_len = int(metadata.q_len)
-        shape = (batch, metadata.block_table.shape[1])
-        if self._wrapper is None or (r.cuda_graph and shape != self._graph_shape):
-            if self._wrapper is not None:
-                raise AdapterInputError(
-                    f"{self.spec.name}: CUDA-graph mode fixes batch and block_table width at the first plan "
-                    f"{self._graph_shape}; got {shape}. Use one adapter per captured shape."
-                )
-            self._wrapper, self._graph_shape = self._make_wrapper(*shape), shape
+        self._ensure_wrapper((batch, metadata.block_table.shape[1]), "batch and block_table width")
         rank, rope = r.kv_lora_rank, r.qk_rope_head_dim
         kv_indptr, kv_indices, _ = block_table_to_csr(metadata.block_table, metadata.seq_lens, r.page_size)
         qo_indptr = uniform_cu_seqlens(batch, q_len, device=self._device)
-        sm_scale = metadata.sm_scale
-        if sm_scale is None:
-            sm_scale = 1.0 / math.sqrt(r.qk_nope_head_dim + rope)
+        sm_scale = self._sm_scale(metadata, r.qk_nope_head_dim + rope)
         want = bool(r.return_lse)
         self._wrapper.plan(
             metadata=self._fi.mla.MLAPlanMetadata.csr(qo_indptr, kv_indptr, kv_indices, metadata.seq_lens),
@@ -544,28 +449,14 @@ class _MLADecode(FlashInferAdapter):
             scale_mode="kv-per-tensor" if self._fp8_kv else "default",
         )  # no enable_pdl: the FA MLA backends refuse enable_pdl=True (_capabilities.py plan check)
         t = batch * q_len
-        nope_shape, pe_shape = (t, r.num_qo_heads, rank), (t, r.num_qo_heads, rope)
-        self._plan_io(
-            (("q_nope", nope_shape, self.q_dtype, False), ("q_pe", pe_shape, self.q_dtype, False),
-             ("kv_cache", (r.page_size, rank + rope), self.kv_dtype, True)),
-            out_shape=nope_shape, lse_shape=(t, r.num_qo_heads),
-        )
+        self._plan_mla_io(t, rank, rope)
         if self._fp8_kv:
-            self._plan_buffer("q_nope", nope_shape, self.q_dtype)
-            self._plan_buffer("q_pe", pe_shape, self.q_dtype)
+            self._plan_buffer("q_nope", (t, r.num_qo_heads, rank), self.q_dtype)
+            self._plan_buffer("q_pe", (t, r.num_qo_heads, rope), self.q_dtype)
         self._planned = True
 
     def run(self, q_nope, q_pe, kv_cache, *, q_scale=1.0, kv_scale=1.0, sinks=None, out=None, lse=None):
-        try:
-            sig = (q_nope.dtype, q_nope.shape, q_nope.get_device(), q_pe.dtype, q_pe.shape, q_pe.get_device(),
-                   kv_cache.dtype, kv_cache.shape, kv_cache.get_device())
-        except AttributeError:
-            sig = None
-        if sig != self._sig:
-            self._learn_inputs(sig, q_nope, q_pe, kv_cache)
-        if sinks is not None:
-            self._refuse("sinks", True)
-        want = self._want_lse if out is None and lse is None else self._outputs(out, lse)
+        want = self._check_inputs(q_nope, q_pe, kv_cache, sinks, out, lse)
         if q_scale.__class__ is float and kv_scale.__class__ is float and q_scale == 1.0 and (
             kv_scale == 1.0 or self._fp8_kv
         ):  # the common case: nothing to apply outside the kernel
@@ -574,7 +465,7 @@ class _MLADecode(FlashInferAdapter):
                 query=(q_nope, q_pe), kv_cache=kv_cache, out=out, lse=lse,
                 return_lse=want, return_lse_base_on_e=want, **fp8_args,
             )
-            return _new_tuple(AttentionResult, res if want else (res, None))
+            return new_tuple(AttentionResult, res if want else (res, None))
         kv_in_kernel = self._fp8_kv and isinstance(kv_scale, (int, float))
         if kv_in_kernel:  # FlashInfer dequantises FP8 KV with a host float (mla.cuh:312-377)
             host, dev = self._scales(("q_scale",), (q_scale,))

@@ -1,4 +1,4 @@
-"""What every FlashInfer adapter shares: request facts, workspaces, scales, LSE base, fast checks.
+"""What every FlashInfer adapter shares: request facts, workspaces, scales, LSE base, plan and run checks.
 
 FlashInfer's entry points differ in how they take FP8 scales (host floats
 folded into ``sm_scale``, device tensors, per-head arrays, ``bmm1``/``bmm2``
@@ -21,6 +21,8 @@ import math
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from registry.adapters.base import Adapter, check_tensor, import_library, torch_dtype, workspace
+from registry.adapters.paged import check_paged_metadata
+from registry.contracts import AttentionResult
 from registry.errors import AdapterInputError, UnsupportedFeatureError
 
 if TYPE_CHECKING:
@@ -37,6 +39,9 @@ XQA_WORKSPACE_BYTES = 256 << 20
 
 TRTLLM_GEN_WORKSPACE_BYTES = 256 << 20
 """trtllm-gen: multi-CTA partial outputs and softmax statistics."""
+
+new_tuple = tuple.__new__
+"""``new_tuple(AttentionResult, (out, lse))``: the result without NamedTuple.__new__'s Python frame, on the hot path."""
 
 
 def flashinfer() -> Any:
@@ -98,6 +103,17 @@ def _matches(t: Any, sig: tuple) -> bool:
         return False
 
 
+def ln_lse_result(res: Any, want: bool) -> AttentionResult:
+    """The result of a kernel that returns ``out``, or ``(out, lse)`` with a base-2 LSE when ``want``.
+
+    The LSE is turned into the contract's natural log in place.
+    """
+    if not want:
+        return new_tuple(AttentionResult, (res, None))
+    res[1].mul_(LN2)
+    return new_tuple(AttentionResult, (res[0], res[1]))
+
+
 def mul_out(out: "torch.Tensor", scale: Any) -> None:
     """``out *= scale`` for a non-unit number or a one-element tensor (in place, capturable)."""
     if isinstance(scale, (int, float)):
@@ -127,6 +143,8 @@ class FlashInferAdapter(Adapter):
         self._fi = flashinfer()
         self.q_dtype = torch_dtype(request.q_dtype)
         self.kv_dtype = torch_dtype(request.kv_dtype)
+        self._fp8_q = self.q_dtype.itemsize == 1
+        self._fp8_kv = self.kv_dtype.itemsize == 1
         self.out_dtype = self._default_out_dtype(request)
         self._device = None
         self._device_index = -1
@@ -144,7 +162,18 @@ class FlashInferAdapter(Adapter):
         q = torch_dtype(request.q_dtype)
         return torch.bfloat16 if q in (torch.float8_e4m3fn, torch.float8_e5m2) else q
 
+    @property
+    def _contract(self) -> str:
+        """Names the kernel and op in input errors."""
+        return f"{self.spec.name}, {self.op}"
+
     # -- plan-time helpers --------------------------------------------------
+
+    def _plan_paged(self, metadata: Any, *, causal: Optional[bool] = None) -> int:
+        """Refuse unselected plan options, fix the device, validate ``block_table``/``seq_lens``; return the batch."""
+        self._check_options(metadata, causal=causal)
+        self._bind_device(metadata.block_table)
+        return check_paged_metadata(metadata.block_table, metadata.seq_lens, self.request.page_size, contract=self._contract)
 
     def _bind_device(self, t: "torch.Tensor") -> None:
         """Fix the device from the plan metadata; FlashInfer needs CUDA tensors."""
@@ -180,7 +209,43 @@ class FlashInferAdapter(Adapter):
         self._out_sig = (self.out_dtype, torch.Size(out_shape), dev)
         self._lse_sig = (torch.float32, torch.Size(lse_shape), dev)
 
+    def _plan_mha_io(self, tokens: int, d: int, dv: int) -> None:
+        """``_plan_io`` of MHA over the paged cache: q ``[tokens, Hq, D]``, k/v caches ``[*, S, Hkv, D|Dv]``."""
+        r = self.request
+        self._plan_io(
+            (("q", (tokens, r.num_qo_heads, d), self.q_dtype, False),
+             ("k_cache", (r.page_size, r.num_kv_heads, d), self.kv_dtype, True),
+             ("v_cache", (r.page_size, r.num_kv_heads, dv), self.kv_dtype, True)),
+            out_shape=(tokens, r.num_qo_heads, dv), lse_shape=(tokens, r.num_qo_heads),
+        )
+
+    def _plan_mla_io(self, tokens: int, rank: int, rope: int) -> None:
+        """``_plan_io`` of MLA: q_nope ``[tokens, Hq, R]``, q_pe ``[tokens, Hq, Dr]``, the latent cache ``[*, S, R+Dr]``."""
+        r = self.request
+        nope_shape = (tokens, r.num_qo_heads, rank)
+        self._plan_io(
+            (("q_nope", nope_shape, self.q_dtype, False), ("q_pe", (tokens, r.num_qo_heads, rope), self.q_dtype, False),
+             ("kv_cache", (r.page_size, rank + rope), self.kv_dtype, True)),
+            out_shape=nope_shape, lse_shape=(tokens, r.num_qo_heads),
+        )
+
     # -- run-time helpers (hot path: keep them cheap) ----------------------
+
+    def _check_inputs(self, a: Any, b: Any, c: Any, sinks: Any, out: Any, lse: Any) -> bool:
+        """run()'s checks of its three tensors, ``sinks`` and ``out``/``lse``; return whether the LSE is wanted.
+
+        The tensors' signature is compared with the last one that passed; the
+        other checks run only when an argument is given (or sinks requested).
+        """
+        try:
+            sig = (a.dtype, a.shape, a.get_device(), b.dtype, b.shape, b.get_device(), c.dtype, c.shape, c.get_device())
+        except AttributeError:
+            sig = None
+        if sig != self._sig:
+            self._learn_inputs(sig, a, b, c)
+        if sinks is not None:
+            self._check_sinks(sinks)
+        return self._want_lse if out is None and lse is None else self._outputs(out, lse)
 
     def _learn_inputs(self, sig: Optional[tuple], *tensors: Any) -> None:
         """A signature run() has not seen since plan(): check every argument, then remember it.
@@ -209,6 +274,17 @@ class FlashInferAdapter(Adapter):
                 self._expect("lse", lse, self._lse_sig[1], self._lse_sig[0])
         return self._want_lse
 
+    def _check_sinks(self, sinks: Any) -> None:
+        """``sinks`` (fp32 ``[num_qo_heads]``) is passed exactly when the request asked for sinks."""
+        import torch
+
+        if sinks is None:
+            if self.request.sinks:
+                raise AdapterInputError(f"{self.spec.name}: the request has sinks=True; pass sinks= (fp32 [num_qo_heads])")
+            return
+        self._refuse("sinks", not self.request.sinks)
+        self._expect("sinks", sinks, (self.request.num_qo_heads,), torch.float32)
+
     def _expect(self, name: str, t: Any, shape: tuple, dtype: "torch.dtype", *, tail: bool = False) -> None:
         """Cheap check of shape (or ``shape[1:]`` with ``tail``), dtype and device; the slow path explains."""
         try:
@@ -221,10 +297,8 @@ class FlashInferAdapter(Adapter):
             ok = False
         if not ok:
             want = ((None,) + tuple(shape)) if tail else shape
-            check_tensor(name, t, shape=want, dtype=dtype, contract=f"{self.spec.name}, {self.op}")
-            raise AdapterInputError(
-                f"{name}: on {t.device}, expected {self._device} ({self.spec.name}, {self.op})"
-            )
+            check_tensor(name, t, shape=want, dtype=dtype, contract=self._contract)
+            raise AdapterInputError(f"{name}: on {t.device}, expected {self._device} ({self._contract})")
 
     def _scales(self, names: tuple, scales: tuple) -> tuple[float, list]:
         """Validate scales (floats skip the checks) and split them into a host product and tensors."""

@@ -27,21 +27,17 @@ import math
 from typing import TYPE_CHECKING, Any, Optional
 
 from registry.adapters.flashinfer_common import (
-    LN2,
     TRTLLM_GEN_WORKSPACE_BYTES,
     XQA_WORKSPACE_BYTES,
     FlashInferAdapter,
     check_scale,
     float_workspace,
+    ln_lse_result,
     mul_out,
+    new_tuple,
     scale_product,
 )
-from registry.adapters.paged import (
-    check_cu_seqlens,
-    check_paged_metadata,
-    cu_seqlens_from_lens,
-    logical_to_slot,
-)
+from registry.adapters.paged import check_cu_seqlens, cu_seqlens_from_lens, logical_to_slot
 from registry.contracts import AttentionResult
 from registry.errors import AdapterInputError, UnsupportedFeatureError
 
@@ -49,7 +45,6 @@ if TYPE_CHECKING:
     import torch
 
 _LOG2E = 1.0 / math.log(2.0)
-_new_tuple = tuple.__new__  # AttentionResult without NamedTuple.__new__'s Python frame, on the hot path
 
 
 class _TrtllmAdapter(FlashInferAdapter):
@@ -63,11 +58,7 @@ class _TrtllmAdapter(FlashInferAdapter):
         import torch
 
         r = self.request
-        self._check_options(metadata, causal=causal)
-        self._bind_device(metadata.block_table)
-        batch = check_paged_metadata(
-            metadata.block_table, metadata.seq_lens, r.page_size, contract=f"{self.spec.name}, {self.op}"
-        )
+        batch = self._plan_paged(metadata, causal=causal)
         if r.cuda_graph:  # a captured run() reads fixed buffers; re-planning refills them
             self._block_table = self._graph_buffer("block_table", metadata.block_table)
             self._seq_lens = self._graph_buffer("seq_lens", metadata.seq_lens)
@@ -116,36 +107,11 @@ class _TrtllmAdapter(FlashInferAdapter):
         bmm2 = scale_product(self._buffers["bmm2"], v_host, v_dev)
         return bmm1, bmm2
 
-    def _check_mha_inputs(self, q, k_cache, v_cache, sinks, out, lse) -> bool:
-        try:
-            sig = (q.dtype, q.shape, q.get_device(), k_cache.dtype, k_cache.shape, k_cache.get_device(),
-                   v_cache.dtype, v_cache.shape, v_cache.get_device())
-        except AttributeError:
-            sig = None
-        if sig != self._sig:
-            self._learn_inputs(sig, q, k_cache, v_cache)
-        if sinks is not None or self.request.sinks:
-            self._check_sinks(sinks)
-        return self._want_lse if out is None and lse is None else self._outputs(out, lse)
+    def _check_q_len(self, q_len: int) -> None:
+        """Refuse a ``q_len`` the kernel cannot serve (decode ops)."""
 
-    def _plan_mha_io(self, tokens: int, d: int, dv: int) -> None:
-        r = self.request
-        self._plan_io(
-            (("q", (tokens, r.num_qo_heads, d), self.q_dtype, False),
-             ("k_cache", (r.page_size, r.num_kv_heads, d), self.kv_dtype, True),
-             ("v_cache", (r.page_size, r.num_kv_heads, dv), self.kv_dtype, True)),
-            out_shape=(tokens, r.num_qo_heads, dv), lse_shape=(tokens, r.num_qo_heads),
-        )
-
-    def _check_sinks(self, sinks: Any) -> None:
-        import torch
-
-        if sinks is None:
-            if self.request.sinks:
-                raise AdapterInputError(f"{self.spec.name}: the request has sinks=True; pass sinks= (fp32 [num_qo_heads])")
-            return
-        self._refuse("sinks", not self.request.sinks)
-        self._expect("sinks", sinks, (self.request.num_qo_heads,), torch.float32)
+    def _plan_kernel_state(self, batch: int) -> None:
+        """Plan what the kernel keeps between calls (decode ops)."""
 
 
 # ---------------------------------------------------------------- mha_decode
@@ -165,12 +131,6 @@ class _MHADecode(_TrtllmAdapter):
         self._plan_mha_io(batch * self._q_len, d, dv)
         self._plan_kernel_state(batch)
         self._planned = True
-
-    def _check_q_len(self, q_len: int) -> None:
-        pass
-
-    def _plan_kernel_state(self, batch: int) -> None:
-        pass
 
 
 class XQADecode(_MHADecode):
@@ -207,8 +167,8 @@ class XQADecode(_MHADecode):
             )
 
     def run(self, q, k_cache, v_cache, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
-        self._check_mha_inputs(q, k_cache, v_cache, sinks, out, lse)
-        fp8_kv = self.kv_dtype.itemsize == 1
+        self._check_inputs(q, k_cache, v_cache, sinks, out, lse)
+        fp8_kv = self._fp8_kv
         if q_scale.__class__ is float and k_scale.__class__ is float and v_scale.__class__ is float:
             bmm1, bmm2 = self._sm * q_scale * k_scale, v_scale if fp8_kv else 1.0
         else:
@@ -224,7 +184,7 @@ class XQADecode(_MHADecode):
         )
         if not fp8_kv and not (v_scale.__class__ is float and v_scale == 1.0):
             mul_out(out, v_scale)
-        return _new_tuple(AttentionResult, (out, None))
+        return new_tuple(AttentionResult, (out, None))
 
 
 class TrtllmGenDecode(_MHADecode):
@@ -246,7 +206,7 @@ class TrtllmGenDecode(_MHADecode):
         self._plan_counter(batch)
 
     def run(self, q, k_cache, v_cache, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
-        want = self._check_mha_inputs(q, k_cache, v_cache, sinks, out, lse)
+        want = self._check_inputs(q, k_cache, v_cache, sinks, out, lse)
         bmm1, bmm2 = self._bmm_scales(self._sm, (("q_scale", "k_scale"), (q_scale, k_scale)), (("v_scale",), (v_scale,)))
         log2 = None
         if not isinstance(bmm1, float):
@@ -259,10 +219,7 @@ class TrtllmGenDecode(_MHADecode):
             backend="trtllm-gen", q_len_per_req=self._q_len, lse=lse, return_lse=want,
             multi_ctas_kv_counter_buffer=self._buffers["counter"],
         )
-        if not want:
-            return AttentionResult(res)
-        res[1].mul_(LN2)
-        return AttentionResult(res[0], res[1])
+        return ln_lse_result(res, want)
 
 
 # ---------------------------------------------------------------- mha_extend
@@ -291,7 +248,7 @@ class TrtllmGenExtend(_TrtllmAdapter):
                 f"{self.spec.name}: a sliding window without causal masking is not supported (prefill.py:7693-7697)"
             )
         total = check_cu_seqlens(
-            "cu_seqlens_q", metadata.cu_seqlens_q, batch, device=self._device, contract=f"{self.spec.name}, {self.op}"
+            "cu_seqlens_q", metadata.cu_seqlens_q, batch, device=self._device, contract=self._contract
         )
         self._causal = bool(metadata.causal)
         self._batch = batch
@@ -317,7 +274,7 @@ class TrtllmGenExtend(_TrtllmAdapter):
         self._planned = True
 
     def run(self, q, k_cache, v_cache, *, sinks=None, q_scale=1.0, k_scale=1.0, v_scale=1.0, out=None, lse=None):
-        want = self._check_mha_inputs(q, k_cache, v_cache, sinks, out, lse)
+        want = self._check_inputs(q, k_cache, v_cache, sinks, out, lse)
         bmm1, bmm2 = self._bmm_scales(self._sm, (("q_scale", "k_scale"), (q_scale, k_scale)), (("v_scale",), (v_scale,)))
         res = self._fi.prefill.trtllm_batch_context_with_kv_cache(
             q, (k_cache, v_cache), self._workspace, self._block_table, self._seq_lens,
@@ -326,10 +283,7 @@ class TrtllmGenExtend(_TrtllmAdapter):
             enable_pdl=self._pdl, sinks=sinks, causal=self._causal, lse=lse, return_lse=want,
             multi_ctas_kv_counter_buffer=self._buffers["counter"], backend="trtllm-gen",
         )
-        if not want:
-            return AttentionResult(res)
-        res[1].mul_(LN2)
-        return AttentionResult(res[0], res[1])
+        return ln_lse_result(res, want)
 
 
 # ---------------------------------------------------------------- mla_decode
@@ -358,24 +312,12 @@ class _MLADecode(_TrtllmAdapter):
         self._batch, self._q_len = batch, int(metadata.q_len)
         self._check_q_len(self._q_len)
         rank, rope = r.kv_lora_rank, r.qk_rope_head_dim
-        sm = metadata.sm_scale
-        self._sm = sm if sm is not None else 1.0 / math.sqrt(r.qk_nope_head_dim + rope)
+        self._sm = self._sm_scale(metadata, r.qk_nope_head_dim + rope)
         t = batch * self._q_len
-        nope_shape = (t, r.num_qo_heads, rank)
-        self._plan_io(
-            (("q_nope", nope_shape, self.q_dtype, False), ("q_pe", (t, r.num_qo_heads, rope), self.q_dtype, False),
-             ("kv_cache", (r.page_size, rank + rope), self.kv_dtype, True)),
-            out_shape=nope_shape, lse_shape=(t, r.num_qo_heads),
-        )
+        self._plan_mla_io(t, rank, rope)
         self._plan_buffer("query", (t, r.num_qo_heads, rank + rope), self.q_dtype)
         self._plan_kernel_state(batch)
         self._planned = True
-
-    def _check_q_len(self, q_len: int) -> None:
-        pass
-
-    def _plan_kernel_state(self, batch: int) -> None:
-        pass
 
     def _packed_query(self, q_nope: "torch.Tensor", q_pe: "torch.Tensor") -> "torch.Tensor":
         """One ``[B, q_len, H, R+Dr]`` query: a view when q_nope/q_pe are halves of one row, else a copy."""
@@ -387,17 +329,6 @@ class _MLADecode(_TrtllmAdapter):
             packed[..., :rank].copy_(q_nope)
             packed[..., rank:].copy_(q_pe)
         return packed.unflatten(0, (self._batch, self._q_len))
-
-    def _check_inputs(self, q_nope, q_pe, kv_cache, sinks, out, lse) -> bool:
-        try:
-            sig = (q_nope.dtype, q_nope.shape, q_nope.get_device(), q_pe.dtype, q_pe.shape, q_pe.get_device(),
-                   kv_cache.dtype, kv_cache.shape, kv_cache.get_device())
-        except AttributeError:
-            sig = None
-        if sig != self._sig:
-            self._learn_inputs(sig, q_nope, q_pe, kv_cache)
-        self._check_sinks(sinks)
-        return self._outputs(out, lse)
 
     def _call(self, q_nope, q_pe, kv_cache, q_scale, kv_scale, sinks, out, lse, want, **extra):
         r = self.request
@@ -519,8 +450,7 @@ class TrtllmGenSparseMLADecode(_TrtllmAdapter):
         t, k = batch * self._q_len, int(r.topk)
         if k % 4:
             raise AdapterInputError(f"{self.spec.name}: topk={k}; rows must be 16-byte aligned (a multiple of 4 int32)")
-        sm = metadata.sm_scale
-        self._sm = sm if sm is not None else 1.0 / math.sqrt(r.qk_nope_head_dim + r.qk_rope_head_dim)
+        self._sm = self._sm_scale(metadata, r.qk_nope_head_dim + r.qk_rope_head_dim)
         self._plan_buffer("indices", (t, self._SWA_COLUMNS + k), torch.int32)
         self._plan_buffer("topk_lens", (t,), torch.int32)
         self._plan_buffer("no_window", (batch,), torch.int32)

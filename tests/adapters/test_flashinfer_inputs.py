@@ -23,6 +23,7 @@ torch = pytest.importorskip("torch")
 from registry.adapters import flashinfer as fa  # noqa: E402
 from registry.adapters import flashinfer_common as common  # noqa: E402
 from registry.adapters import flashinfer_trtllm as trt  # noqa: E402
+from registry.adapters.base import torch_dtype  # noqa: E402
 from registry.contracts import DecodeMetadata, ExtendMetadata, PrefillMetadata  # noqa: E402
 
 ALL_ADAPTERS = {
@@ -30,6 +31,7 @@ ALL_ADAPTERS = {
     fa.FA2TCDecode: "mha_decode",
     fa.FA2Extend: "mha_extend",
     fa.FA3Extend: "mha_extend",
+    fa.CuteDSLExtend: "mha_extend",
     fa.FA2Prefill: "mha_prefill",
     fa.FA3Prefill: "mha_prefill",
     fa.FA2MLADecode: "mla_decode",
@@ -238,18 +240,60 @@ def paged(batch=2, seq=(5, 9), page_size=4, max_pages=4):
     return bt, torch.tensor(seq[:batch], dtype=torch.int32)
 
 
+def offsets(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+CU_EXTEND = (0, 2, 5)  # new tokens of paged()'s two requests: 2 and 3
+CU_PREFILL = (0, 3, 5)
+
+
 def decode_inputs(req, t):
+    """q ``[t, Hq, D]`` and paged k/v caches in the request's dtypes."""
     d = req.head_dim_qk
-    q = torch.randn(t, req.num_qo_heads, d).to(torch.bfloat16)
-    kv = torch.randn(8, req.page_size, req.num_kv_heads, d).to(torch.bfloat16)
+    q = torch.randn(t, req.num_qo_heads, d).to(torch_dtype(req.q_dtype))
+    kv = torch.randn(8, req.page_size, req.num_kv_heads, d).to(torch_dtype(req.kv_dtype))
     return q, kv, kv.clone()
+
+
+def prefill_inputs(req):
+    t, d = CU_PREFILL[-1], req.head_dim_qk
+    q = torch.randn(t, req.num_qo_heads, d).to(torch_dtype(req.q_dtype))
+    k = torch.randn(t, req.num_kv_heads, d).to(torch_dtype(req.kv_dtype))
+    return q, k, k.clone()
+
+
+def mla_request(**kw):
+    return make_request("mla_decode", **kw)
+
+
+def mla_inputs(req, t):
+    r, dr = req.kv_lora_rank, req.qk_rope_head_dim
+    q_nope = torch.randn(t, req.num_qo_heads, r).to(torch_dtype(req.q_dtype))
+    q_pe = torch.randn(t, req.num_qo_heads, dr).to(torch_dtype(req.q_dtype))
+    kv = torch.randn(8, req.page_size, r + dr).to(torch_dtype(req.kv_dtype))
+    return q_nope, q_pe, kv
+
+
+def planned(cls, req, **metadata):
+    """``(adapter, run() inputs)``: ``cls`` for ``req`` planned on ``paged()`` (``CU_*`` offsets), ``metadata`` on top."""
+    op = ALL_ADAPTERS[cls]
+    ad = cls(make_spec(cls), req)
+    if op == "mha_prefill":
+        ad.plan(PrefillMetadata(**{"cu_seqlens_q": offsets(*CU_PREFILL), "cu_seqlens_kv": offsets(*CU_PREFILL), **metadata}))
+        return ad, prefill_inputs(req)
+    bt, sl = paged()
+    if op == "mha_extend":
+        ad.plan(ExtendMetadata(block_table=bt, seq_lens=sl, **{"cu_seqlens_q": offsets(*CU_EXTEND), **metadata}))
+        return ad, decode_inputs(req, CU_EXTEND[-1])
+    ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl, **{"q_len": req.q_len, **metadata}))
+    tokens = bt.shape[0] * req.q_len
+    return ad, mla_inputs(req, tokens) if op == "mla_decode" else decode_inputs(req, tokens)
 
 
 def test_fa2_decode_plans_flashinfer_csr_and_the_planned_options(fake):
     req = make_request("mha_decode", sliding_window=True, logits_soft_cap=True)
-    ad = fa.FA2Decode(make_spec(fa.FA2Decode), req)
-    bt, sl = paged()
-    ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl, window_left=3, logits_soft_cap=30.0))
+    planned(fa.FA2Decode, req, window_left=3, logits_soft_cap=30.0)
     w = fake.wrappers[0]
     assert w.init.args[1] == "NHD" and w.init.kwargs == {"use_tensor_cores": False}
     indptr, indices, last, hq, hkv, d, s = w.plans[0].args
@@ -262,20 +306,15 @@ def test_fa2_decode_plans_flashinfer_csr_and_the_planned_options(fake):
 
 
 def test_fa2_tc_decode_asks_for_the_fa2_kernel_and_the_planned_q_len(fake):
-    req = make_request("mha_decode", q_len=3)
-    ad = fa.FA2TCDecode(make_spec(fa.FA2TCDecode), req)
-    bt, sl = paged()
-    ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl, q_len=3))
+    planned(fa.FA2TCDecode, make_request("mha_decode", q_len=3))
     w = fake.wrappers[0]
     assert w.init.kwargs == {"use_tensor_cores": True, "backend": "fa2"}
     assert w.plans[0].kwargs["q_len_per_req"] == 3
 
 
 def test_cuda_core_decode_refuses_multi_token_requests(fake):
-    ad = fa.FA2Decode(make_spec(fa.FA2Decode), make_request("mha_decode", q_len=2))
-    bt, sl = paged()
     with pytest.raises(UnsupportedFeatureError, match="q_len=2; the CUDA-core decode kernel takes one query token"):
-        ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl, q_len=2))
+        planned(fa.FA2Decode, make_request("mha_decode", q_len=2))
 
 
 @pytest.mark.parametrize(
@@ -286,45 +325,33 @@ def test_cuda_core_decode_refuses_multi_token_requests(fake):
     ],
 )
 def test_plan_options_the_request_did_not_select_are_refused(fake, metadata, feature):
-    ad = fa.FA2Decode(make_spec(fa.FA2Decode), make_request("mha_decode"))
-    bt, sl = paged()
     with pytest.raises(UnsupportedFeatureError, match=f"{feature} was passed, but the request"):
-        ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl, **metadata))
+        planned(fa.FA2Decode, make_request("mha_decode"), **metadata)
 
 
 def test_non_causal_extend_needs_a_non_causal_request(fake):
-    ad = fa.FA2Extend(make_spec(fa.FA2Extend), make_request("mha_extend"))
-    bt, sl = paged()
-    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
     with pytest.raises(UnsupportedFeatureError, match="non_causal was passed"):
-        ad.plan(ExtendMetadata(block_table=bt, seq_lens=sl, cu_seqlens_q=cu, causal=False))
+        planned(fa.FA2Extend, make_request("mha_extend"), causal=False)
 
 
 def test_decode_run_folds_float_scales_and_turns_the_lse_into_natural_log(fake):
-    req = make_request("mha_decode", return_lse=True, kv_dtype="fp8_e4m3")
-    ad = fa.FA2Decode(make_spec(fa.FA2Decode), req)
-    bt, sl = paged()
-    ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl))
-    q, k, v = decode_inputs(req, 2)
-    k, v = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    ad, (q, k, v) = planned(fa.FA2Decode, make_request("mha_decode", return_lse=True, kv_dtype="fp8_e4m3"))
     res = ad.run(q, k, v, q_scale=2.0, k_scale=0.25, v_scale=3.0)
     call = fake.wrappers[0].runs[0]
     assert call.args[0] is q and call.kwargs["q_scale"] == 0.5 and call.kwargs["v_scale"] == 3.0
     assert call.kwargs["return_lse"] is True
     assert torch.allclose(res.lse, torch.full_like(res.lse, math.log(2.0)))
+    res = ad.run(q, k, v)
+    assert fake.wrappers[0].runs[1].kwargs == dict(out=None, lse=None, return_lse=True, enable_pdl=False)
+    assert torch.allclose(res.lse, torch.full_like(res.lse, math.log(2.0)))
 
 
 def test_decode_run_applies_a_tensor_scale_to_the_query_on_the_device(fake):
-    req = make_request("mha_decode", kv_dtype="fp8_e4m3")
-    ad = fa.FA2Decode(make_spec(fa.FA2Decode), req)
-    bt, sl = paged()
-    ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl))
-    q, k, v = decode_inputs(req, 2)
-    k, v = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
-    planned = ad._buffers["q"]
+    ad, (q, k, v) = planned(fa.FA2Decode, make_request("mha_decode", kv_dtype="fp8_e4m3"))
+    planned_q = ad._buffers["q"]
     ad.run(q, k, v, k_scale=torch.tensor([0.5]), v_scale=torch.tensor([2.0]))
     call = fake.wrappers[0].runs[0]
-    assert call.args[0] is planned and torch.equal(planned, (q.float() * 0.5).to(torch.bfloat16))
+    assert call.args[0] is planned_q and torch.equal(planned_q, (q.float() * 0.5).to(torch.bfloat16))
     assert call.kwargs["q_scale"] is None and isinstance(call.kwargs["v_scale"], torch.Tensor)
 
 
@@ -338,12 +365,19 @@ def test_decode_run_applies_a_tensor_scale_to_the_query_on_the_device(fake):
     ],
 )
 def test_run_names_the_argument_that_breaks_the_contract(fake, change, message):
-    req = make_request("mha_decode")
-    ad = fa.FA2Decode(make_spec(fa.FA2Decode), req)
-    bt, sl = paged()
-    ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl))
+    ad, inputs = planned(fa.FA2Decode, make_request("mha_decode"))
     with pytest.raises(AdapterInputError, match=message):
-        ad.run(*change(*decode_inputs(req, 2)))
+        ad.run(*change(*inputs))
+
+
+NAMED_LAST = {"mha_decode": "v_cache", "mha_extend": "v_cache", "mha_prefill": "v", "mla_decode": "kv_cache"}
+
+
+@pytest.mark.parametrize("cls", [cls for cls, op in ALL_ADAPTERS.items() if op in NAMED_LAST], ids=lambda c: c.__name__)
+def test_every_adapter_names_an_argument_that_is_not_a_tensor(fake, cls):
+    ad, inputs = planned(cls, make_request(ALL_ADAPTERS[cls]))
+    with pytest.raises(AdapterInputError, match=rf"^{NAMED_LAST[ALL_ADAPTERS[cls]]}: expected a torch.Tensor, got str"):
+        ad.run(*inputs[:-1], "x")
 
 
 def test_run_before_plan_says_so(fake):
@@ -353,23 +387,29 @@ def test_run_before_plan_says_so(fake):
 
 
 def test_run_refuses_sinks_and_an_lse_buffer_the_request_did_not_ask_for(fake):
-    req = make_request("mha_decode")
-    ad = fa.FA2TCDecode(make_spec(fa.FA2TCDecode), req)
-    bt, sl = paged()
-    ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl))
-    q, k, v = decode_inputs(req, 2)
+    ad, (q, k, v) = planned(fa.FA2TCDecode, make_request("mha_decode"))
     with pytest.raises(UnsupportedFeatureError, match="sinks was passed"):
         ad.run(q, k, v, sinks=torch.zeros(4))
     with pytest.raises(UnsupportedFeatureError, match=r"return_lse \(an lse= buffer\) was passed"):
         ad.run(q, k, v, lse=torch.zeros(2, 4))
 
 
+@pytest.mark.parametrize("cls", [cls for cls in ALL_ADAPTERS if "sinks" in cls.drops and cls.__module__ == fa.__name__])
+def test_every_fa_path_refuses_run_time_sinks(fake, cls):
+    ad, inputs = planned(cls, make_request(ALL_ADAPTERS[cls]))
+    with pytest.raises(UnsupportedFeatureError, match=rf"^test-{cls.__name__.lower()}: sinks was passed"):
+        ad.run(*inputs, sinks=torch.zeros(4))
+
+
+@pytest.mark.parametrize("cls", [cls for cls, op in ALL_ADAPTERS.items() if op in NAMED_LAST], ids=lambda c: c.__name__)
+def test_no_lse_comes_back_unless_the_request_asked_for_it(fake, cls):
+    ad, inputs = planned(cls, make_request(ALL_ADAPTERS[cls]))
+    assert ad.run(*inputs).lse is None
+
+
 def test_ragged_prefill_applies_every_scale_itself(fake):
-    req = make_request("mha_prefill", non_causal=True)
-    ad = fa.FA2Prefill(make_spec(fa.FA2Prefill), req)
-    cu_q = torch.tensor([0, 3, 5], dtype=torch.int32)
-    cu_kv = torch.tensor([0, 4, 9], dtype=torch.int32)
-    ad.plan(PrefillMetadata(cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv, causal=False))
+    cu_kv = offsets(0, 4, 9)
+    ad, _ = planned(fa.FA2Prefill, make_request("mha_prefill", non_causal=True), cu_seqlens_kv=cu_kv, causal=False)
     w = fake.wrappers[0]
     assert w.init.kwargs == {"backend": "fa2"} and w.plans[0].kwargs["causal"] is False
     q = torch.randn(5, 4, 16).to(torch.bfloat16)
@@ -383,13 +423,8 @@ def test_ragged_prefill_applies_every_scale_itself(fake):
 
 
 def test_fa3_fp8_prefill_passes_scales_as_per_head_arrays_or_floats(fake):
-    req = make_request("mha_prefill", q_dtype="fp8_e4m3", kv_dtype="fp8_e4m3")
-    ad = fa.FA3Prefill(make_spec(fa.FA3Prefill), req)
-    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
-    ad.plan(PrefillMetadata(cu_seqlens_q=cu, cu_seqlens_kv=cu))
-    q = torch.randn(5, 4, 16).to(torch.float8_e4m3fn)
-    k = torch.randn(5, 2, 16).to(torch.float8_e4m3fn)
-    ad.run(q, k, k.clone(), q_scale=torch.tensor([0.5]), k_scale=0.25, v_scale=torch.tensor(2.0))
+    ad, (q, k, v) = planned(fa.FA3Prefill, make_request("mha_prefill", q_dtype="fp8_e4m3", kv_dtype="fp8_e4m3"))
+    ad.run(q, k, v, q_scale=torch.tensor([0.5]), k_scale=0.25, v_scale=torch.tensor(2.0))
     call = fake.wrappers[0].runs[0]
     sq, sk, sv = call.args[3:6]
     assert sq.tolist() == [0.5] * 4 and sk == 0.25 and sv.tolist() == [2.0, 2.0]
@@ -398,30 +433,108 @@ def test_fa3_fp8_prefill_passes_scales_as_per_head_arrays_or_floats(fake):
 
 def test_fp8_query_with_soft_cap_is_refused(fake):
     req = make_request("mha_extend", q_dtype="fp8_e4m3", kv_dtype="fp8_e4m3", logits_soft_cap=True)
-    ad = fa.FA3Extend(make_spec(fa.FA3Extend), req)
-    bt, sl = paged()
-    cu = torch.tensor([0, 2, 4], dtype=torch.int32)
     with pytest.raises(UnsupportedFeatureError, match="logits_soft_cap with an FP8 query"):
-        ad.plan(ExtendMetadata(block_table=bt, seq_lens=sl, cu_seqlens_q=cu, logits_soft_cap=10.0))
+        planned(fa.FA3Extend, req, logits_soft_cap=10.0)
 
 
-def mla_request(**kw):
-    return make_request("mla_decode", **kw)
+@pytest.mark.parametrize("cls", [fa.FA2Extend, fa.FA2Prefill])
+def test_an_fp8_cache_under_a_16_bit_query_plans_a_buffer_for_the_scaled_query(fake, cls):
+    ad, (q, _, _) = planned(cls, make_request(ALL_ADAPTERS[cls], kv_dtype="fp8_e4m3"))
+    assert {slot: (b.dtype, tuple(b.shape)) for slot, b in ad._buffers.items()} == {"q": (q.dtype, tuple(q.shape))}
 
 
-def mla_inputs(req, t, kv_dtype=torch.bfloat16):
-    r, dr = req.kv_lora_rank, req.qk_rope_head_dim
-    q_nope = torch.randn(t, req.num_qo_heads, r).to(torch.bfloat16)
-    q_pe = torch.randn(t, req.num_qo_heads, dr).to(torch.bfloat16)
-    kv = torch.randn(8, req.page_size, r + dr).to(kv_dtype)
-    return q_nope, q_pe, kv
+# ----------------------------------------------- paged prefill (mha_extend)
+
+
+@pytest.mark.parametrize("cls,backend", [(fa.FA2Extend, "fa2"), (fa.FA3Extend, "fa3"), (fa.CuteDSLExtend, "cute-dsl")])
+def test_paged_prefill_plans_csr_after_the_query_offsets_and_asks_for_a_natural_log_lse(fake, cls, backend):
+    ad, (q, k, v) = planned(cls, make_request("mha_extend", return_lse=True))
+    w = fake.wrappers[0]
+    assert w.init.args[1:] == ("NHD",) and w.init.kwargs == {"backend": backend}
+    cu, indptr, indices, last, hq, hkv, d, s = w.plans[0].args
+    assert cu.tolist() == list(CU_EXTEND) and indptr.tolist() == [0, 2, 5] and indices.tolist() == [7, 2, 1, 6, 3]
+    assert last.tolist() == [1, 1] and (hq, hkv, d, s) == (4, 2, 16, 4)
+    kw = w.plans[0].kwargs
+    assert kw.pop("seq_lens").tolist() == [5, 9] and kw.pop("sm_scale") == pytest.approx(1 / math.sqrt(16))
+    assert kw == dict(
+        head_dim_vo=16, causal=True, window_left=-1, logits_soft_cap=0.0,
+        q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16, o_data_type=torch.bfloat16,
+    )
+    res = ad.run(q, k, v)
+    call = w.runs[0]
+    assert call.args[0] is q and call.args[1][0] is k and call.args[1][1] is v and len(call.args) == 2
+    assert call.kwargs == dict(out=None, lse=None, return_lse=True, lse_base="ln", enable_pdl=False)
+    assert torch.all(res.lse == 1.0)  # asked for in natural log: no conversion here
+
+
+def test_paged_prefill_folds_float_scales_and_scales_the_query_by_a_tensor_one(fake):
+    ad, (q, k, v) = planned(fa.FA2Extend, make_request("mha_extend"))
+    ad.run(q, k, v, q_scale=2.0, k_scale=torch.tensor([0.5]), v_scale=3.0)
+    call = fake.wrappers[0].runs[0]
+    assert call.args[0] is ad._buffers["q"] and torch.equal(call.args[0], (q.float() * 0.5).to(torch.bfloat16))
+    assert call.kwargs == dict(q_scale=2.0, v_scale=3.0, out=None, lse=None, return_lse=False, lse_base="ln", enable_pdl=False)
+    ad.run(q, k, v, q_scale=0.5, k_scale=2.0, v_scale=torch.tensor([2.0]))
+    call = fake.wrappers[0].runs[1]
+    assert call.args[0] is q and call.kwargs["q_scale"] is None and call.kwargs["v_scale"].tolist() == [2.0]
+
+
+def test_fa3_fp8_paged_prefill_passes_per_head_scale_arrays(fake):
+    ad, (q, k, v) = planned(fa.FA3Extend, make_request("mha_extend", q_dtype="fp8_e4m3", kv_dtype="fp8_e4m3"))
+    assert {slot: tuple(b.shape) for slot, b in ad._buffers.items()} == {"scale_q": (4,), "scale_k": (2,), "scale_v": (2,)}
+    ad.run(q, k, v, q_scale=torch.tensor([0.5]), k_scale=2, v_scale=torch.tensor(3.0))
+    call = fake.wrappers[0].runs[0]
+    sq, sk, sv = call.args[2:]
+    assert sq is ad._buffers["scale_q"] and sq.tolist() == [0.5] * 4 and sk == 2.0 and sv.tolist() == [3.0, 3.0]
+    assert call.kwargs["q_scale"] is None and call.kwargs["v_scale"] is None
+
+
+def test_cute_dsl_extend_refuses_scales_it_cannot_take(fake):
+    ad, inputs = planned(fa.CuteDSLExtend, make_request("mha_extend"))
+    with pytest.raises(UnsupportedFeatureError, match="k_scale is not supported by FlashInfer's cute-dsl paged route"):
+        ad.run(*inputs, k_scale=0.5)
+
+
+# --------------------------------------------------------------- CUDA graphs
+
+
+GRAPH_BUFFERS = [  # FlashInfer's CUDA-graph constructor buffers (int32) per wrapper, for paged(): B=2, 4 pages a row
+    (fa.FA2Decode, {"paged_kv_indptr_buffer": 3, "paged_kv_indices_buffer": 8, "paged_kv_last_page_len_buffer": 2}),
+    (fa.FA2TCDecode, {"paged_kv_indptr_buffer": 3, "paged_kv_indices_buffer": 8, "paged_kv_last_page_len_buffer": 2}),
+    (fa.FA3Extend, {"qo_indptr_buf": 3, "paged_kv_indptr_buf": 3, "paged_kv_indices_buf": 8, "paged_kv_last_page_len_buf": 2}),
+    (fa.FA2Prefill, {"qo_indptr_buf": 3, "kv_indptr_buf": 3}),
+    (fa.FA2MLADecode, {"qo_indptr": 3, "kv_indptr": 3, "kv_indices": 8, "kv_len_arr": 2}),
+]
+
+
+@pytest.mark.parametrize("cls,buffers", GRAPH_BUFFERS, ids=[c.__name__ for c, _ in GRAPH_BUFFERS])
+def test_cuda_graph_mode_builds_the_wrapper_once_with_fixed_buffers_and_refuses_another_shape(fake, cls, buffers):
+    ad, _ = planned(cls, make_request(ALL_ADAPTERS[cls], cuda_graph=True))
+    plan = fake.wrappers[0].plans[0]
+    if ALL_ADAPTERS[cls] == "mha_prefill":
+        ad.plan(PrefillMetadata(cu_seqlens_q=plan.args[0], cu_seqlens_kv=plan.args[1]))
+        other = PrefillMetadata(cu_seqlens_q=offsets(0, 3), cu_seqlens_kv=offsets(0, 3))
+        fixed = r"fixes the batch at the first plan \(2,\); got \(1,\)\. "
+    else:
+        bt, sl = paged()
+        extra = {"cu_seqlens_q": offsets(*CU_EXTEND)} if ALL_ADAPTERS[cls] == "mha_extend" else {}
+        meta = ExtendMetadata if extra else DecodeMetadata
+        ad.plan(meta(block_table=bt, seq_lens=sl, **extra))
+        other = meta(block_table=bt[:, :3], seq_lens=sl, **extra)
+        fixed = r"fixes batch and block_table width at the first plan \(2, 4\); got \(2, 3\)\. "
+    assert len(fake.wrappers) == 1 and len(fake.wrappers[0].plans) == 2
+    kw = fake.wrappers[0].init.kwargs
+    graph = {k: (v.dtype, v.shape[0]) for k, v in kw.items() if isinstance(v, torch.Tensor)}
+    assert kw["use_cuda_graph"] is True and graph == {k: (torch.int32, n) for k, n in buffers.items()}
+    assert [k for k in kw if k in buffers or k == "use_cuda_graph"] == ["use_cuda_graph", *buffers]
+    with pytest.raises(AdapterInputError, match=rf"^test-{cls.__name__.lower()}: CUDA-graph mode {fixed}Use one adapter"):
+        ad.plan(other)
+
+
+# ---------------------------------------------------------------- MLA (FA)
 
 
 def test_fa_mla_uses_the_keyword_plan_and_natural_log_lse(fake):
-    req = mla_request(return_lse=True, q_len=2)
-    ad = fa.FA3MLADecode(make_spec(fa.FA3MLADecode), req)
-    bt, sl = paged()
-    ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl, q_len=2))
+    ad, (q_nope, q_pe, kv) = planned(fa.FA3MLADecode, mla_request(return_lse=True, q_len=2))
     w = fake.wrappers[0]
     assert w.init.kwargs == {"backend": "fa3"} and not w.plans[0].args
     kw = w.plans[0].kwargs
@@ -429,7 +542,6 @@ def test_fa_mla_uses_the_keyword_plan_and_natural_log_lse(fake):
     assert tag == "csr" and qo.tolist() == [0, 2, 4] and kv_indices.tolist() == [7, 2, 1, 6, 3]
     assert kw["lse_mode"] == "basee" and kw["causal"] is True and kw["scale_mode"] == "default"
     assert kw["sm_scale"] == pytest.approx(1 / math.sqrt(16 + 8))
-    q_nope, q_pe, kv = mla_inputs(req, 4)
     res = ad.run(q_nope, q_pe, kv)
     call = w.runs[0].kwargs
     assert call["query"][0] is q_nope and call["kv_cache"] is kv and call["return_lse_base_on_e"] is True
@@ -437,11 +549,7 @@ def test_fa_mla_uses_the_keyword_plan_and_natural_log_lse(fake):
 
 
 def test_fa_mla_fp8_float_scale_goes_to_the_kernel_and_a_tensor_scale_to_q_and_out(fake):
-    req = mla_request(kv_dtype="fp8_e4m3")
-    ad = fa.FA2MLADecode(make_spec(fa.FA2MLADecode), req)
-    bt, sl = paged()
-    ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl))
-    q_nope, q_pe, kv = mla_inputs(req, 2, torch.float8_e4m3fn)
+    ad, (q_nope, q_pe, kv) = planned(fa.FA2MLADecode, mla_request(kv_dtype="fp8_e4m3"))
     ad.run(q_nope, q_pe, kv, kv_scale=0.5)
     call = fake.wrappers[0].runs[0].kwargs
     assert call["ckv_scale"] == call["kpe_scale"] == 0.5 and call["query"][0] is q_nope
@@ -450,6 +558,9 @@ def test_fa_mla_fp8_float_scale_goes_to_the_kernel_and_a_tensor_scale_to_q_and_o
     call = fake.wrappers[0].runs[1].kwargs
     assert call["ckv_scale"] == 1.0 and torch.equal(call["query"][0], (q_nope.float() * 0.5).to(torch.bfloat16))
     assert torch.all(out == 0.5)
+
+
+# ------------------------------------------------------------------ TRT-LLM
 
 
 def test_xqa_gets_bmm_scales_the_engine_block_table_and_its_own_workspace(fake):
@@ -471,38 +582,25 @@ def test_xqa_gets_bmm_scales_the_engine_block_table_and_its_own_workspace(fake):
 
 
 def test_xqa_passes_the_v_scale_as_bmm2_for_an_fp8_cache(fake):
-    req = make_request("mha_decode", kv_dtype="fp8_e4m3")
-    ad = trt.XQADecode(make_spec(trt.XQADecode), req)
-    bt, sl = paged()
-    ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl))
-    q, k, v = decode_inputs(req, 2)
-    ad.run(q, k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn), k_scale=torch.tensor([0.5]), v_scale=3.0)
+    ad, (q, k, v) = planned(trt.XQADecode, make_request("mha_decode", kv_dtype="fp8_e4m3"))
+    ad.run(q, k, v, k_scale=torch.tensor([0.5]), v_scale=3.0)
     kw = fake.calls[0][1].kwargs
     assert kw["bmm1_scale"].tolist() == [pytest.approx(0.5 / math.sqrt(16))] and kw["bmm2_scale"] == 3.0
 
 
 def test_xqa_refuses_multi_token_decode(fake):
-    ad = trt.XQADecode(make_spec(trt.XQADecode), make_request("mha_decode", q_len=2))
-    bt, sl = paged()
     with pytest.raises(UnsupportedFeatureError, match="q_len=2; XQA multi-token decode needs a bit-packed draft mask"):
-        ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl, q_len=2))
+        planned(trt.XQADecode, make_request("mha_decode", q_len=2))
 
 
 def test_sinks_requested_but_not_passed_is_an_input_error(fake):
-    req = make_request("mha_decode", sinks=True)
-    ad = trt.XQADecode(make_spec(trt.XQADecode), req)
-    bt, sl = paged()
-    ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl))
+    ad, inputs = planned(trt.XQADecode, make_request("mha_decode", sinks=True))
     with pytest.raises(AdapterInputError, match=r"the request has sinks=True; pass sinks="):
-        ad.run(*decode_inputs(req, 2))
+        ad.run(*inputs)
 
 
 def test_trtllm_gen_decode_passes_a_tensor_bmm1_in_log2_form_and_its_counter_buffer(fake):
-    req = make_request("mha_decode", return_lse=True, q_len=2)
-    ad = trt.TrtllmGenDecode(make_spec(trt.TrtllmGenDecode), req)
-    bt, sl = paged()
-    ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl, q_len=2, sm_scale=0.5))
-    q, k, v = decode_inputs(req, 4)
+    ad, (q, k, v) = planned(trt.TrtllmGenDecode, make_request("mha_decode", return_lse=True, q_len=2), sm_scale=0.5)
     res = ad.run(q, k, v, k_scale=torch.tensor([2.0]))
     kw = fake.calls[0][1].kwargs
     assert kw["backend"] == "trtllm-gen" and kw["q_len_per_req"] == 2 and kw["bmm1_scale"] == 1.0
@@ -512,20 +610,55 @@ def test_trtllm_gen_decode_passes_a_tensor_bmm1_in_log2_form_and_its_counter_buf
     assert torch.allclose(res.lse, torch.full_like(res.lse, math.log(2.0)))
 
 
-def test_trtllm_mla_packs_adjacent_query_halves_without_a_copy(fake):
-    req = mla_request()
-    ad = trt.TrtllmGenMLADecode(make_spec(trt.TrtllmGenMLADecode), req)
+def test_trtllm_gen_extend_passes_the_context_call_its_offsets_and_turns_the_lse_into_natural_log(fake):
+    req = make_request("mha_extend", return_lse=True, sinks=True, non_causal=True)
+    ad = trt.TrtllmGenExtend(make_spec(trt.TrtllmGenExtend), req)
     bt, sl = paged()
-    ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl))
+    cu = offsets(*CU_EXTEND)
+    ad.plan(ExtendMetadata(block_table=bt, seq_lens=sl, cu_seqlens_q=cu, causal=False, sm_scale=0.5))
+    q, k, v = decode_inputs(req, CU_EXTEND[-1])
+    sinks = torch.zeros(4)
+    res = ad.run(q, k, v, sinks=sinks, q_scale=2.0, v_scale=torch.tensor([3.0]))
+    name, call = fake.calls[0]
+    assert name == "context" and call.args[0] is q and call.args[1] == (k, v) and call.args[3] is bt and call.args[4] is sl
+    max_q, max_kv, bmm1, bmm2, batch, cu_q, cu_kv = call.args[5:]
+    assert (max_q, max_kv, bmm1, batch) == (3, 9, 1.0, 2) and bmm2.tolist() == [3.0]
+    assert cu_q is cu and cu_kv.tolist() == [0, 5, 14]
+    counter = call.kwargs.pop("multi_ctas_kv_counter_buffer")
+    assert counter.dtype == torch.uint8 and not counter.any()
+    assert call.kwargs == dict(
+        window_left=-1, out=None, out_dtype=torch.bfloat16, kv_layout="NHD", enable_pdl=False, sinks=sinks,
+        causal=False, lse=None, return_lse=True, backend="trtllm-gen",
+    )
+    assert torch.allclose(res.lse, torch.full_like(res.lse, math.log(2.0)))
+
+
+def test_trtllm_mla_packs_adjacent_query_halves_without_a_copy(fake):
+    ad, (_, _, kv) = planned(trt.TrtllmGenMLADecode, mla_request())
     row = torch.randn(2, 4, 40).to(torch.bfloat16)
     q_nope, q_pe = row[..., :32], row[..., 32:]
-    kv = torch.randn(8, 4, 40).to(torch.bfloat16)
     ad.run(q_nope, q_pe, kv)
     query = fake.calls[0][1].args[0]
     assert query.shape == (2, 1, 4, 40) and query.data_ptr() == row.data_ptr()
     ad.run(q_nope.clone(), q_pe.clone(), kv)
     query = fake.calls[1][1].args[0]
     assert query.data_ptr() == ad._buffers["query"].data_ptr() and torch.equal(query.flatten(0, 1), row)
+
+
+def test_xqa_mla_derives_the_default_scale_and_passes_neither_lse_nor_counter(fake):
+    req = mla_request(kv_dtype="fp8_e4m3")
+    ad = trt.XQAMLADecode(make_spec(trt.XQAMLADecode), req)
+    bt, sl = paged()
+    ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl))
+    q_nope, q_pe, kv = mla_inputs(req, 2)
+    res = ad.run(q_nope, q_pe, kv, kv_scale=0.5)
+    name, call = fake.calls[0]
+    assert name == "mla" and call.args[1] is kv and call.args[3:6] == (16, 32, 8) and call.args[6] is bt
+    assert call.kwargs == dict(
+        out=None, bmm1_scale=pytest.approx(0.5 / math.sqrt(16 + 8)), bmm2_scale=0.5, sinks=None,
+        enable_pdl=False, backend="xqa",
+    )
+    assert res.lse is None and res.out.shape[0] == 2
 
 
 def test_dsv4_sparse_mla_table_has_empty_window_columns_then_global_slots(fake):
@@ -545,6 +678,7 @@ def test_dsv4_sparse_mla_table_has_empty_window_columns_then_global_slots(fake):
     assert table.shape == (2, 132) and torch.all(table[:, :128] == -1)
     assert table[:, 128:].tolist() == [[28, 8, -1, -1], [12, 25, 4, -1]]
     assert kw["sparse_topk_lens"].tolist() == [132, 132] and kw["seq_lens"].tolist() == [0, 0]
+    assert kw["bmm1_scale"] == pytest.approx(1 / math.sqrt(448))
 
 
 def test_dsv4_sparse_mla_needs_the_512_wide_no_rope_geometry(fake):

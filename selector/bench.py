@@ -1,0 +1,638 @@
+"""``kernelsel bench``: time every eligible kernel per request bucket and record a perf table.
+
+For each request of a grid (or of a suite file) it asks the solver which
+kernels are eligible on this machine, builds one sized workload
+(``selector.workloads``), and times each kernel through the adapter that
+``select_kernel(..., kernel=NAME)`` gives.  The medians go into a perf table
+(``registry.perf``), merged into the file at ``--out`` bucket by bucket and
+kernel by kernel, then the file is loaded back and validated.
+
+Timing is pluggable (a ``Timer`` is ``fn -> Timing`` plus a ``method()``
+text for the table):
+
+* ``CudaTimer``: ``run()`` captured in a CUDA graph and replayed (eager when
+  capture fails: the table's ``method`` names those kernels), one first call
+  and ``warmup`` calls, then ``repeats`` runs each timed with a pair of CUDA
+  events after writing ``FLUSH_BYTES`` (which evicts L2); the median.  The
+  same method as ``bench/triton_vs_flashinfer.py`` (``triton.testing.do_bench``).
+* ``WallTimer``: the same loop with ``time.perf_counter`` and no flush, for
+  CPU runs (tests drive the whole path with the reference and the Triton
+  interpreter).
+
+Reference kernels are timed only when named with ``kernels=``.  A kernel
+that raises is reported and skipped, never recorded.  torch is imported on
+use only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
+
+import yaml
+from pydantic import Field, ValidationError
+
+from registry.errors import KernelselError, ManifestError, RequestError
+from registry.loader import _compose, _problems, bundled_perf_dir, load_perf_table
+from registry.perf import PERF_KEY, PerfTable, request_key
+from registry.schema import KernelSpec, StrictModel
+from registry.vocab import Arch, Op, Solution
+from selector.request import KernelRequest
+
+if TYPE_CHECKING:
+    from selector.api import Selector
+    from selector.workloads import Workload
+
+SIZE_FIELDS = ("batch", "kv_len", "new_len")
+"""Sizes of a bench case: requests in the batch, KV tokens per request (new ones included), new tokens (mha_extend)."""
+
+FLUSH_BYTES = 256 << 20
+"""Written before every timed run on a GPU: several times any L2 (50-60 MB on H100/H200), as do_bench does."""
+
+DEFAULT_REPEATS, DEFAULT_WARMUP = 50, 10
+
+
+# ----------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One request to time: the request (its ``batch_size``/``kv_len`` are buckets) and the exact sizes run."""
+
+    request: KernelRequest
+    batch: int
+    kv_len: int
+    new_len: Optional[int] = None
+
+    @property
+    def key(self) -> tuple:
+        """The perf-table bucket this case is recorded under."""
+        return request_key(self.request.op, self.request)
+
+    @property
+    def label(self) -> str:
+        r = self.request
+        parts = [r.op.value, f"q={r.q_dtype.value}", f"kv={r.kv_dtype.value}", f"B={self.batch}", f"kv_len={self.kv_len}"]
+        if self.new_len is not None:
+            parts.append(f"new={self.new_len}")
+        if r.q_len > 1:
+            parts.append(f"q_len={r.q_len}")
+        return " ".join(parts)
+
+    def sizes(self) -> dict[str, Any]:
+        return {"batch": self.batch, "kv_len": self.kv_len, "new_len": self.new_len}
+
+
+def make_case(op: Any, arch: Any, fields: Mapping[str, Any]) -> BenchCase:
+    """A case from request fields plus the sizes ``batch``, ``kv_len``, ``new_len`` (checked against the op)."""
+    from selector.workloads import sized_lengths
+
+    fields = dict(fields)
+    sizes = {f: fields.pop(f, None) for f in SIZE_FIELDS}
+    if "batch_size" in fields:
+        raise RequestError("give the batch as batch (the size run); the request's batch_size bucket follows from it")
+    batch = sizes["batch"] if sizes["batch"] is not None else 1
+    kv_len = sizes["kv_len"]
+    if kv_len is None and str(getattr(op, "value", op)) == Op.MHA_PREFILL.value:
+        kv_len = sizes["new_len"]  # prefill: every token is new
+    request = KernelRequest(op=op, arch=arch, **fields, batch_size=batch, kv_len=kv_len)
+    new, kv = sized_lengths(request, batch, sizes["kv_len"], sizes["new_len"])
+    new_len = new[0] if request.op in (Op.MHA_EXTEND, Op.MHA_PREFILL) else None
+    return BenchCase(request, batch, kv[0], new_len)
+
+
+def grid(op: Any, arch: Any, fixed: Mapping[str, Any], axes: Mapping[str, Sequence[Any]]) -> list[BenchCase]:
+    """The cartesian product of ``axes`` (request fields or sizes), each point on top of ``fixed``."""
+    names = list(axes)
+    return [make_case(op, arch, {**fixed, **dict(zip(names, values))})
+            for values in itertools.product(*(axes[n] for n in names))]
+
+
+def check_buckets(cases: Sequence[BenchCase]) -> None:
+    """A perf table keeps one time per bucket: two different cases in one bucket would overwrite each other."""
+    seen: dict[tuple, BenchCase] = {}
+    clashes = []
+    for c in cases:
+        other = seen.setdefault(c.key, c)
+        if other is not c:
+            clashes.append(f"{other.label} and {c.label}")
+    if clashes:
+        raise RequestError(
+            "these cases fall into one perf bucket (batch_size and kv_len are bucketed to powers of two; "
+            "mha_extend's new tokens are not part of the bucket), so a table would keep only the last:\n  "
+            + "\n  ".join(clashes)
+        )
+
+
+class SuiteGroup(StrictModel):
+    """Requests sharing an op: ``request`` fields, crossed with ``grid`` and with each of ``cases``."""
+
+    name: str
+    op: Op
+    request: dict[str, Any] = Field(default_factory=dict, description="KernelRequest fields shared by the group")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="field or size -> values (cartesian product)")
+    cases: tuple[dict[str, Any], ...] = Field(default=(), description="explicit points (fields and sizes)")
+
+
+class Suite(StrictModel):
+    """A fixed set of bench requests, as data (``bench/regret_suite.yaml``)."""
+
+    schema_version: int = Field(1, ge=1, le=1)
+    description: str = ""
+    groups: tuple[SuiteGroup, ...] = Field(min_length=1)
+
+
+def load_suite(path: os.PathLike | str, arch: Any) -> list[BenchCase]:
+    """Every case of a suite file for ``arch``; problems as ``file:line:col: path: message``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise KernelselError(f"{path}: cannot read suite: {exc.strerror or exc}") from None
+    try:
+        data, marks = _compose(text, str(path))
+        suite = Suite.model_validate(data)
+    except ManifestError as exc:
+        raise KernelselError("invalid suite:\n" + "\n".join(exc.problems)) from None
+    except ValidationError as exc:
+        raise KernelselError("invalid suite:\n" + "\n".join(_problems(exc, marks, str(path)))) from None
+    cases: list[BenchCase] = []
+    for i, g in enumerate(suite.groups):
+        points = [dict(c) for c in g.cases] or [{}]
+        for j, point in enumerate(points):
+            try:
+                cases += grid(g.op, arch, {**g.request, **point}, g.grid)
+            except RequestError as exc:
+                where = f"groups[{i}] ({g.name})" + (f".cases[{j}]" if g.cases else "")
+                raise KernelselError(f"{path}: {where}: {exc}") from None
+    return cases
+
+
+# ----------------------------------------------------------------- timers
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A median in microseconds and how it was taken: ``graph``, ``eager (...)`` or ``wall``."""
+
+    us: float
+    mode: str
+
+
+class Timer(Protocol):
+    def __call__(self, fn: Callable[[], Any]) -> Timing: ...
+
+    def method(self, eager: Iterable[str] = ()) -> str: ...
+
+
+@dataclass
+class CudaTimer:
+    """CUDA events around each run, L2 flushed before each, CUDA-graph replay where capture works."""
+
+    repeats: int = DEFAULT_REPEATS
+    warmup: int = DEFAULT_WARMUP
+    flush_bytes: int = FLUSH_BYTES
+    graphs: bool = True
+    _flush: Any = field(default=None, repr=False)
+
+    def method(self, eager: Iterable[str] = ()) -> str:
+        eager = sorted(set(eager))
+        text = (f"CUDA events, median of {self.repeats} runs after {self.warmup} warm-up runs, L2 flushed "
+                f"({self.flush_bytes >> 20} MiB written) before each run; "
+                + ("run() replayed from a CUDA graph" if self.graphs else "run() called eagerly"))
+        if self.graphs and eager:
+            text += f"; eager where capture failed: {', '.join(eager)}"
+        return text
+
+    def __call__(self, fn: Callable[[], Any]) -> Timing:
+        import torch
+
+        if self._flush is None:
+            self._flush = torch.empty(self.flush_bytes, dtype=torch.uint8, device="cuda")
+        fn()  # JIT builds, autotuning, lazy initialisation: outside everything timed
+        torch.cuda.synchronize()
+        call, mode, graph = fn, "eager", None
+        if self.graphs:
+            graph, mode = _capture(fn)
+            if graph is not None:
+                call = graph.replay
+        for _ in range(self.warmup):
+            call()
+        torch.cuda.synchronize()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
+        for start, end in zip(starts, ends):
+            self._flush.zero_()
+            start.record()
+            call()
+            end.record()
+        torch.cuda.synchronize()
+        ms = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+        del graph
+        return Timing(ms * 1e3, mode)
+
+
+def _capture(fn: Callable[[], Any]) -> tuple[Any, str]:
+    """``(graph, "graph")``, or ``(None, "eager (Error)")`` when ``fn`` cannot be captured."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch's graph docs ask
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as exc:  # noqa: BLE001 - not capturable: time it eagerly and say so
+        torch.cuda.synchronize()
+        return None, f"eager ({type(exc).__name__})"
+    return graph, "graph"
+
+
+@dataclass
+class WallTimer:
+    """Wall-clock time of each run (``time.perf_counter``), median; for CPU runs.  No cache flush."""
+
+    repeats: int = DEFAULT_REPEATS
+    warmup: int = DEFAULT_WARMUP
+
+    def method(self, eager: Iterable[str] = ()) -> str:
+        return (f"wall clock (time.perf_counter) on the CPU, median of {self.repeats} runs after "
+                f"{self.warmup} warm-up runs; no cache flush")
+
+    def __call__(self, fn: Callable[[], Any]) -> Timing:
+        for _ in range(1 + self.warmup):
+            fn()
+        times = []
+        for _ in range(self.repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return Timing(statistics.median(times) * 1e6, "wall")
+
+
+def default_timer(device: str, repeats: int = DEFAULT_REPEATS, warmup: int = DEFAULT_WARMUP) -> Timer:
+    return CudaTimer(repeats, warmup) if str(device).startswith("cuda") else WallTimer(repeats, warmup)
+
+
+# ----------------------------------------------------------------- running
+
+
+@dataclass
+class KernelTiming:
+    """One kernel (or extra callable) on one case: its median and bandwidth, or the error it raised."""
+
+    kernel: str
+    median_us: Optional[float] = None
+    tbps: Optional[float] = None
+    mode: str = ""
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.median_us is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, "")}
+
+
+@dataclass
+class CaseResult:
+    """Every timing of one case: eligible kernels, extras (not recorded), kernels named but not eligible."""
+
+    case: BenchCase
+    kernels: list[KernelTiming] = field(default_factory=list)
+    extra: list[KernelTiming] = field(default_factory=list)
+    not_eligible: dict[str, str] = field(default_factory=dict)
+    kv_bytes: int = 0
+
+    @property
+    def times(self) -> dict[str, float]:
+        """Kernel name -> median us, for the kernels that ran."""
+        return {t.kernel: t.median_us for t in self.kernels if t.ok}
+
+    def best(self) -> Optional[KernelTiming]:
+        ok = [t for t in self.kernels if t.ok]
+        return min(ok, key=lambda t: (t.median_us, t.kernel)) if ok else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"request": self.case.label, "op": self.case.request.op.value, **self.case.sizes(),
+                "bucket": {"batch_size": self.case.request.batch_size, "kv_len": self.case.request.kv_len},
+                "kv_bytes": self.kv_bytes, "kernels": [t.to_dict() for t in self.kernels],
+                "extra": [t.to_dict() for t in self.extra], "not_eligible": dict(self.not_eligible)}
+
+
+def _forced(request: KernelRequest, name: str) -> KernelRequest:
+    return KernelRequest(**{**request.model_dump(exclude_defaults=True), "kernel": name})
+
+
+def candidates(selector: "Selector", request: KernelRequest,
+               kernels: Optional[Sequence[str]] = None) -> tuple[list[KernelSpec], dict[str, str]]:
+    """The kernels to time: eligible ones (no reference kernel unless named), or exactly ``kernels``.
+
+    Returns ``(specs, not_eligible)`` where ``not_eligible`` maps a named
+    kernel that cannot serve the request to the solver's reasons.
+    """
+    selection = selector.solve(request)
+    if not kernels:
+        keep = [k for k in selection.eligible
+                if k.solution is not Solution.REFERENCE or request.solution is Solution.REFERENCE]
+        return keep, {}
+    specs, rejected = [], {}
+    for name in kernels:
+        forced = selector.solve(_forced(request, name))  # a bad name raises RequestError with did-you-mean
+        verdict = next(v for v in forced.verdicts if v.kernel.name == name)
+        if verdict.eligible:
+            specs.append(verdict.kernel)
+        else:
+            rejected[name] = "; ".join(verdict.reasons)
+    return specs, rejected
+
+
+def time_case(
+    case: BenchCase,
+    selector: "Selector",
+    *,
+    timer: Timer,
+    device: str = "cuda",
+    kernels: Optional[Sequence[str]] = None,
+    extra: Optional[Mapping[str, Callable[["Workload"], Callable[[], Any]]]] = None,
+    seed: int = 0,
+) -> CaseResult:
+    """Time each candidate kernel (and each ``extra`` builder: workload -> call) on one sized workload."""
+    from selector.workloads import make_workload
+
+    specs, not_eligible = candidates(selector, case.request, kernels)
+    result = CaseResult(case, not_eligible=not_eligible)
+    if not specs and not extra:
+        return result
+    work = make_workload(case.request, device=device, seed=seed, **case.sizes())
+    result.kv_bytes = work.kv_bytes
+    try:
+        for spec in specs:
+            result.kernels.append(_time_one(spec.name, lambda: _adapter_call(selector, case.request, spec.name, work),
+                                            work.kv_bytes, timer, device))
+        for name, build in (extra or {}).items():
+            result.extra.append(_time_one(name, lambda: build(work), work.kv_bytes, timer, device))
+    finally:
+        work = None  # the largest workloads take most of the GPU: free before the next is built
+        _release(device)
+    return result
+
+
+def _adapter_call(selector: "Selector", request: KernelRequest, name: str, work: "Workload") -> Callable[[], Any]:
+    """The adapter ``select_kernel(request, kernel=name)`` gives, planned, as a call that writes into ``out=``."""
+    adapter = selector.select(_forced(request, name)).make_adapter()
+    adapter.plan(work.metadata)
+    out = work.new_out()
+    lse = work.new_lse() if request.return_lse else None
+    return lambda: work.run(adapter, out=out, lse=lse)
+
+
+def _time_one(name: str, build: Callable[[], Callable[[], Any]], kv_bytes: int, timer: Timer, device: str) -> KernelTiming:
+    try:
+        timing = timer(build())
+    except Exception as exc:  # noqa: BLE001 - a kernel that fails here is reported and skipped, not a crash
+        _release(device)
+        text = str(exc).strip().splitlines()
+        return KernelTiming(name, error=f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": "))
+    us = max(timing.us, 1e-3)
+    return KernelTiming(name, median_us=us, tbps=kv_bytes / us / 1e6 if kv_bytes else None, mode=timing.mode)
+
+
+def _release(device: str) -> None:
+    """Wait for the GPU and hand cached blocks back, so the next (differently sized) workload fits."""
+    if not str(device).startswith("cuda"):
+        return
+    import torch
+
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - a sticky CUDA error shows up in the next timing
+        pass
+
+
+def progress_line(i: int, n: int, result: CaseResult) -> str:
+    """``bench [i/n] <case>: kernel 12.3 us 3.10 TB/s (graph), ...`` then one line per error or rejection."""
+    def one(t: KernelTiming) -> str:
+        if not t.ok:
+            return f"{t.kernel} error"
+        bw = f" {t.tbps:.2f} TB/s" if t.tbps is not None else ""
+        return f"{t.kernel} {t.median_us:.1f} us{bw} ({t.mode})"
+
+    timings = result.kernels + result.extra
+    head = f"bench [{i}/{n}] {result.case.label}: " + (", ".join(one(t) for t in timings) or "no eligible kernel")
+    lines = [head]
+    lines += [f"  error  {t.kernel}: {t.error}" for t in timings if not t.ok]
+    lines += [f"  skip   {name}: not eligible: {why}" for name, why in result.not_eligible.items()]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------- environment
+
+
+@dataclass(frozen=True)
+class BenchEnvironment:
+    """The machine a table is recorded on: device, GPU name, arch, platform for selection, versions."""
+
+    device: str
+    gpu: str
+    arch: Arch
+    platform: Any
+    software: dict[str, str]
+
+
+def environment(manifest: Any, device: str = "cuda", arch: Optional[str] = None) -> BenchEnvironment:
+    """This machine: the GPU (name and arch through torch) or, with ``device='cpu'``, a nominal ``arch``."""
+    import torch
+
+    from registry.vocab import parse_arch
+    from selector.platform import detect_platform, installed_versions, required_distributions
+
+    libraries = required_distributions(manifest.solutions)
+    software = dict(installed_versions(sorted(set(libraries) | {"torch", "triton"})))
+    software["torch"] = str(torch.__version__)
+    if str(device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RequestError("bench: no CUDA device here; run on a GPU machine, or pass --device cpu --arch ARCH")
+        platform = detect_platform(libraries)
+        if arch is not None and parse_arch(arch) is not platform.arch:
+            raise RequestError(f"--arch {arch}: this GPU is {platform.arch.value}; a perf table records the GPU it ran on")
+        if torch.version.cuda:
+            software["cuda"] = str(torch.version.cuda)
+        return BenchEnvironment(device, torch.cuda.get_device_name(), platform.arch, platform, software)
+    if arch is None:
+        raise RequestError("bench --device cpu needs --arch (the nominal arch that selection runs for)")
+    platform = detect_platform(libraries, arch=arch)
+    return BenchEnvironment(device, "cpu", platform.arch, platform, software)
+
+
+def gpu_slug(gpu: str) -> str:
+    """A file-name form of a GPU name: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
+    words = "".join(c if c.isalnum() else " " for c in gpu.lower()).split()
+    return "-".join(words) or "gpu"
+
+
+def default_table_path(gpu: str, arch: Arch) -> Path:
+    """``perf/<gpu>-<arch>.yaml`` beside the bundled manifest, e.g. ``perf/nvidia-h200-sm_90.yaml``."""
+    return bundled_perf_dir() / f"{gpu_slug(gpu)}-{arch.value}.yaml"
+
+
+# ----------------------------------------------------------------- the table
+
+
+def entry(result: CaseResult) -> Optional[dict[str, Any]]:
+    """The perf-table entry of one case (None when no kernel ran)."""
+    ok = [t for t in result.kernels if t.ok]
+    if not ok:
+        return None
+    r = result.case.request
+    shape = {f: getattr(getattr(r, f), "value", getattr(r, f)) for f in PERF_KEY if getattr(r, f) is not None}
+    return {
+        "op": r.op.value,
+        "shape": shape,
+        "median_us": {t.kernel: round(t.median_us, 3) for t in ok},
+        "tbps": {t.kernel: float(f"{t.tbps:.4g}") for t in ok if t.tbps is not None},
+    }
+
+
+def merged_entries(existing: Optional[PerfTable], results: Iterable[CaseResult]) -> list[dict[str, Any]]:
+    """Old entries updated kernel by kernel with new times, new buckets added; sorted by op and shape."""
+    by_key: dict[tuple, dict[str, Any]] = {}
+    for e in existing.entries if existing is not None else ():
+        data = e.model_dump(mode="json")
+        by_key[e.key] = {"op": data["op"], "shape": data["shape"], "median_us": dict(data["median_us"]),
+                         "tbps": dict(data["tbps"])}
+    for result in results:
+        new = entry(result)
+        if new is None:
+            continue
+        old = by_key.setdefault(result.case.key, {"op": new["op"], "shape": new["shape"], "median_us": {}, "tbps": {}})
+        old["median_us"].update(new["median_us"])
+        for name in new["median_us"]:
+            old["tbps"].pop(name, None)
+        old["tbps"].update(new["tbps"])
+
+    def order(item: tuple[tuple, dict]) -> tuple:
+        return tuple((v is not None, v if v is not None else 0) for v in item[0])
+
+    out = []
+    for _, e in sorted(by_key.items(), key=order):
+        e = dict(e, median_us=dict(sorted(e["median_us"].items())), tbps=dict(sorted(e["tbps"].items())))
+        if not e["tbps"]:
+            del e["tbps"]
+        out.append(e)
+    return out
+
+
+HEADER = """\
+# kernelsel perf table: median time per request bucket of every eligible kernel on one GPU model.
+# Written by `kernelsel bench` (merged bucket by bucket, kernel by kernel); review diffs like code.
+# Times only rank kernels the manifest already declares eligible (registry/perf.py).
+"""
+
+
+def write_table(path: os.PathLike | str, env: BenchEnvironment, method: str, results: Sequence[CaseResult],
+                *, existing: Optional[PerfTable] = None, recorded: Optional[str] = None) -> PerfTable:
+    """Merge ``results`` into ``existing`` and write ``path``; validated before and after writing."""
+    path = Path(path)
+    data = {
+        "schema_version": 1,
+        "gpu": env.gpu,
+        "arch": env.arch.value,
+        "software": {str(k): str(v) for k, v in sorted(env.software.items())},
+        "method": method,
+        "recorded": recorded or datetime.date.today().isoformat(),
+        "entries": merged_entries(existing, results),
+    }
+    text = HEADER + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120, allow_unicode=True)
+    load_perf_table(path, text=text)  # never replace a good table with one that does not load
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return load_perf_table(path)
+
+
+def read_existing(path: os.PathLike | str, env: BenchEnvironment) -> Optional[PerfTable]:
+    """The table already at ``path`` (None if there is none); refuse one recorded on another GPU or arch."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    table = load_perf_table(path)
+    if table.gpu != env.gpu or table.arch is not env.arch:
+        raise KernelselError(
+            f"{path}: recorded on {table.gpu} ({table.arch.value}); this is {env.gpu} ({env.arch.value}). "
+            f"Write to another file, e.g. {default_table_path(env.gpu, env.arch)}"
+        )
+    return table
+
+
+@dataclass
+class BenchReport:
+    """What a bench run did: every case's timings and the table it wrote (if any)."""
+
+    results: list[CaseResult]
+    method: str
+    table: Optional[PerfTable] = None
+    path: Optional[str] = None
+
+    @property
+    def errors(self) -> int:
+        return sum(not t.ok for r in self.results for t in r.kernels)
+
+    @property
+    def recorded(self) -> int:
+        return sum(t.ok for r in self.results for t in r.kernels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "out": self.path, "recorded": self.recorded, "errors": self.errors,
+                "cases": [r.to_dict() for r in self.results]}
+
+
+def run_bench(
+    cases: Sequence[BenchCase],
+    selector: "Selector",
+    env: BenchEnvironment,
+    *,
+    timer: Optional[Timer] = None,
+    out: Optional[os.PathLike | str] = None,
+    kernels: Optional[Sequence[str]] = None,
+    extra: Optional[Callable[[BenchCase], Mapping[str, Callable]]] = None,
+    seed: int = 0,
+    progress: Optional[Callable[[str], None]] = None,
+) -> BenchReport:
+    """Time every case; with ``out``, merge into that table after each case (a run cut short keeps its work).
+
+    ``extra(case)`` may give more callables to time per case (``name -> workload -> call``); they are
+    reported, never recorded.  ``progress`` gets one line (or a few) per case; default: stderr.
+    """
+    timer = timer or default_timer(env.device)
+    say = progress or (lambda text: print(text, file=sys.stderr, flush=True))
+    existing = None
+    if out is not None:
+        check_buckets(cases)
+        existing = read_existing(out, env)
+    report = BenchReport([], timer.method(), path=str(out) if out is not None else None)
+    eager: set[str] = set()
+    for i, case in enumerate(cases, 1):
+        result = time_case(case, selector, timer=timer, device=env.device, kernels=kernels,
+                           extra=extra(case) if extra else None, seed=seed)
+        report.results.append(result)
+        eager |= {t.kernel for t in result.kernels if t.ok and t.mode.startswith("eager")}
+        report.method = timer.method(eager)
+        say(progress_line(i, len(cases), result))
+        if out is not None and entry(result) is not None:
+            report.table = write_table(out, env, report.method, report.results, existing=existing)
+    return report
