@@ -214,8 +214,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", default=str(SUITE), help="suite file (default: bench/regret_suite.yaml)")
     p.add_argument("--perf", help="perf table for the perf_table strategy (default: the committed one for this GPU)")
-    p.add_argument("--record", metavar="PATH", help="record the perf table for the suite's buckets into PATH, then stop")
-    p.add_argument("--out", help="report JSON (default: bench/results/regret-<gpu>.json)")
+    p.add_argument("--record", metavar="PATH", help="record the perf table for the suite's buckets into PATH "
+                   "(a folder: <gpu>-<arch>.yaml in it), then stop")
+    p.add_argument("--out", help="report JSON file or folder (default: bench/results/regret-<gpu>.json)")
     p.add_argument("--op", action="append", help="only this op's requests (repeatable)")
     p.add_argument("--repeats", type=int, default=bench.DEFAULT_REPEATS)
     p.add_argument("--warmup", type=int, default=bench.DEFAULT_WARMUP)
@@ -231,8 +232,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     timing_selector = Selector(manifest, env.platform, Overrides())
 
     if args.record:
-        report = bench.run_bench(cases, timing_selector, env, timer=timer, out=args.record)
-        print(json.dumps({"recorded": args.record, "gpu": env.gpu, "arch": env.arch.value, "requests": len(cases),
+        record = Path(args.record)
+        if record.is_dir():  # a folder: the table's usual name for this GPU inside it
+            record = record / bench.default_table_path(env.gpu, env.arch).name
+        report = bench.run_bench(cases, timing_selector, env, timer=timer, out=record)
+        print(json.dumps({"recorded": str(record), "gpu": env.gpu, "arch": env.arch.value, "requests": len(cases),
                           "buckets": len(report.table.entries) if report.table else 0,
                           "kernel_timings": report.recorded, "errors": report.errors, "method": report.method}, indent=1))
         return 0 if report.table is not None else 1
@@ -247,7 +251,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         "perf_table": Selector(manifest, env.platform, Overrides(), table) if table is not None else None,
         "priority": Selector(manifest, env.platform, Overrides()),
     }
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"regret-{bench.gpu_slug(env.gpu)}.json"
+    out = Path(args.out) if args.out else ROOT / "bench" / "results"
+    if out.is_dir():
+        out = out / f"regret-{bench.gpu_slug(env.gpu)}.json"
     data: dict[str, Any] = {
         "meta": {"gpu": env.gpu, "arch": env.arch.value, "software": env.software, "method": timer.method(),
                  "suite": str(args.suite), "requests": len(cases),

@@ -60,10 +60,9 @@ def test_record_then_report_on_cpu(tmp_path):
     assert json.loads(rec.stdout)["buckets"] == n
     assert sum(line.startswith("bench [") for line in rec.stderr.splitlines()) == n
 
-    rep = _regret("--suite", str(tmp_path / "suite.yaml"), "--perf", str(tmp_path / "cpu.yaml"),
-                  "--out", str(tmp_path / "regret.json"))
+    rep = _regret("--suite", str(tmp_path / "suite.yaml"), "--perf", str(tmp_path / "cpu.yaml"), "--out", str(tmp_path))
     assert rep.returncode == 0, rep.stderr
-    data = json.loads((tmp_path / "regret.json").read_text())
+    data = json.loads((tmp_path / "regret-cpu.json").read_text())  # a folder: the file is named after the GPU
     assert data["meta"]["requests"] == len(data["cases"]) == n and data["meta"]["perf_table"]["gpu"] == "cpu"
     assert data["summary"]["perf_table"]["requests"] == data["summary"]["priority"]["requests"] == n
     assert {"geomean", "worst", "worst_request", "meets_targets"} <= set(data["summary"]["perf_table"])
