@@ -121,6 +121,34 @@ class Adapter:
                 f"selected for did not ask for it; select with {feature}=True to get a kernel that supports it"
             )
 
+    def _check_options(self, metadata: Any, *, causal: Optional[bool] = None) -> None:
+        """Refuse plan options (window, soft cap, and with ``causal`` given non-causal) the request did not select."""
+        r = self.request
+        self._refuse("sliding_window", metadata.window_left >= 0 and not getattr(r, "sliding_window", False))
+        self._refuse("logits_soft_cap", metadata.logits_soft_cap > 0 and not getattr(r, "logits_soft_cap", False))
+        if causal is not None:
+            self._refuse("non_causal", not causal and not getattr(r, "non_causal", False))
+
+    def _check_requested_q_len(self, q_len: int) -> None:
+        """A plan's ``q_len`` is at least 1 and at most the request's (when it names one)."""
+        allowed = getattr(self.request, "q_len", None)
+        if q_len < 1:
+            raise AdapterInputError(f"q_len: {q_len}, expected >= 1 ({self.op})")
+        if allowed is not None and q_len > allowed:
+            raise UnsupportedFeatureError(
+                f"{self.spec.name}: plan() got q_len={q_len} but the request was selected for q_len={allowed}; "
+                f"select with q_len={q_len}"
+            )
+
+
+def refuse_sparse_options(kernel: str, metadata: Any) -> None:
+    """``sparse_mla_decode`` reads the positions its indexer chose: refuse a window or a soft cap."""
+    if metadata.window_left >= 0 or metadata.logits_soft_cap > 0:
+        raise UnsupportedFeatureError(
+            f"{kernel}: sparse_mla_decode takes no window_left or logits_soft_cap; "
+            f"which positions are read is the indexer's choice (topk_indices)"
+        )
+
 
 _WORKSPACES: dict = {}
 

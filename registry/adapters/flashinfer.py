@@ -142,7 +142,7 @@ class _PagedDecode(_WrapperAdapter):
             host = q_scale * k_scale
             if host == 1.0 and v_scale == 1.0:  # the common case, kept short: this is per layer
                 res = self._wrapper.run(q, (k_cache, v_cache), out=out, lse=lse, return_lse=want, enable_pdl=self._pdl)
-                if not want:
+                if not want:  # ln_lse_result() written out: one Python frame less per layer
                     return new_tuple(AttentionResult, (res, None))
                 res[1].mul_(LN2)
                 return new_tuple(AttentionResult, res)

@@ -151,6 +151,7 @@ class FlashInferAdapter(Adapter):
         self._pdl = False
         self._buffers: dict = {}
         self._want_lse = bool(request.return_lse)
+        self._want_sinks = bool(getattr(request, "sinks", False))
         self._sig: tuple = ()  # the last run() input signature that passed; () matches nothing
 
     @staticmethod
@@ -173,7 +174,9 @@ class FlashInferAdapter(Adapter):
         """Refuse unselected plan options, fix the device, validate ``block_table``/``seq_lens``; return the batch."""
         self._check_options(metadata, causal=causal)
         self._bind_device(metadata.block_table)
-        return check_paged_metadata(metadata.block_table, metadata.seq_lens, self.request.page_size, contract=self._contract)
+        return check_paged_metadata(
+            metadata.block_table, metadata.seq_lens, self.request.page_size, contract=self._contract
+        )
 
     def _bind_device(self, t: "torch.Tensor") -> None:
         """Fix the device from the plan metadata; FlashInfer needs CUDA tensors."""
@@ -182,13 +185,6 @@ class FlashInferAdapter(Adapter):
         self._device = t.device
         self._device_index = t.get_device()
         self._pdl = bool(self._fi.utils.device_support_pdl(t.device))
-
-    def _check_options(self, metadata: Any, *, causal: Optional[bool] = None) -> None:
-        """Refuse plan options the request did not select this kernel for."""
-        self._refuse("sliding_window", metadata.window_left >= 0 and not self.request.sliding_window)
-        self._refuse("logits_soft_cap", metadata.logits_soft_cap > 0 and not self.request.logits_soft_cap)
-        if causal is not None:
-            self._refuse("non_causal", not causal and not getattr(self.request, "non_causal", False))
 
     def _sm_scale(self, metadata: Any, head_dim: int) -> float:
         return metadata.sm_scale if metadata.sm_scale is not None else 1.0 / math.sqrt(head_dim)
@@ -243,7 +239,7 @@ class FlashInferAdapter(Adapter):
             sig = None
         if sig != self._sig:
             self._learn_inputs(sig, a, b, c)
-        if sinks is not None:
+        if sinks is not None or self._want_sinks:
             self._check_sinks(sinks)
         return self._want_lse if out is None and lse is None else self._outputs(out, lse)
 
@@ -279,10 +275,10 @@ class FlashInferAdapter(Adapter):
         import torch
 
         if sinks is None:
-            if self.request.sinks:
+            if self._want_sinks:
                 raise AdapterInputError(f"{self.spec.name}: the request has sinks=True; pass sinks= (fp32 [num_qo_heads])")
             return
-        self._refuse("sinks", not self.request.sinks)
+        self._refuse("sinks", not self._want_sinks)
         self._expect("sinks", sinks, (self.request.num_qo_heads,), torch.float32)
 
     def _expect(self, name: str, t: Any, shape: tuple, dtype: "torch.dtype", *, tail: bool = False) -> None:

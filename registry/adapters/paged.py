@@ -166,6 +166,21 @@ def check_cu_seqlens(name: str, cu_seqlens: Any, batch: Optional[int] = None, *,
     return int(cu_seqlens[-1])
 
 
+def check_decode_seq_lens(seq_lens: "torch.Tensor", q_len: int, *, contract: str = "") -> None:
+    """Decode: every request's ``seq_lens`` counts its ``q_len`` new tokens.  *Plan-time*."""
+    if seq_lens.shape[0] and int(seq_lens.min()) < q_len:
+        raise AdapterInputError(f"seq_lens: every request must hold its {q_len} new tokens{_where(contract)}")
+
+
+def check_extend_seq_lens(cu_seqlens_q: "torch.Tensor", seq_lens: "torch.Tensor", *, contract: str = "") -> None:
+    """Extend: no request has more new tokens (``cu_seqlens_q``) than its ``seq_lens`` counts.  *Plan-time*."""
+    if bool((lens_from_cu_seqlens(cu_seqlens_q) > seq_lens).any()):
+        raise AdapterInputError(
+            f"cu_seqlens_q: a request has more new tokens than seq_lens holds; the cache must "
+            f"already contain the new tokens{_where(contract)}"
+        )
+
+
 def check_topk_indices(
     indices: Any, seq_lens: "torch.Tensor", *, q_len: int = 1, topk: Optional[int] = None, contract: str = ""
 ) -> None:

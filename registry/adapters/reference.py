@@ -23,9 +23,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Optional
 
-from registry.adapters.base import Adapter, check_tensor, scale_value, torch_dtype
+from registry.adapters.base import Adapter, check_tensor, refuse_sparse_options, scale_value, torch_dtype
 from registry.adapters.paged import (
     check_cu_seqlens,
+    check_decode_seq_lens,
+    check_extend_seq_lens,
     check_paged_metadata,
     check_topk_indices,
     logical_to_slot,
@@ -33,7 +35,7 @@ from registry.adapters.paged import (
     uniform_cu_seqlens,
 )
 from registry.contracts import AttentionResult
-from registry.errors import AdapterInputError, UnsupportedFeatureError
+from registry.errors import AdapterInputError
 
 if TYPE_CHECKING:
     import torch
@@ -348,9 +350,7 @@ class _TorchAdapter(Adapter):
         return getattr(self.request, field, None)
 
     def _plan_options(self, metadata: Any, *, causal: bool = True) -> None:
-        self._refuse("sliding_window", metadata.window_left >= 0 and not self._r("sliding_window"))
-        self._refuse("logits_soft_cap", metadata.logits_soft_cap > 0 and not self._r("logits_soft_cap"))
-        self._refuse("non_causal", not causal and not self._r("non_causal"))
+        self._check_options(metadata, causal=causal)
         self.sm_scale = metadata.sm_scale if metadata.sm_scale is not None else self._default_sm_scale()
         self.window_left = metadata.window_left
         self.logits_soft_cap = metadata.logits_soft_cap
@@ -365,16 +365,6 @@ class _TorchAdapter(Adapter):
         q_dtype = torch_dtype(self.request.q_dtype)
         kv = self._r("kv_dtype")
         return q_dtype, q_dtype if kv is None else torch_dtype(kv), _default_out_dtype(q_dtype, self._r("out_dtype"))
-
-    def _check_q_len(self, q_len: int) -> None:
-        allowed = self._r("q_len")
-        if q_len < 1:
-            raise AdapterInputError(f"q_len: {q_len}, expected >= 1 ({self.op})")
-        if allowed is not None and q_len > allowed:
-            raise UnsupportedFeatureError(
-                f"{self.spec.name}: plan() got q_len={q_len} but the request was selected for q_len={allowed}; "
-                f"select with q_len={q_len}"
-            )
 
     def _check(self, name: str, t: Any, shape: list, dtype: Any) -> None:
         check_tensor(name, t, shape=shape, dtype=dtype, device=self.device, contract=self.op)
@@ -434,11 +424,10 @@ class TorchMHADecode(_TorchPagedMHA):
     op = "mha_decode"
 
     def plan(self, metadata) -> None:
-        self._check_q_len(metadata.q_len)
+        self._check_requested_q_len(metadata.q_len)
         self._plan_paged(metadata)
         self._plan_options(metadata)
-        if self.batch and int(metadata.seq_lens.min()) < metadata.q_len:
-            raise AdapterInputError(f"seq_lens: every request must hold its {metadata.q_len} new tokens ({self.op})")
+        check_decode_seq_lens(metadata.seq_lens, metadata.q_len, contract=self.op)
         self.cu_seqlens_q = uniform_cu_seqlens(self.batch, metadata.q_len, device=self.device)
         self.tokens = self.batch * metadata.q_len
         self._planned = True
@@ -454,11 +443,7 @@ class TorchMHAExtend(_TorchPagedMHA):
         self._plan_options(metadata, causal=metadata.causal)
         cu = metadata.cu_seqlens_q
         self.tokens = check_cu_seqlens("cu_seqlens_q", cu, self.batch, device=self.device, contract=self.op)
-        if bool(((cu[1:] - cu[:-1]) > metadata.seq_lens).any()):
-            raise AdapterInputError(
-                f"cu_seqlens_q: a request has more new tokens than seq_lens holds; the cache must "
-                f"already contain the new tokens ({self.op})"
-            )
+        check_extend_seq_lens(cu, metadata.seq_lens, contract=self.op)
         self.cu_seqlens_q = cu
         self._planned = True
 
@@ -509,7 +494,7 @@ class _TorchMLA(_TorchAdapter):
         return 1.0 / math.sqrt(nope + rope)
 
     def plan(self, metadata) -> None:
-        self._check_q_len(metadata.q_len)
+        self._check_requested_q_len(metadata.q_len)
         self.batch = check_paged_metadata(metadata.block_table, metadata.seq_lens, self._r("page_size"), contract=self.op)
         self._plan_options(metadata)
         self.device = metadata.block_table.device
@@ -550,11 +535,7 @@ class TorchSparseMLADecode(_TorchMLA):
     op = "sparse_mla_decode"
 
     def _plan_options(self, metadata: Any, *, causal: bool = True) -> None:
-        if metadata.window_left >= 0 or metadata.logits_soft_cap > 0:
-            raise UnsupportedFeatureError(
-                f"{self.spec.name}: sparse_mla_decode takes no window_left or logits_soft_cap; "
-                f"which positions are read is the indexer's choice (topk_indices)"
-            )
+        refuse_sparse_options(self.spec.name, metadata)
         super()._plan_options(metadata, causal=causal)
 
     def run(self, q_nope, q_pe, kv_cache, topk_indices, *, q_scale=1.0, kv_scale=1.0, sinks=None, out=None, lse=None):

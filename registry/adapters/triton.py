@@ -18,10 +18,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Optional
 
-from registry.adapters.base import Adapter, check_tensor, scale_value, torch_dtype, workspace
-from registry.adapters.paged import check_cu_seqlens, check_paged_metadata
+from registry.adapters.base import Adapter, check_tensor, refuse_sparse_options, scale_value, torch_dtype, workspace
+from registry.adapters.paged import check_cu_seqlens, check_decode_seq_lens, check_extend_seq_lens, check_paged_metadata
 from registry.contracts import AttentionResult
-from registry.errors import AdapterInputError, UnsupportedFeatureError
+from registry.errors import AdapterInputError
 
 if TYPE_CHECKING:
     import torch
@@ -48,9 +48,7 @@ class _TritonAdapter(Adapter):
         return bool(getattr(self.request, name, False))
 
     def _plan_options(self, metadata: Any, *, causal: bool = True) -> None:
-        self._refuse("sliding_window", metadata.window_left >= 0 and not self._feature("sliding_window"))
-        self._refuse("logits_soft_cap", metadata.logits_soft_cap > 0 and not self._feature("logits_soft_cap"))
-        self._refuse("non_causal", not causal and not self._feature("non_causal"))
+        self._check_options(metadata, causal=causal)
         if metadata.window_left < -1:
             raise AdapterInputError(f"window_left: {metadata.window_left}, expected -1 (off) or >= 0 ({self.op})")
         self.sm_scale = metadata.sm_scale if metadata.sm_scale is not None else self._default_sm_scale()
@@ -61,16 +59,6 @@ class _TritonAdapter(Adapter):
     def _default_sm_scale(self) -> float:
         return 1.0 / math.sqrt(self.request.head_dim_qk)
 
-    def _check_q_len(self, q_len: int) -> None:
-        allowed = getattr(self.request, "q_len", None)
-        if q_len < 1:
-            raise AdapterInputError(f"q_len: {q_len}, expected >= 1 ({self.op})")
-        if allowed is not None and q_len > allowed:
-            raise UnsupportedFeatureError(
-                f"{self.spec.name}: plan() got q_len={q_len} but the request was selected for q_len={allowed}; "
-                f"select with q_len={q_len}"
-            )
-
     def _plan_paged(self, metadata: Any) -> None:
         self.batch = check_paged_metadata(
             metadata.block_table, metadata.seq_lens, self.request.page_size, contract=self.op
@@ -78,6 +66,14 @@ class _TritonAdapter(Adapter):
         self.device = metadata.block_table.device
         self.block_table, self.seq_lens = metadata.block_table, metadata.seq_lens
         self.max_len = int(metadata.seq_lens.max()) if self.batch else 0
+
+    def _plan_decode(self, metadata: Any) -> None:
+        """The plan of the decode ops up to the kernel: ``q_len`` new tokens per request over the paged cache."""
+        self._check_requested_q_len(metadata.q_len)
+        self._plan_paged(metadata)
+        self._plan_options(metadata)
+        check_decode_seq_lens(metadata.seq_lens, metadata.q_len, contract=self.op)
+        self.q_len, self.tokens = metadata.q_len, self.batch * metadata.q_len
 
     def _config(self, default: Any) -> Any:
         return default.replace(**self.tuning)
@@ -198,14 +194,9 @@ class TritonMHADecode(_TritonPagedMHA):
     op = "mha_decode"
 
     def plan(self, metadata) -> None:
-        self._check_q_len(metadata.q_len)
-        self._plan_paged(metadata)
-        self._plan_options(metadata)
-        if self.batch and int(metadata.seq_lens.min()) < metadata.q_len:
-            raise AdapterInputError(f"seq_lens: every request must hold its {metadata.q_len} new tokens ({self.op})")
+        self._plan_decode(metadata)
         r = self.request
         self._check_heads()
-        self.q_len, self.tokens = metadata.q_len, self.batch * metadata.q_len
         rows = self.q_len * (r.num_qo_heads // r.num_kv_heads)
         self._plan_kernel(self.q_len, rows, lambda bm: self.batch * -(-rows // bm))
         self._planned = True
@@ -236,12 +227,8 @@ class TritonMHAExtend(TritonMHADecode):
         self.tokens = check_cu_seqlens(
             "cu_seqlens_q", metadata.cu_seqlens_q, self.batch, device=self.device, contract=self.op
         )
+        check_extend_seq_lens(metadata.cu_seqlens_q, metadata.seq_lens, contract=self.op)
         new = (metadata.cu_seqlens_q[1:] - metadata.cu_seqlens_q[:-1]).cpu().long()
-        if bool((new > metadata.seq_lens.cpu()).any()):
-            raise AdapterInputError(
-                f"cu_seqlens_q: a request has more new tokens than seq_lens holds; the cache must "
-                f"already contain the new tokens ({self.op})"
-            )
         self.cu_seqlens_q = metadata.cu_seqlens_q
         group = r.num_qo_heads // r.num_kv_heads
         longest = int(new.max()) if self.batch else 0
@@ -274,14 +261,6 @@ class _TritonMLA(_TritonAdapter):
             )
         return 1.0 / math.sqrt(nope + self.request.qk_rope_head_dim)
 
-    def _plan_mla(self, metadata: Any) -> None:
-        self._check_q_len(metadata.q_len)
-        self._plan_paged(metadata)
-        self._plan_options(metadata)
-        if self.batch and int(metadata.seq_lens.min()) < metadata.q_len:
-            raise AdapterInputError(f"seq_lens: every request must hold its {metadata.q_len} new tokens ({self.op})")
-        self.q_len, self.tokens = metadata.q_len, self.batch * metadata.q_len
-
     def _check_mla(self, q_nope, q_pe, kv_cache, sinks, out, lse, q_scale, kv_scale):
         self._require_planned()
         r = self.request
@@ -306,7 +285,7 @@ class TritonMLADecode(_TritonMLA):
     op = "mla_decode"
 
     def plan(self, metadata) -> None:
-        self._plan_mla(metadata)
+        self._plan_decode(metadata)
         planning = _kernels("planning")
         r = self.request
         rows = self.q_len * r.num_qo_heads
@@ -335,15 +314,11 @@ class TritonSparseMLADecode(_TritonMLA):
     op = "sparse_mla_decode"
 
     def _plan_options(self, metadata: Any, *, causal: bool = True) -> None:
-        if metadata.window_left >= 0 or metadata.logits_soft_cap > 0:
-            raise UnsupportedFeatureError(
-                f"{self.spec.name}: sparse_mla_decode takes no window_left or logits_soft_cap; "
-                f"which positions are read is the indexer's choice (topk_indices)"
-            )
+        refuse_sparse_options(self.spec.name, metadata)
         super()._plan_options(metadata, causal=causal)
 
     def plan(self, metadata) -> None:
-        self._plan_mla(metadata)
+        self._plan_decode(metadata)
         planning = _kernels("planning")
         r = self.request
         topk = getattr(r, "topk", None) or self.max_len

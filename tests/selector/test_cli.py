@@ -12,21 +12,8 @@ import sys
 
 import pytest
 
-from selector.cli import main
-
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GOLDEN = pathlib.Path(__file__).parent / "golden"
-
-
-def run(capsys, *argv):
-    """main(argv) in-process; returns (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main(list(argv))
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 MLA_FP8_SM120 = ["explain", "--op", "mla_decode", "--arch", "sm_120", "--q-dtype", "bf16", "--kv-dtype", "fp8_e4m3",
@@ -38,9 +25,9 @@ def _mask(text: str) -> str:
     return re.sub(r"sha [0-9a-f]{12}", "sha <digest>", text)
 
 
-def test_explain_text_matches_golden(capsys, monkeypatch):
+def test_explain_text_matches_golden(cli, monkeypatch):
     monkeypatch.chdir(ROOT)
-    code, out, err = run(capsys, *MLA_FP8_SM120)
+    code, out, err = cli(*MLA_FP8_SM120)
     assert code == 0, err
     golden = GOLDEN / "explain_mla_sm120_fp8kv.txt"
     if os.environ.get("KERNELSEL_UPDATE_GOLDEN"):
@@ -48,8 +35,8 @@ def test_explain_text_matches_golden(capsys, monkeypatch):
     assert _mask(out) == golden.read_text()
 
 
-def test_explain_json_keys(capsys):
-    code, out, _ = run(capsys, *MLA_FP8_SM120, "--json")
+def test_explain_json_keys(cli):
+    code, out, _ = cli(*MLA_FP8_SM120, "--json")
     data = json.loads(out)
     assert code == 0
     assert {"request", "selected", "eligible", "rejected"} <= set(data)
@@ -58,8 +45,8 @@ def test_explain_json_keys(capsys):
     assert all(set(r) >= {"name", "solution", "backend", "reasons"} and r["reasons"] for r in data["rejected"])
 
 
-def test_explain_exit_3_when_nothing_fits_and_lists_reasons(capsys):
-    code, out, _ = run(capsys, "explain", "--op", "mla_decode", "--arch", "sm_70")
+def test_explain_exit_3_when_nothing_fits_and_lists_reasons(cli):
+    code, out, _ = cli("explain", "--op", "mla_decode", "--arch", "sm_70")
     assert code == 3
     assert "selected  none" in out and "arch sm_70 below minimum sm_80" in out
 
@@ -76,33 +63,33 @@ def test_explain_exit_3_when_nothing_fits_and_lists_reasons(capsys):
         (["show", "flashinfer-fa2-decod"], r"no kernel named 'flashinfer-fa2-decod' \(did you mean 'flashinfer-fa2-decode'\?\)"),
     ],
 )
-def test_bad_input_exits_2_with_a_message_and_no_traceback(capsys, argv, message):
-    code, out, err = run(capsys, *argv)
+def test_bad_input_exits_2_with_a_message_and_no_traceback(cli, argv, message):
+    code, out, err = cli(*argv)
     assert code == 2
     assert re.search(message, err), err
     assert "Traceback" not in err + out
 
 
-def test_validate_ok_and_broken(capsys):
-    code, out, _ = run(capsys, "validate")
+def test_validate_ok_and_broken(cli):
+    code, out, _ = cli("validate")
     assert code == 0 and re.match(r"kernels\.yaml: ok \(\d+ kernels, schema 1, sha [0-9a-f]{12}\)", out.strip().split("/")[-1])
     broken = ROOT / "tests/registry/broken/unknown_key.yaml"
-    code, _, err = run(capsys, "validate", str(broken))
+    code, _, err = cli("validate", str(broken))
     assert code == 1
     assert re.search(r"unknown_key\.yaml:16:5: kernels\[0\]\.prioriti: unknown key 'prioriti'", err)
     assert err.strip().endswith("1 problem")
 
 
-def test_list_and_show(capsys, manifest):
-    code, out, _ = run(capsys, "list", "--op", "mla_decode")
+def test_list_and_show(cli, manifest):
+    code, out, _ = cli("list", "--op", "mla_decode")
     names = [k.name for k in manifest.by_op[manifest.kernels[0].op.__class__("mla_decode")]]
     assert code == 0 and all(n in out for n in names)
-    code, out, _ = run(capsys, "show", "xqa-mla-decode")
+    code, out, _ = cli("show", "xqa-mla-decode")
     assert code == 0 and out.startswith("# kernels.yaml:") and "num_qo_heads:\n  - 128" in out.replace("    ", "  ") or "128" in out
 
 
-def test_plan_command(capsys):
-    code, out, _ = run(capsys, "plan", "--arch", "sm_100", "--q-dtype", "fp8_e4m3")
+def test_plan_command(cli):
+    code, out, _ = cli("plan", "--arch", "sm_100", "--q-dtype", "fp8_e4m3")
     assert code == 0 and out.startswith("plan      prewrite")
 
 

@@ -20,23 +20,11 @@ import yaml
 from registry.loader import load_manifest
 from registry.vocab import Arch, DType, Op, Solution
 from selector import KernelRequest, Platform, solve
-from selector.cli import main
 from selector.diff import diff_manifests, read_manifest, request_space
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "kernels.yaml"
 GATE_FROM, GATE_TO = Arch.SM_90, Arch.SM_100
-
-
-def run(capsys, *argv):
-    """main(argv) in-process; returns (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def bundled_data() -> dict:
@@ -80,9 +68,9 @@ def seed_edit(tmp_path):
     return write(tmp_path, "kernels.yaml", data), moved
 
 
-def test_seed_regression_is_reported_as_a_loss_with_arch_ops_and_solution(capsys, seed_edit):
+def test_seed_regression_is_reported_as_a_loss_with_arch_ops_and_solution(cli, seed_edit):
     head, _ = seed_edit
-    code, out, err = run(capsys, "diff", BUNDLED, head)
+    code, out, err = cli("diff", BUNDLED, head)
     assert code == 1, err
     assert re.search(
         r"^  (sm_\d+, )*sm_90(, sm_\d+)* mha_decode/mha_extend with solution=flashinfer: loses all candidates",
@@ -91,9 +79,9 @@ def test_seed_regression_is_reported_as_a_loss_with_arch_ops_and_solution(capsys
     assert "Traceback" not in out + err
 
 
-def test_seed_regression_json_names_the_lost_kernels_and_why(capsys, seed_edit):
+def test_seed_regression_json_names_the_lost_kernels_and_why(cli, seed_edit):
     head, moved = seed_edit
-    code, out, _ = run(capsys, "diff", BUNDLED, head, "--json")
+    code, out, _ = cli("diff", BUNDLED, head, "--json")
     data = json.loads(out)
     assert code == 1 and data["exit_status"] == 1
     loss = next(f for f in data["lost"] if f["request"] == {"solution": ["flashinfer"]} and GATE_FROM.value in f["archs"])
@@ -105,9 +93,9 @@ def test_seed_regression_json_names_the_lost_kernels_and_why(capsys, seed_edit):
     assert all([f["field"] for f in c["fields"]] == ["arch"] for c in data["kernels"]["changed"])
 
 
-def test_seed_regression_markdown_is_a_pr_comment(capsys, seed_edit):
+def test_seed_regression_markdown_is_a_pr_comment(cli, seed_edit):
     head, _ = seed_edit
-    code, out, _ = run(capsys, "diff", "--markdown", BUNDLED, head)
+    code, out, _ = cli("diff", "--markdown", BUNDLED, head)
     assert code == 1
     assert out.startswith("### kernelsel diff:")
     assert "lose every candidate kernel" in out
@@ -158,8 +146,8 @@ def edited(tmp_path, name, kernels) -> pathlib.Path:
     return write(tmp_path, name, synthetic(kernels))
 
 
-def test_identical_manifests_say_no_changes_and_exit_0(capsys, base):
-    code, out, _ = run(capsys, "diff", base, base)
+def test_identical_manifests_say_no_changes_and_exit_0(cli, base):
+    code, out, _ = cli("diff", base, base)
     assert code == 0
     assert out.strip().endswith("no changes")
 
@@ -171,9 +159,9 @@ def test_the_bundled_manifest_against_itself_finds_nothing_even_when_every_op_is
     assert not report.has_changes and report.exit_status == 0
 
 
-def test_a_narrowed_shape_changes_the_selection_and_says_why(capsys, tmp_path, base):
+def test_a_narrowed_shape_changes_the_selection_and_says_why(cli, tmp_path, base):
     narrowed = copy.deepcopy(FAST) | {"shapes": {"head_dim_qk": [256]}}
-    code, out, _ = run(capsys, "diff", base, edited(tmp_path, "head.yaml", [narrowed, PORTABLE]), "--json")
+    code, out, _ = cli("diff", base, edited(tmp_path, "head.yaml", [narrowed, PORTABLE]), "--json")
     data = json.loads(out)
     # restricted to a-fast's solution, head dim 128 now has nothing
     assert code == 1 and [f["request"] for f in data["lost"]] == [{"head_dim_qk": ["128"], "solution": ["flashinfer"]}]
@@ -185,18 +173,18 @@ def test_a_narrowed_shape_changes_the_selection_and_says_why(capsys, tmp_path, b
     assert {"field": "shapes.head_dim_qk", "base": "[128]", "head": "[256]"} in data["kernels"]["changed"][0]["fields"]
 
 
-def test_a_dropped_dtype_loses_every_candidate_and_exits_1(capsys, tmp_path, base):
+def test_a_dropped_dtype_loses_every_candidate_and_exits_1(cli, tmp_path, base):
     bf16_only = copy.deepcopy(PORTABLE) | {"dtypes": {"q_dtype": ["bf16"], "kv_dtype": ["bf16"]}}
-    code, out, _ = run(capsys, "diff", base, edited(tmp_path, "head.yaml", [FAST, bf16_only]))
+    code, out, _ = cli("diff", base, edited(tmp_path, "head.yaml", [FAST, bf16_only]))
     assert code == 1
     assert re.search(r"^  sm_80, .*sm_121 mha_decode with q_dtype=fp16: loses all candidates", out, re.MULTILINE), out
     assert "was b-portable (mha_decode): q_dtype fp16 not in [bf16]" in out
 
 
-def test_an_added_kernel_gains_coverage_and_is_listed(capsys, tmp_path, base):
+def test_an_added_kernel_gains_coverage_and_is_listed(cli, tmp_path, base):
     fp8 = copy.deepcopy(PORTABLE) | {"name": "c-fp8", "dtypes": {"q_dtype": ["fp8_e4m3"], "kv_dtype": ["fp8_e4m3"]},
                                      "features": {}}
-    code, out, _ = run(capsys, "diff", base, edited(tmp_path, "head.yaml", [FAST, PORTABLE, fp8]), "--json")
+    code, out, _ = cli("diff", base, edited(tmp_path, "head.yaml", [FAST, PORTABLE, fp8]), "--json")
     data = json.loads(out)
     assert code == 0 and data["kernels"]["added"] == ["c-fp8"]
     gain = next(f for f in data["gained"])
@@ -204,25 +192,25 @@ def test_an_added_kernel_gains_coverage_and_is_listed(capsys, tmp_path, base):
     assert gain["because"] == ["now c-fp8 (mha_decode): added"]
 
 
-def test_a_removed_kernel_is_listed_and_its_requests_move(capsys, tmp_path, base):
-    code, out, _ = run(capsys, "diff", base, edited(tmp_path, "head.yaml", [PORTABLE]), "--json")
+def test_a_removed_kernel_is_listed_and_its_requests_move(cli, tmp_path, base):
+    code, out, _ = cli("diff", base, edited(tmp_path, "head.yaml", [PORTABLE]), "--json")
     data = json.loads(out)
     assert data["kernels"]["removed"] == ["a-fast"]
     moved = [f for f in data["changed"] if f["before"] == "a-fast"]
     assert moved and all(f["after"] == "b-portable" and "a-fast: removed" in f["because"] for f in moved)
 
 
-def test_a_priority_only_edit_is_a_field_change_without_request_changes(capsys, tmp_path, base):
-    code, out, _ = run(capsys, "diff", base, edited(tmp_path, "head.yaml", [FAST | {"priority": 11}, PORTABLE]))
+def test_a_priority_only_edit_is_a_field_change_without_request_changes(cli, tmp_path, base):
+    code, out, _ = cli("diff", base, edited(tmp_path, "head.yaml", [FAST | {"priority": 11}, PORTABLE]))
     assert code == 0
     assert "no request changes its kernel" in out
     assert re.search(r"~ a-fast\n\s+priority: 10 -> 11", out)
 
 
-def test_an_added_exclusion_is_seen_through_the_fields_it_joins(capsys, tmp_path, base):
+def test_an_added_exclusion_is_seen_through_the_fields_it_joins(cli, tmp_path, base):
     excluded = copy.deepcopy(PORTABLE) | {"exclude": [{"when": {"q_dtype": "fp16", "sinks": True},
                                                        "reason": "test", "ref": "test"}]}
-    code, out, _ = run(capsys, "diff", base, edited(tmp_path, "head.yaml", [FAST, excluded]), "--json")
+    code, out, _ = cli("diff", base, edited(tmp_path, "head.yaml", [FAST, excluded]), "--json")
     data = json.loads(out)
     assert code == 1
     assert [f["request"] for f in data["lost"]] == [{"q_dtype": ["fp16"], "sinks": ["true"]}]
@@ -233,7 +221,7 @@ def test_an_added_exclusion_is_seen_through_the_fields_it_joins(capsys, tmp_path
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
-def test_git_objects_are_read_with_git_show_and_named_by_their_ref(capsys, tmp_path, monkeypatch, seed_edit):
+def test_git_objects_are_read_with_git_show_and_named_by_their_ref(cli, tmp_path, monkeypatch, seed_edit):
     head, _ = seed_edit
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -247,13 +235,13 @@ def test_git_objects_are_read_with_git_show_and_named_by_their_ref(capsys, tmp_p
 
     m = read_manifest("HEAD:kernels.yaml")
     assert m.path == "HEAD:kernels.yaml" and m.kernels[0].origin.startswith("HEAD:kernels.yaml:")
-    code, out, _ = run(capsys, "diff", "HEAD:kernels.yaml", "kernels.yaml")
+    code, out, _ = cli("diff", "HEAD:kernels.yaml", "kernels.yaml")
     assert code == 1 and out.startswith("base      HEAD:kernels.yaml")
     assert "mha_decode/mha_extend with solution=flashinfer: loses all candidates" in out
 
-    code, _, err = run(capsys, "diff", "no-such-ref:kernels.yaml", "kernels.yaml")
+    code, _, err = cli("diff", "no-such-ref:kernels.yaml", "kernels.yaml")
     assert code == 2 and re.search(r"^error: no-such-ref:kernels\.yaml: not a file, and git cannot read it", err)
-    code, _, err = run(capsys, "diff", "HEAD:missing.yaml", "kernels.yaml")
+    code, _, err = cli("diff", "HEAD:missing.yaml", "kernels.yaml")
     assert code == 2 and "missing.yaml" in err and "Traceback" not in err
 
 
@@ -265,10 +253,10 @@ def test_a_path_on_disk_wins_over_a_git_object(tmp_path, monkeypatch, base):
     assert len(read_manifest("main:kernels.yaml").kernels) == 2
 
 
-def test_bad_arguments_exit_2_with_a_message(capsys, base):
-    code, _, err = run(capsys, "diff", "nowhere.yaml", base)
+def test_bad_arguments_exit_2_with_a_message(cli, base):
+    code, _, err = cli("diff", "nowhere.yaml", base)
     assert code == 2 and err.startswith("error: nowhere.yaml: no such file")
-    code, _, err = run(capsys, "diff", base, base, "--json", "--markdown")
+    code, _, err = cli("diff", base, base, "--json", "--markdown")
     assert code == 2 and "not both" in err
 
 

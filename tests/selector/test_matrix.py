@@ -8,23 +8,12 @@ import pytest
 
 from registry.loader import load_manifest
 from registry.vocab import Arch, DType, Op
-from selector.cli import main
 from selector.matrix import DEFAULT_PATH, NO, REGENERATE, YES, common_dtype, default_winners, render_matrix
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / DEFAULT_PATH
 MANIFEST = load_manifest(ROOT / "kernels.yaml")
 TEXT = render_matrix(MANIFEST)
-
-
-def run(capsys, *argv):
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def table_rows(text: str, heading: str) -> list[list[str]]:
@@ -44,21 +33,21 @@ def test_committed_matrix_is_up_to_date():
     assert COMMITTED.read_text(encoding="utf-8") == TEXT, f"{DEFAULT_PATH} is stale; run: {REGENERATE}"
 
 
-def test_check_flags_a_stale_file_and_out_writes_a_fresh_one(capsys, tmp_path):
+def test_check_flags_a_stale_file_and_out_writes_a_fresh_one(cli, tmp_path):
     target = tmp_path / "matrix.md"
     target.write_text(TEXT.replace(MANIFEST.kernels[0].name, "renamed"))
-    code, _, err = run(capsys, "matrix", "--check", "--out", target)
+    code, _, err = cli("matrix", "--check", "--out", target)
     assert code == 1 and f"is stale; regenerate it with: {REGENERATE}" in err
-    code, out, _ = run(capsys, "matrix", "--out", target)
+    code, out, _ = cli("matrix", "--out", target)
     assert code == 0 and out.strip() == f"wrote {target}"
-    code, out, _ = run(capsys, "matrix", "--check", "--out", target)
+    code, out, _ = cli("matrix", "--check", "--out", target)
     assert code == 0 and "up to date" in out
-    code, _, err = run(capsys, "matrix", "--check", "--out", tmp_path / "missing.md")
+    code, _, err = cli("matrix", "--check", "--out", tmp_path / "missing.md")
     assert code == 1 and "is missing" in err
 
 
-def test_plain_matrix_prints_the_document(capsys):
-    code, out, _ = run(capsys, "matrix")
+def test_plain_matrix_prints_the_document(cli):
+    code, out, _ = cli("matrix")
     assert code == 0 and out == TEXT
 
 

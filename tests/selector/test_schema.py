@@ -12,23 +12,12 @@ import yaml
 from registry.errors import ManifestError
 from registry.loader import load_manifest
 from registry.manifest_schema import DEFAULT_PATH, REGENERATE, SCHEMA_DIALECT, manifest_json_schema, render_schema
-from selector.cli import main
 
 jsonschema = pytest.importorskip("jsonschema", reason="pip install -e '.[test]' installs jsonschema")
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / DEFAULT_PATH
 BUNDLED = ROOT / "kernels.yaml"
-
-
-def run(capsys, *argv):
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +44,15 @@ def test_bundled_manifest_validates(validator):
     assert not errors, [f"{list(e.absolute_path)}: {e.message}" for e in errors]
 
 
-def test_cli_prints_writes_and_checks(capsys, tmp_path):
-    code, out, _ = run(capsys, "schema")
+def test_cli_prints_writes_and_checks(cli, tmp_path):
+    code, out, _ = cli("schema")
     assert code == 0 and json.loads(out) == manifest_json_schema()
     target = tmp_path / "schema.json"
     target.write_text("{}\n")
-    code, _, err = run(capsys, "schema", "--check", "--out", target)
+    code, _, err = cli("schema", "--check", "--out", target)
     assert code == 1 and REGENERATE in err
-    assert run(capsys, "schema", "--out", target)[0] == 0
-    assert run(capsys, "schema", "--check", "--out", target)[0] == 0
+    assert cli("schema", "--out", target)[0] == 0
+    assert cli("schema", "--check", "--out", target)[0] == 0
 
 
 def _first(data: dict, key: str) -> dict:
