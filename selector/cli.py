@@ -21,7 +21,7 @@ from registry.loader import load_manifest, load_perf_table
 from registry.priority import band_name
 from registry.schema import Manifest
 from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean, parse_arch
-from selector.api import Selector
+from selector.api import Selector, find_perf_table
 from selector.overrides import Overrides
 from selector.platform import Platform, installed_versions, required_distributions
 from selector.request import KernelRequest
@@ -47,27 +47,30 @@ def _manifest(path: Optional[str], overrides: Overrides) -> Manifest:
         raise Failure(str(exc), EXIT_USAGE) from None
 
 
-def _detected_arch() -> Optional[Arch]:
-    """The local GPU's arch via nvidia-smi (no torch import), or None."""
+def _detected_gpu() -> tuple[Optional[Arch], str]:
+    """The local GPU's arch and name via nvidia-smi (no torch import), or (None, '')."""
     smi = shutil.which("nvidia-smi")
     if not smi:
-        return None
+        return None, ""
     try:
-        out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+        out = subprocess.run([smi, "--query-gpu=compute_cap,name", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=10).stdout.split("\n")[0].strip()
-        return parse_arch(out) if out else None
+        cap, _, name = out.partition(",")
+        return (parse_arch(cap.strip()) if cap.strip() else None), name.strip()
     except (OSError, ValueError, subprocess.SubprocessError):
-        return None
+        return None, ""
 
 
 def _platform(manifest: Manifest, arch: Optional[str], installed_only: bool) -> Platform:
     if arch is not None and not installed_only:
         return Platform.hypothetical(arch)
     libs = installed_versions(required_distributions(manifest.solutions))
-    resolved = parse_arch(arch) if arch is not None else _detected_arch()
+    if arch is not None:
+        return Platform(arch=parse_arch(arch), libraries=libs, detected=True)
+    resolved, name = _detected_gpu()
     if resolved is None:
         raise Failure("no --arch given and no NVIDIA GPU detected (nvidia-smi); pass --arch sm_90", EXIT_USAGE)
-    return Platform(arch=resolved, libraries=libs, detected=True)
+    return Platform(arch=resolved, libraries=libs, device_name=name, detected=True)
 
 
 def _choice(values: list[str]) -> click.Choice:
@@ -126,7 +129,12 @@ def _build(op: Optional[str], kw: dict) -> tuple[Selector, KernelRequest]:
         fields["op"] = op
     perf_path = kw.get("perf_path") or (overrides.perf if overrides.perf and overrides.perf.lower() != "off" else None)
     try:
-        perf = load_perf_table(perf_path) if perf_path else None
+        if perf_path:
+            perf = load_perf_table(perf_path)
+        elif overrides.perf is None and platform.device_name:  # this GPU: its committed table, if any
+            perf = find_perf_table(platform.device_name, platform.arch)
+        else:
+            perf = None
     except ManifestError as exc:
         raise Failure(str(exc), EXIT_USAGE) from None
     return Selector(manifest, platform, overrides, perf), KernelRequest(**fields)

@@ -124,3 +124,22 @@ def test_broken_perf_tables_are_located(tmp_path, edit, message):
     path.write_text(edit(path.read_text()))
     with pytest.raises(ManifestError, match=r"h200\.yaml:\d+:\d+: .*" + message):
         load_perf_table(path)
+
+
+def test_the_default_selector_uses_the_committed_table_for_the_current_gpu(monkeypatch):
+    import sys
+
+    from registry.loader import bundled_perf_dir
+
+    tables = sorted(bundled_perf_dir().glob("*.yaml"))
+    assert tables, "a perf table is committed under perf/"
+    table = load_perf_table(tables[0])
+    monkeypatch.setattr("selector.api._cuda_device", lambda: (table.arch, table.gpu))
+    monkeypatch.setitem(sys.modules, "torch", sys.modules.get("torch") or object())
+    entry = table.entries[0]
+    fields = {k: v for k, v in entry.shape.items()}
+    req = KernelRequest(op=entry.op, arch=table.arch, **fields)
+    sel = selector.default_selector().solve(req)
+    assert sel.perf_source.endswith(f"{tables[0].name}, {table.gpu}")
+    fastest = min((k for k in sel.eligible if k.name in entry.median_us), key=lambda k: entry.median_us[k.name])
+    assert sel.kernel is fastest
