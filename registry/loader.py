@@ -178,12 +178,13 @@ def _stamp(manifest: Manifest, data: dict, marks: _Marks, filename: str, path: s
 
 def _load_overlay(path: Path, filename: str, data: dict, marks: _Marks, digest: str) -> Manifest:
     """Kernels in the overlay replace same-named base kernels or are added; ``disable`` drops names."""
-    allowed = {"base", "kernels", "disable"}
-    problems = [
-        f"{filename}:{marks.key_mark((k,))[0]}:{marks.key_mark((k,))[1]}: {k}: unknown key in an overlay{did_you_mean(str(k), sorted(allowed))}; expected one of: base, disable, kernels"
-        for k in data
-        if k not in allowed
-    ]
+    allowed = ("base", "disable", "kernels")
+    problems = []
+    for key in data:
+        if key not in allowed:
+            line, col = marks.key_mark((key,)) or (1, 1)
+            problems.append(f"{filename}:{line}:{col}: {key}: unknown key in an overlay"
+                            f"{did_you_mean(str(key), list(allowed))}; expected one of: {', '.join(allowed)}")
     base_ref = data["base"]
     base_path = None if base_ref == "bundled" else (path.parent / str(base_ref))
     if problems:

@@ -20,7 +20,8 @@ from selector.api import Selector, default_selector
 from selector.request import KernelRequest
 from selector.selection import NoKernelError, Selection
 
-_PREFILL_DROPS = {"page_size"}
+_EXTEND_ONLY = SHAPE_FIELDS_BY_OP[Op.MHA_EXTEND] - SHAPE_FIELDS_BY_OP[Op.MHA_PREFILL]
+"""Fields of a prewrite request that mean nothing to a postwrite one (the paged cache's page_size)."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def select_plan(request: Optional[KernelRequest] = None, /, *, selector: Optiona
     if extend_req.q_dtype.is_fp8:
         extend = selector.select(extend_req)
         return AttentionPlan("prewrite", extend, None, f"FP8 attention (q_dtype {extend_req.q_dtype.value}) always prewrites")
-    prefill_fields = {k: v for k, v in fields.items() if k not in _PREFILL_DROPS or k in SHAPE_FIELDS_BY_OP[Op.MHA_PREFILL]}
+    prefill_fields = {k: v for k, v in fields.items() if k not in _EXTEND_ONLY}
     prefill = selector.solve(KernelRequest(op=Op.MHA_PREFILL, **prefill_fields))
     if prefill.kernel is not None and prefill.kernel.priority >= threshold:
         k = prefill.kernel
