@@ -140,7 +140,7 @@ class KernelRequest(BaseModel):
         out = {}
         for name in type(self).model_fields:
             v = getattr(self, name)
-            if v is None or v is False:
+            if v is None or v is False or (name == "q_len" and "q_len" not in SHAPE_FIELDS_BY_OP[self.op]):
                 continue
             out[name] = v.value if hasattr(v, "value") else v
         return out
