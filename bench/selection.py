@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from registry.loader import bundled_manifest_path, load_manifest  # noqa: E402
-from selector import KernelRequest, Platform, Selector, select_kernel  # noqa: E402
+from selector import KernelRequest, Platform, select_kernel  # noqa: E402
 from selector.solver import solve  # noqa: E402
 
 REQUEST = dict(op="mla_decode", arch="sm_120", q_dtype="bf16", kv_dtype="fp8_e4m3", num_qo_heads=128,

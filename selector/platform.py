@@ -9,7 +9,7 @@ describes a machine with every library present, for ``explain --arch``.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Iterable, Mapping, Optional
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import textwrap
 
 import pytest
 
 import selector
 from registry.errors import ManifestError
 from registry.loader import load_perf_table
-from selector import KernelRequest, Platform, Selector, select_kernel
+from selector import KernelRequest, Platform, Selector
 
 DECODE = dict(op="mha_decode", arch="sm_90", q_dtype="bf16", head_dim_qk=128, num_qo_heads=32, num_kv_heads=8,
               page_size=16, batch_size=64, kv_len=4096)
@@ -119,7 +118,7 @@ def test_cli_explain_with_perf(manifest, tmp_path, capsys):
     ],
 )
 def test_broken_perf_tables_are_located(tmp_path, edit, message):
-    good = _table(tmp_path, {"xqa-decode": 10.0})
+    _table(tmp_path, {"xqa-decode": 10.0})
     path = tmp_path / "h200.yaml"
     path.write_text(edit(path.read_text()))
     with pytest.raises(ManifestError, match=r"h200\.yaml:\d+:\d+: .*" + message):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from registry.vocab import Solution
 from selector import select_plan

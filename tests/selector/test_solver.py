@@ -12,7 +12,6 @@ import selector
 from registry.errors import RequestError
 from registry.vocab import Arch, DType, Op, Solution
 from selector import KernelRequest, NoKernelError, Platform, Selector, select_kernel
-from selector.overrides import Overrides
 
 
 def test_a_rejection_lists_every_failing_constraint(pick):
@@ -27,7 +26,6 @@ def test_a_rejection_lists_every_failing_constraint(pick):
 
 def test_unrequested_feature_is_unsupported_unless_declared(pick):
     sel = pick(op="mha_decode", arch="sm_90", q_dtype="bf16", sinks=True, head_dim_qk=128, page_size=16)
-    verdicts = {v.kernel.name: v for v in sel.verdicts}
     for v in sel.verdicts:
         assert ("needs sinks: unsupported" in v.reasons) == (not v.kernel.features.sinks)
     assert sel.kernel.features.sinks
