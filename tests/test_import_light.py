@@ -25,3 +25,16 @@ def test_selecting_with_an_explicit_arch_imports_no_heavy_library():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert out.split('|') == ['triton-mla-decode', ''], out
+
+
+def test_importing_every_adapter_module_pulls_in_no_heavy_library():
+    """Adapters import their library on first use, so the manifest can name them freely."""
+    from registry.loader import load_manifest
+
+    modules = sorted({k.adapter.split(":")[0] for k in load_manifest().kernels}) + ["registry.adapters.triton_kernels"]
+    probe = (
+        f"import sys, importlib\nfor m in {modules!r}: importlib.import_module(m)\n"
+        "print(','.join(m for m in sys.modules if m.split('.')[0] in ('torch', 'flashinfer', 'triton')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"heavy modules imported: {out}"
