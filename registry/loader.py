@@ -163,16 +163,17 @@ def load_manifest(path: Optional[os.PathLike | str] = None, *, text: Optional[st
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:
         raise ManifestError(_problems(exc, marks, filename)) from None
-    _stamp(manifest, data, marks, filename, filename, digest)
+    _stamp(manifest, marks, filename, digest)
     return manifest
 
 
-def _stamp(manifest: Manifest, data: dict, marks: _Marks, filename: str, path: str, digest: str) -> None:
+def _stamp(manifest: Manifest, marks: _Marks, filename: str, digest: str) -> None:
+    """Record where each kernel and the manifest came from (explain and errors show it)."""
     for i, k in enumerate(manifest.kernels):
         if not k.origin:
             line, _ = marks.marks.get(("kernels", i), (0, 0))
             k._origin = f"{filename}:{line}"
-    manifest._path = path
+    manifest._path = filename
     manifest._digest = digest[:12]
 
 

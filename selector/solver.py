@@ -129,7 +129,7 @@ def solve(
         for k in kernels
     )
     entry = perf.lookup(request) if perf is not None and perf.arch is request.arch else None
-    times = {n: t for n, t in entry.median_us.items()} if entry is not None else {}
+    times = dict(entry.median_us) if entry is not None else {}
     source = f"{perf.path}, {perf.gpu}" if entry is not None else ""
     eligible = [v.kernel for v in verdicts if v.eligible]
     ranked = sorted(eligible, key=_measured_rank_key(times) if times else _rank_key)
