@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from registry.errors import KernelselError
 from registry.priority import band_name
 from registry.schema import KernelSpec
+from selector.availability import UNAVAILABLE, build
 
 if TYPE_CHECKING:
     from registry.schema import Manifest
     from selector.platform import Platform
     from selector.request import KernelRequest
 
+log = logging.getLogger("kernelsel")
+_ADAPTER_LOCK = threading.RLock()  # one adapter per selection, however many threads ask at once
 
 @dataclass(frozen=True)
 class Verdict:
@@ -59,7 +64,10 @@ class Selection:
     overrides: tuple[str, ...] = ()
     measured: dict = field(default_factory=dict)  # kernel name -> median us, from the perf table
     perf_source: str = ""  # "perf/<file>.yaml, <GPU>" when measured times ranked the kernels
+    group: str = ""  # "N ranks of a process group" when the ranks agreed on the kernel (selector.distributed)
     _adapter: list = field(default_factory=list, repr=False)
+    _owner: Any = field(default=None, repr=False)  # the Selector that made it: records unavailable kernels
+    _fallback: list = field(default_factory=list, repr=False)  # [(kernel, reason)..., used kernel] once one failed
 
     # ------------------------------------------------------------------ access
     @property
@@ -84,14 +92,49 @@ class Selection:
         (e.g. one per CUDA-graph batch size).
         """
         if not self._adapter:
-            self._adapter.append(self.make_adapter())
+            with _ADAPTER_LOCK:
+                if not self._adapter:
+                    self._adapter.append(self.make_adapter())
         return self._adapter[0]
 
     def make_adapter(self) -> Any:
+        """A new adapter for the chosen kernel; if it cannot be used here, for the next eligible one.
+
+        An adapter whose library does not import or whose constructor raises
+        (a JIT or driver failure) makes its kernel *unavailable*: the reason is
+        recorded with the selector (later selections reject the kernel with it,
+        and explain shows it), a warning goes to the ``kernelsel`` logger, and
+        the next eligible kernel in rank order is tried.  No fallback for a
+        forced kernel, for a kernel agreed by a process group (ranks would
+        diverge), or to a kernel that needs other ``settings`` than the chosen
+        one: those raise ``KernelUnavailableError``.
+        """
         if self.kernel is None:
             raise NoKernelError(self)
-        cls = _adapter_class(self.kernel.adapter)
-        return cls(self.kernel, self.request)
+        fixed = bool(self.forced_by or self.group)
+        failures: list[tuple[str, str]] = []
+        for spec in (self.kernel,) if fixed else self.eligible:
+            if spec is not self.kernel and spec.settings != self.kernel.settings:
+                note = (f"the next eligible kernel, {spec.name}, needs settings {dict(spec.settings)} instead of "
+                        f"{dict(self.kernel.settings)}: select again (select_kernel now returns it) and adopt them")
+                raise KernelUnavailableError(self, failures, note)
+            known = self._owner.unavailable_reason(spec.name, self.request) if self._owner is not None else None
+            if known is not None:
+                failures.append((spec.name, known))
+                continue
+            install = self.manifest.solutions[spec.solution].install
+            adapter, reason, per_request = build(spec, self.request, _adapter_class, install)
+            if adapter is not None:
+                if failures:
+                    self._fallback[:] = failures + [spec.name]
+                    log.warning("kernelsel: %s for %s; using %s, the next eligible kernel",
+                                "; ".join(f"{n} {r}" for n, r in failures), self.request.op.value, spec.name)
+                return adapter
+            reason = UNAVAILABLE + reason
+            failures.append((spec.name, reason))
+            if self._owner is not None:
+                self._owner.mark_unavailable(spec.name, reason, self.request if per_request else None)
+        raise KernelUnavailableError(self, failures)
 
     # --------------------------------------------------------------- rendering
     def to_dict(self) -> dict[str, Any]:
@@ -112,7 +155,10 @@ class Selection:
                  "origin": v.kernel.origin, "reasons": list(v.reasons)}
                 for v in self.rejected
             ],
-        }
+        } | ({"group": self.group} if self.group else {}) | ({"fallback": {
+            "adapter_kernel": self._fallback[-1],
+            "unavailable": [{"name": n, "reason": r} for n, r in self._fallback[:-1]],
+        }} if self._fallback else {})
 
     def explain(self) -> str:
         """The fixed-section text of ``kernelsel explain``."""
@@ -137,6 +183,12 @@ class Selection:
         else:
             lines.append("selected  none")
         lines.append(f"why       {self.why}")
+        if self.group:
+            lines.append(f"group     agreed by {self.group}")
+        if self._fallback:
+            for name, reason in self._fallback[:-1]:
+                lines.append(f"fallback  {name} {reason}")
+            lines.append(f"adapter   {self._fallback[-1]} (the next eligible kernel; select again to get its selection)")
         width = max((len(v.kernel.name) for v in self.verdicts), default=0)
         owidth = max((len(v.kernel.origin) for v in self.verdicts), default=0)
         rank = {k.name: i + 1 for i, k in enumerate(self.eligible)}
@@ -175,3 +227,34 @@ class NoKernelError(KernelselError, LookupError):
         )
         body = [f"  {v.kernel.name} ({v.kernel.origin}): {'; '.join(v.reasons)}" for v in selection.rejected]
         super().__init__(f"{head}\nrequest: {selection.request.describe()}\n" + "\n".join(body))
+
+
+class KernelUnavailableError(NoKernelError):
+    """The kernel to run cannot be used on this machine: its library does not import or its adapter does not build.
+
+    Raised for a forced kernel (never a silent fallback), for a kernel agreed
+    by a process group (a local fallback would make the ranks run different
+    kernels), when a fallback would need other ``settings``, and when no
+    eligible kernel's adapter can be used.  ``failures`` holds ``(kernel,
+    reason)`` pairs, ``note`` what stopped a fallback.
+    """
+
+    def __init__(self, selection: Selection, failures: list[tuple[str, str]], note: str = ""):
+        self.selection = selection
+        self.failures = tuple(failures)
+        self.note = note
+        op = selection.request.op.value
+        if selection.forced_by and failures:
+            name, reason = failures[0]
+            head = f"kernel {name} (forced by {selection.forced_by}) cannot be used on this machine: {reason}"
+        elif selection.group and failures:
+            name, reason = failures[0]
+            head = f"kernel {name} (agreed by {selection.group}) cannot be used on this rank: {reason}"
+        else:
+            head = f"no eligible kernel for {op} can be used on this machine"
+        lines = [head, f"request: {selection.request.describe()}"]
+        if not (selection.forced_by or selection.group):
+            lines += [f"  {n}: {r}" for n, r in failures]
+        if note:
+            lines.append(note)
+        KernelselError.__init__(self, "\n".join(lines))

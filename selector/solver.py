@@ -8,7 +8,8 @@ selection, errors and explain all read its output.
 
 from __future__ import annotations
 
-from typing import Optional
+from types import MappingProxyType
+from typing import Mapping, Optional
 
 from registry.errors import RequestError
 from registry.priority import band_name
@@ -20,6 +21,8 @@ from selector.platform import Platform
 from selector.request import KernelRequest
 from selector.selection import Selection, Verdict
 
+_NONE: Mapping[str, str] = MappingProxyType({})
+
 
 def reasons(
     kernel: KernelSpec,
@@ -29,8 +32,14 @@ def reasons(
     overrides: Overrides = Overrides(),
     *,
     forced: bool = False,
+    unavailable: Mapping[str, str] = _NONE,
 ) -> tuple[str, ...]:
-    """Every reason ``kernel`` cannot serve ``request``; empty means eligible."""
+    """Every reason ``kernel`` cannot serve ``request``; empty means eligible.
+
+    ``unavailable`` maps kernel names to why their adapter cannot be used on
+    this machine (found when one was built, see ``selector.availability``), or
+    in a process group why another rank cannot run them; shown verbatim.
+    """
     out: list[str] = []
     if kernel.name in overrides.disable:
         out.append("disabled by KERNELSEL_DISABLE")
@@ -52,10 +61,19 @@ def reasons(
     for exclusion in kernel.exclude:
         if exclusion.matches(request):
             out.append(f"excluded: {exclusion.reason} ({exclusion.ref})")
-    missing = [d for d in manifest.solutions[kernel.solution].requires if not platform.has(d)]
+    missing = library_reason(kernel, manifest, platform)
     if missing:
-        out.append(f"needs {', '.join(missing)}, not installed: {manifest.solutions[kernel.solution].install}")
+        out.append(missing)
+    if kernel.name in unavailable:
+        out.append(unavailable[kernel.name])
     return tuple(out)
+
+
+def library_reason(kernel: KernelSpec, manifest: Manifest, platform: Platform) -> Optional[str]:
+    """Why ``platform`` lacks a distribution ``kernel``'s solution requires (package metadata only), or None."""
+    info = manifest.solutions[kernel.solution]
+    missing = [d for d in info.requires if not platform.has(d)]
+    return f"needs {', '.join(missing)}, not installed: {info.install}" if missing else None
 
 
 def _rank_key(kernel: KernelSpec) -> tuple[int, str]:
@@ -99,11 +117,14 @@ def solve(
     request: KernelRequest,
     overrides: Overrides = Overrides(),
     perf: Optional[PerfTable] = None,
+    unavailable: Mapping[str, str] = _NONE,
 ) -> Selection:
     """Evaluate every kernel of ``request.op``; pick the forced or best-ranked eligible one.
 
     Eligible kernels rank by measured time when ``perf`` (for this arch) has
     the request's bucket, else by priority; ties by priority, then name.
+    ``unavailable`` (kernel name -> reason) rejects kernels whose adapter
+    cannot be used here (see ``reasons``).
     """
     if request.arch is None:
         raise RequestError(
@@ -125,7 +146,8 @@ def solve(
             raise RequestError(f"{forced_by}: kernel {forced_name!r} implements {spec.op.value}, not {request.op.value}")
 
     verdicts = tuple(
-        Verdict(k, reasons(k, request, manifest, platform, overrides, forced=(k.name == forced_name)))
+        Verdict(k, reasons(k, request, manifest, platform, overrides, forced=(k.name == forced_name),
+                           unavailable=unavailable))
         for k in kernels
     )
     entry = perf.lookup(request) if perf is not None and perf.arch is request.arch else None

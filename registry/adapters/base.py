@@ -96,6 +96,9 @@ class Adapter:
     """
 
     op: ClassVar[str] = ""
+    libraries: ClassVar[tuple[str, ...]] = ("torch",)
+    """Modules this adapter imports on first use: ``kernelsel doctor`` and the availability probe
+    (``selector.availability``) import them to find an installed-but-broken library before it is used."""
 
     def __init__(self, spec: Any, request: Any) -> None:
         if self.op and str(spec.op) != self.op:

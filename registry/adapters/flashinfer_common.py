@@ -131,6 +131,8 @@ class FlashInferAdapter(Adapter):
     implement ``plan()`` / ``run()``.
     """
 
+    libraries = ("torch", "flashinfer")
+
     drops: dict = {}
     """feature -> why: request features this FlashInfer path would accept and silently ignore,
     or not do at all; the adapter raises instead (the manifest must not declare them)."""

@@ -38,6 +38,8 @@ def _kernels(name: str) -> Any:
 class _TritonAdapter(Adapter):
     """Checks and plumbing shared by the Triton adapters."""
 
+    libraries = ("torch", "triton")
+
     def __init__(self, spec: Any, request: Any, *, tuning: Optional[dict] = None) -> None:
         super().__init__(spec, request)
         self.tuning = dict(tuning or {})
