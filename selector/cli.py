@@ -149,10 +149,12 @@ def cli() -> None:
 @cli.command()
 @click.option("--op", required=True, type=_choice(Op.values()), help="the op to select a kernel for")
 @request_options
-def explain(op: str, **kw: Any) -> None:
+@click.option("--probe", is_flag=True,
+              help="import each eligible kernel's adapter and libraries here; reject those that fail (imports torch etc.)")
+def explain(op: str, probe: bool, **kw: Any) -> None:
     """Show which kernel serves a request, why, and why every other kernel of the op does not."""
     selector, request = _build(op, kw)
-    selection = selector.solve(request)
+    selection = selector.probe(request) if probe else selector.solve(request)
     if kw["as_json"]:
         _echo_json(selection.to_dict())
     else:
