@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 
 class KernelselError(Exception):
     """Root of every error kernelsel raises on purpose."""
@@ -18,7 +20,15 @@ class ManifestError(KernelselError):
 
 
 class RequestError(KernelselError, ValueError):
-    """A request with a bad field; the message names the field and what is accepted."""
+    """A request with a bad field; the message names the field and what is accepted.
+
+    ``problems`` holds one ``request.FIELD: message`` line per bad field when
+    the request model raised it (the CLI renders them with flag names).
+    """
+
+    def __init__(self, message: str, problems: Optional[list[str]] = None):
+        self.problems = list(problems) if problems else [message]
+        super().__init__(message)
 
 
 class MissingDependencyError(KernelselError, ImportError):
@@ -31,3 +41,18 @@ class AdapterInputError(KernelselError, ValueError):
 
 class UnsupportedFeatureError(KernelselError, ValueError):
     """A caller asked an adapter for something its kernel cannot do; never dropped silently."""
+
+
+def brief(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages about untrusted input.
+
+    Never raises: a value whose repr fails (an int past Python's digit limit,
+    a broken ``__repr__``) is named by its type.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"<an integer of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a message must never fail
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
