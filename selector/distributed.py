@@ -68,7 +68,7 @@ def select_in_group(selector: "Selector", request: KernelRequest, group: Any) ->
 
 def _view(selector: "Selector", request: KernelRequest, me: int) -> tuple[dict, Optional[KernelRequest], Any]:
     """What this rank tells the others (plain data, identical keys on every rank); never raises."""
-    view: dict[str, Any] = {"rank": me, "platform": selector.platform.describe(),
+    view: dict[str, Any] = {"rank": me, "platform": _machine(selector.platform), "arch": "unknown arch",
                             "manifest": f"{selector.manifest.path} (sha {selector.manifest.digest})"}
     try:
         full = selector.complete(request)
@@ -77,14 +77,20 @@ def _view(selector: "Selector", request: KernelRequest, me: int) -> tuple[dict, 
         view["error"] = f"{type(exc).__name__}: {exc}"
         return view, None, None
     view.update(
-        platform=selector.platform.describe(),
-        request={k: v for k, v in full.given().items() if k != "arch"},
+        platform=_machine(selector.platform),
+        request={k: v for k, v in full.given().items() if k not in ("arch", "kernel")},
         arch=full.arch.value,
         forced=(request.kernel or selector.overrides.forced(request.op)),
         eligible=[k.name for k in local.eligible],
         rejected={v.kernel.name: list(v.reasons) for v in local.rejected},
     )
     return view, full, local
+
+
+def _machine(platform: Any) -> str:
+    """The platform without its arch (shown apart): device and libraries."""
+    text = platform.describe()
+    return text[text.index("(") + 1 : -1] if "(" in text else text
 
 
 def _gather(obj: Any, group: Any) -> list:
@@ -103,14 +109,16 @@ def _incoherent(views: list[dict]) -> Optional[str]:
     """Why the ranks' inputs cannot be compared (same text on every rank), or None."""
     failed = [v for v in views if "error" in v]
     if failed:
-        return "\n".join(f"  rank {v['rank']} ({v['platform']}): {v['error']}" for v in failed)
-    for key, what in (("manifest", "manifest"), ("request", "request (arch aside)"), ("forced", "forced kernel")):
+        return "\n".join(f"  rank {v['rank']} ({v['arch']}; {v['platform']}): {v['error']}" for v in failed)
+    shown = {"manifest": lambda v: v["manifest"], "request": _describe, "forced": lambda v: v["forced"] or "none"}
+    for key, what in (("manifest", "manifests"), ("request", "requests (the arch may differ)"),
+                      ("forced", "forced kernels")):
         values: dict[str, list[dict]] = {}
         for v in views:
-            values.setdefault(repr(v[key]), []).append(v)
+            values.setdefault(shown[key](v), []).append(v)
         if len(values) > 1:
             lines = [f"  {_ranks(vs)}: {text}" for text, vs in values.items()]
-            return f"the ranks use different {what}s:\n" + "\n".join(lines)
+            return f"the ranks use different {what}:\n" + "\n".join(lines)
     return None
 
 
@@ -119,15 +127,19 @@ def _agree(selector: "Selector", request: KernelRequest, group: Any) -> "Selecti
 
     import torch.distributed as dist
 
+    if not dist.is_available() or not dist.is_initialized():
+        raise GroupSelectionError(
+            "group= needs an initialised torch.distributed (dist.init_process_group) and one of its process groups"
+        )
     me = dist.get_rank()
     world = dist.get_world_size(group)
-    where = f"{world} ranks of a process group"
+    where = f"a {world}-rank process group"
     view, full, local = _view(selector, request, me)
     views = _gather(view, group)
     op = request.op.value
     problem = _incoherent(views)
     if problem:
-        raise GroupSelectionError(f"cannot select a kernel for {op} across {where}:\n{problem}")
+        raise GroupSelectionError(f"cannot select a kernel for {op} in {where}:\n{problem}")
 
     # kernel -> why it cannot run on every rank; built from gathered data only, so identical on every rank
     dropped: dict[str, str] = {}
@@ -183,13 +195,15 @@ def _agree(selector: "Selector", request: KernelRequest, group: Any) -> "Selecti
     agreed = selector._solve(full, {n: r for n, r in dropped.items() if n in view["eligible"]})
     by_name = selector.manifest.by_name
     first = views[0]
-    why = (f"best of {len(candidates)} kernel{'s' if len(candidates) != 1 else ''} eligible on all {world} ranks, "
-           f"in rank {first['rank']}'s order")
+    if len(candidates) == 1:
+        why = f"only kernel eligible and usable on all {world} ranks"
+    else:
+        why = f"best of {len(candidates)} kernels eligible on all {world} ranks, in rank {first['rank']}'s order"
     if local.forced_by:
         why = f"forced by {local.forced_by} on every rank"
     selection = dataclasses.replace(
         agreed, kernel=by_name[candidates[0]], eligible=tuple(by_name[n] for n in candidates), why=why,
-        group=where, _adapter=[adapter], _fallback=[],
+        group=f"the {world} ranks of its process group", _adapter=[adapter], _fallback=[],
     )
     return selection
 
