@@ -450,6 +450,21 @@ def bench(op: Optional[str], suite_path: Optional[str], kernels: tuple, repeats:
     click.echo(f"wrote {path}: {len(report.table.entries)} buckets ({report.recorded} kernel timings from this run, "
                f"{report.errors} errors); {report.method}", err=True)
 
+
+@cli.command()
+@click.option("--arch", help="inspect a hypothetical GPU of this arch (sm_90, 9.0) with this machine's libraries")
+@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="manifest or overlay (default: bundled)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def doctor(arch: Optional[str], manifest_path: Optional[str], as_json: bool) -> None:
+    """This machine's GPU, driver, torch/CUDA/FlashInfer/Triton, manifest, perf table, overrides,
+    and which kernels are available here and why not (imports each library to find broken installs)."""
+    from selector.doctor import diagnose, exit_status, render
+
+    report = diagnose(arch=arch, manifest_path=manifest_path)
+    _echo_json(report) if as_json else click.echo(render(report))
+    sys.exit(exit_status(report))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: run the CLI, turning kernelsel errors into one-line messages and exit codes."""
     try:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import sys
+
 import pytest
 
 import selector
@@ -49,3 +53,36 @@ def _fresh_default_selector(monkeypatch):
     selector.reset()
     yield
     selector.reset()
+
+
+class BrokenImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``import NAME`` raises ``exc`` (what an installed package with a CUDA/driver mismatch does)."""
+
+    def __init__(self, name: str, exc: BaseException):
+        self.name, self.exc, self.calls = name, exc, 0
+
+    def find_spec(self, fullname, path=None, target=None):
+        return importlib.util.spec_from_loader(fullname, self) if fullname == self.name else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        self.calls += 1
+        raise self.exc
+
+
+@pytest.fixture
+def break_import(monkeypatch):
+    """break_import(name, exc=None): importing ``name`` fails (ImportError by default, or raises ``exc``)."""
+
+    def _break(name: str, exc: BaseException = None):
+        if exc is None:
+            monkeypatch.setitem(sys.modules, name, None)
+            return None
+        monkeypatch.delitem(sys.modules, name, raising=False)
+        finder = BrokenImport(name, exc)
+        monkeypatch.setattr(sys, "meta_path", [finder] + sys.meta_path)
+        return finder
+
+    return _break

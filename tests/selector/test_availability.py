@@ -8,8 +8,6 @@ that win, and their adapters' ``libraries``, are looked up, never restated.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import logging
 import re
 import sys
@@ -36,39 +34,6 @@ MHA = dict(op="mha_decode", arch="sm_90", q_dtype="bf16", head_dim_qk=128, num_q
 def library(kernel) -> str:
     """The library (not torch) the kernel's adapter imports: the one a broken install would break."""
     return [m for m in _adapter_class(kernel.adapter).libraries if m != "torch"][-1]
-
-
-class BrokenImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """``import NAME`` raises ``exc`` (what an installed package with a CUDA/driver mismatch does)."""
-
-    def __init__(self, name: str, exc: BaseException):
-        self.name, self.exc, self.calls = name, exc, 0
-
-    def find_spec(self, fullname, path=None, target=None):
-        return importlib.util.spec_from_loader(fullname, self) if fullname == self.name else None
-
-    def create_module(self, spec):
-        return None
-
-    def exec_module(self, module):
-        self.calls += 1
-        raise self.exc
-
-
-@pytest.fixture
-def break_import(monkeypatch):
-    """break_import(name, exc=None): importing ``name`` fails (ImportError by default, or raises ``exc``)."""
-
-    def _break(name: str, exc: BaseException = None):
-        if exc is None:
-            monkeypatch.setitem(sys.modules, name, None)
-            return None
-        monkeypatch.delitem(sys.modules, name, raising=False)
-        finder = BrokenImport(name, exc)
-        monkeypatch.setattr(sys, "meta_path", [finder] + sys.meta_path)
-        return finder
-
-    return _break
 
 
 def hypothetical(manifest, arch="sm_90", **kw) -> Selector:
