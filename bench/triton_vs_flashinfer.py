@@ -307,15 +307,7 @@ def run_sweep(rec: Recorder, args: Any) -> None:
                     "triton", lambda: case.triton({"num_splits": splits}), case.kv_bytes)
     del pools, case
     torch.cuda.empty_cache()
-    fp8 = decode_pools(FP8, 64 * 4096)
-    case = DecodeCase(fp8, 64, 4096, FP8)
-    for bn in (32, 64, 128):
-        for warps in (4, 8):
-            for stages in (2, 3, 4):
-                tuning = dict(block_n=bn, num_warps=warps, num_stages=stages)
-                attempt(rec, dict(op="mha_decode", kv="fp8_e4m3", batch=64, context=4096, **tuning),
-                        "triton", lambda: case.triton(tuning), case.kv_bytes)
-    del fp8, case
+    run_fp8_sweep(rec)
     pool = torch.randn(64 * 8192 // MLA_PAGE + 16, MLA_PAGE, RANK + ROPE, device=DEV).to(torch.bfloat16)
     for batch, context in ((64, 8192), (16, 8192)):
         case = MLACase(pool, batch, context)
@@ -331,6 +323,34 @@ def run_sweep(rec: Recorder, args: Any) -> None:
         for splits in (1, 2, 4, 8, 16, 32, 64):
             attempt(rec, dict(op="mla_decode", kv="bf16", batch=batch, context=context, num_splits=splits), "triton",
                     lambda: case.triton({"num_splits": splits}), case.kv_bytes(False), case.flops)
+
+
+def run_fp8_sweep(rec: Recorder) -> None:
+    """FP8-KV decode: small-tile launch configs x split counts on the table's shapes, against XQA when available.
+
+    Recorded on an H200 as bench/results/triton_fp8_sweep-h200.json (the basis of ``planning.mha_config``).
+    """
+    try:
+        import flashinfer as fi
+    except ImportError:
+        fi = None
+    ws = torch.zeros(256 << 20, dtype=torch.uint8, device=DEV)
+    pools = decode_pools(FP8, 256 * 32768)
+    configs = [dict(block_n=bn, num_warps=w, num_stages=st) for bn, w, st in ((64, 1, 1), (32, 1, 1), (32, 1, 2), (64, 2, 1))]
+    for batch in DECODE_BATCHES:
+        for context in DECODE_CONTEXTS:
+            case = DecodeCase(pools, batch, context, FP8)
+            base = dict(op="mha_decode", kv="fp8_e4m3", batch=batch, context=context)
+            if fi is not None:
+                attempt(rec, base, "flashinfer-xqa", lambda: case.flashinfer_xqa(fi, ws), case.kv_bytes)
+            attempt(rec, dict(base, planner=True), "triton", case.triton, case.kv_bytes)
+            for cfg in configs:
+                for splits in (1, 2, 4, 8, 16, 32, 64):
+                    if splits * 64 <= context:
+                        tuning = dict(cfg, num_splits=splits)
+                        attempt(rec, dict(base, **tuning), "triton", lambda: case.triton(tuning), case.kv_bytes)
+    del pools, case
+    torch.cuda.empty_cache()
 
 
 def print_summary(decode: list[dict], mla: list[dict]) -> None:

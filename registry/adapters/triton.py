@@ -83,6 +83,8 @@ class _TritonAdapter(Adapter):
     def _splits(self, planning: Any, work: int, keys: int, tokens: int, heads: int, dv: int, family: dict) -> int:
         if "num_splits" in self.tuning:
             return max(1, int(self.tuning["num_splits"]))
+        if self.cfg.split_waves is not None:
+            family = {**family, "waves": self.cfg.split_waves}
         return planning.kv_splits(
             work, keys, planning.num_sms(self.device), block_n=self.cfg.block_n,
             partial_bytes_per_split=4 * tokens * heads * (dv + 1), **family,
@@ -163,7 +165,9 @@ class _TritonPagedMHA(_TritonAdapter):
         r = self.request
         d, dv = r.head_dim_qk, r.head_dim_vo or r.head_dim_qk
         kv_bytes = torch_dtype(r.kv_dtype).itemsize
-        self.cfg = self._config(planning.mha_config(max_rows, d, dv, kv_bytes))
+        self.cfg = self._config(
+            planning.mha_config(max_rows, d, dv, kv_bytes, work_items=lambda bm: num_tiles(bm) * r.num_kv_heads)
+        )
         keys = self.max_len if self.window_left < 0 else min(self.max_len, self.window_left + rows_per_request)
         work = num_tiles(self.cfg.block_m) * r.num_kv_heads
         self.num_splits = self._splits(planning, work, keys, self.tokens, r.num_qo_heads, dv, planning.MHA_SPLITS)

@@ -2,7 +2,8 @@
 
 Pure Python (torch only to read the SM count), called from ``plan()``.
 The numbers come from ``bench/triton_vs_flashinfer.py --sweep`` on an H200
-(bench/results/triton_sweep-h200.json); they are performance choices,
+(bench/results/triton_sweep-h200.json, and triton_fp8_sweep-h200.json for
+FP8-KV decode); they are performance choices,
 never capability facts.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Optional
 
 MAX_SPLITS = 64
 """Upper bound on key-range splits (the merge kernel reads all of them per row)."""
@@ -28,6 +29,7 @@ class LaunchConfig:
     num_warps: int
     num_stages: int
     value_splits: int = 1  # MLA: programs sharing one row tile's output columns
+    split_waves: Optional[float] = None  # programs per SM the split count aims for; None: the op family's
 
     def replace(self, **changes: Any) -> "LaunchConfig":
         fields = {**self.__dict__, **{k: v for k, v in changes.items() if k in self.__dict__}}
@@ -55,16 +57,34 @@ def num_sms(device: Any) -> int:
     return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def mha_config(rows_per_request: int, head_dim: int, head_dim_vo: int, kv_bytes: int = 2) -> LaunchConfig:
+FP8_SMALL_TILE_MIN_WORK = 64
+"""(row tile, KV head) pairs from which FP8-KV decode switches to one warp per 16 rows."""
+
+
+def mha_config(
+    rows_per_request: int, head_dim: int, head_dim_vo: int, kv_bytes: int = 2,
+    work_items: Callable[[int], int] = lambda block_m: 0,
+) -> LaunchConfig:
     """Paged MHA: rows = (new tokens x query heads per KV head) of a request.
 
-    H200 sweep at head_dim 128 (B 64, context 4096): 64 keys per step, 4 warps,
-    2 stages for 16-bit KV (4.05 TB/s); 128 keys for 1-byte KV (0.259 ms
-    against 0.337 ms with 64 keys and 3 stages).
+    ``work_items(block_m)`` counts (row tile, KV head) programs before splitting.
+
+    H200 sweeps at head_dim 128 (bench/results/triton_sweep-h200.json, triton_fp8_sweep-h200.json):
+
+    * 16-bit KV: 64 keys per step, 4 warps, 2 stages (B 64, context 4096: 4.05 TB/s).
+    * 1-byte KV with enough work: one warp per 16 rows, 64 keys, one stage,
+      splits for about 8 programs per SM (within 6% of the best split count on
+      all 12 table shapes).  FP8 tiles are converted to fp16 in
+      registers, so the kernel is bound by instructions, not HBM; many small
+      programs hide that best (B 64, context 4096: 0.191 ms against 0.228 ms
+      with 4 warps x 128 keys; B 256: 0.70 against 0.87 ms).
+    * 1-byte KV with little work (B 1): 4 warps, 128 keys (context 32768: 0.044 ms against 0.047 ms).
     """
     widest = max(head_dim, head_dim_vo)
     cap = 64 if widest <= 128 else 32
     block_m = min(cap, max(16, next_pow2(rows_per_request)))
+    if kv_bytes == 1 and widest <= 128 and work_items(block_m) >= FP8_SMALL_TILE_MIN_WORK:
+        return LaunchConfig(block_m=block_m, block_n=64, num_warps=block_m // 16, num_stages=1, split_waves=8)
     block_n = (128 if kv_bytes == 1 else 64) if widest <= 128 else 32
     return LaunchConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=2)
 

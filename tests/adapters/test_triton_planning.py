@@ -1,0 +1,61 @@
+"""Launch planning of the Triton kernels: which tile shape and split count a request gets (pure Python)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("triton")
+
+from registry.adapters.triton_kernels import planning  # noqa: E402
+
+H200_SMS = 132
+
+
+def test_fp8_decode_with_enough_work_uses_one_warp_per_16_rows():
+    cfg = planning.mha_config(4, 128, 128, kv_bytes=1, work_items=lambda bm: 64 * 8)
+    assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) == (16, 64, 1, 1)
+    assert cfg.split_waves == 8
+
+
+def test_fp8_decode_warps_follow_the_row_tile():
+    cfg = planning.mha_config(32, 128, 128, kv_bytes=1, work_items=lambda bm: 1024)
+    assert (cfg.block_m, cfg.num_warps) == (32, 2)
+
+
+def test_fp8_decode_with_little_work_keeps_the_wide_tile():
+    cfg = planning.mha_config(4, 128, 128, kv_bytes=1, work_items=lambda bm: 8)  # B=1, 8 KV heads
+    assert (cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.split_waves) == (128, 4, 2, None)
+
+
+@pytest.mark.parametrize("kv_bytes,head_dim", [(2, 128), (1, 256)])
+def test_other_caches_are_unchanged(kv_bytes, head_dim):
+    cfg = planning.mha_config(4, head_dim, head_dim, kv_bytes=kv_bytes, work_items=lambda bm: 4096)
+    assert cfg.num_warps == 4 and cfg.split_waves is None
+
+
+@pytest.mark.parametrize("batch,context,want", [(1, 32768, 64), (8, 4096, 16), (64, 4096, 2), (256, 4096, 1), (64, 512, 2)])
+def test_fp8_split_counts_match_the_h200_sweep(batch, context, want):
+    """The counts chosen at 8 waves (bench/results/triton_fp8_sweep-h200.json: each within 6% of the best)."""
+    got = planning.kv_splits(batch * 8, context, H200_SMS, block_n=64, **{**planning.MHA_SPLITS, "waves": 8})
+    assert got == want
+
+
+def test_adapter_plan_applies_the_config_and_its_waves():
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from registry.adapters.triton import TritonMHADecode
+    from registry.contracts import DecodeMetadata
+
+    request = SimpleNamespace(
+        op="mha_decode", q_dtype="bf16", kv_dtype="fp8_e4m3", out_dtype=None, head_dim_qk=128, head_dim_vo=128,
+        num_qo_heads=32, num_kv_heads=8, page_size=16, q_len=1, sinks=False, sliding_window=False,
+        logits_soft_cap=False, return_lse=False, non_causal=False,
+    )
+    adapter = TritonMHADecode(SimpleNamespace(name="triton-mha-decode", op="mha_decode"), request)
+    batch, pages = 64, 4
+    adapter.plan(DecodeMetadata(block_table=torch.arange(batch * pages, dtype=torch.int32).view(batch, pages),
+                                seq_lens=torch.full((batch,), pages * 16, dtype=torch.int32)))
+    assert adapter.cfg.num_warps == 1 and adapter.cfg.split_waves == 8
+    # CPU stand-in: 4 SMs x 8 waves / 512 programs -> 1 split
+    assert adapter.num_splits == 1
