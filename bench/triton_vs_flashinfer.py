@@ -368,6 +368,45 @@ def print_summary(decode: list[dict], mla: list[dict]) -> None:
                   f"{r['triton_fp8_ms']:>9.4f}{r['fa3_ms']:>9.4f}{r['fa2_ms']:>9.4f}{r['ratio_fa3']:>11.2f}")
 
 
+def target(row: dict) -> str:
+    """The issue's target for a decode row: >= 0.8 at B >= 8, >= 0.6 at B = 1 with a long context."""
+    if row["batch"] >= 8:
+        want = 0.8
+    elif row["context"] >= 32768:
+        want = 0.6
+    else:
+        return ""
+    return f"≥{want}: {'met' if row['ratio'] >= want else 'missed'}"
+
+
+def markdown(result: dict) -> str:
+    """The report of one run (``--markdown FILE.json``): the decode and MLA tables with targets."""
+    meta, summary = result["meta"], result["meta"]["summary"]
+    out = [
+        f"# Triton vs FlashInfer decode on one {meta['gpu']} ({meta['started'][:10]})", "",
+        f"{meta['gpu']} ({meta['sms']} SMs), torch {meta['torch']}, triton {meta['triton']}, "
+        f"FlashInfer {meta.get('flashinfer', '?')}, shipped launch defaults. Command (device tool, `.devdeps` carried):", "",
+        "    python bench/triton_vs_flashinfer.py --out $OUT/table.json", "",
+        "Each call is captured in a CUDA graph and replayed under `triton.testing.do_bench` (L2 flushed before every",
+        "repetition); the figure is the median of CUDA-event times. Ratio = Triton throughput / the best FlashInfer",
+        "kernel's throughput for the same request (KV bytes read / time), measured in the same run; above 1: Triton faster.",
+        "", f"## mha_decode: {HQ} query heads / {HKV} KV heads, head_dim {D}, page {PAGE}, q bf16", "",
+        "| kv | B | ctx | splits | best FlashInfer | FI ms | Triton ms | Triton TB/s | Triton / best FI | target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["mha_decode"]:
+        out.append(f"| {r['kv']} | {r['batch']} | {r['context']} | {r['splits']} | {r['best']} | {r['best_ms']:.4f} | "
+                   f"{r['triton_ms']:.4f} | {r['triton_tbps']:.2f} | {r['ratio']:.2f} | {target(r)} |")
+    out += ["", f"## mla_decode: {MLA_H} heads, kv_lora_rank {RANK} + rope {ROPE}, page {MLA_PAGE}, q bf16", "",
+            "| B | ctx | splits | FA3 ms | FA2 ms | Triton ms | Triton fp8-KV ms | Triton TFLOP/s | Triton / FA3 | target ≥0.6 |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["mla_decode"]:
+        out.append(f"| {r['batch']} | {r['context']} | {r['splits']} | {r['fa3_ms']:.4f} | {r['fa2_ms']:.4f} | "
+                   f"{r['triton_ms']:.4f} | {r['triton_fp8_ms']:.4f} | {r['triton_tflops']:.0f} | {r['ratio_fa3']:.2f} | "
+                   f"{'met' if r['ratio_fa3'] >= 0.6 else 'missed'} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="write all rows as JSON here")
@@ -378,7 +417,11 @@ def main() -> None:
     p.add_argument("--mla-batches", type=int, nargs="*")
     p.add_argument("--mla-contexts", type=int, nargs="*")
     p.add_argument("--tuned-from", help="also time Triton with the best launch config of this --sweep result")
+    p.add_argument("--markdown", metavar="JSON", help="print the Markdown report of a recorded run (no GPU) and exit")
     args = p.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())), end="")
+        return
     args.tuned = tuned_from_sweep(args.tuned_from)
     import triton
 
