@@ -49,6 +49,7 @@ class Selector:
         self._unavailable: dict[str, str] = {}  # kernel -> reason, for every request (an import failure)
         self._unavailable_for: dict[KernelRequest, dict[str, str]] = {}  # request -> kernel -> reason (a constructor)
         self._agreed: dict[Any, Selection] = {}  # (request, process group) -> the selection the group agreed on
+        self._group_lock = threading.Lock()  # one group selection (a collective) at a time; misses go on meanwhile
 
     @classmethod
     def from_env(cls) -> "Selector":

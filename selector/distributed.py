@@ -58,7 +58,7 @@ def select_in_group(selector: "Selector", request: KernelRequest, group: Any) ->
     hit = selector._agreed.get(key)
     if hit is not None:
         return hit
-    with selector._lock:
+    with selector._group_lock:  # not the selector's lock: other threads' cache misses go on during the collective
         hit = selector._agreed.get(key)
         if hit is None:
             hit = _agree(selector, request, group)

@@ -113,11 +113,11 @@ class Selection:
             raise NoKernelError(self)
         fixed = bool(self.forced_by or self.group)
         failures: list[tuple[str, str]] = []
+        other_settings: list[KernelSpec] = []
         for spec in (self.kernel,) if fixed else self.eligible:
-            if spec is not self.kernel and spec.settings != self.kernel.settings:
-                note = (f"the next eligible kernel, {spec.name}, needs settings {dict(spec.settings)} instead of "
-                        f"{dict(self.kernel.settings)}: select again (select_kernel now returns it) and adopt them")
-                raise KernelUnavailableError(self, failures, note)
+            if spec.settings != self.kernel.settings:  # the engine may have adopted the chosen kernel's already
+                other_settings.append(spec)
+                continue
             known = self._owner.unavailable_reason(spec.name, self.request) if self._owner is not None else None
             if known is not None:
                 failures.append((spec.name, known))
@@ -134,7 +134,12 @@ class Selection:
             failures.append((spec.name, reason))
             if self._owner is not None:
                 self._owner.mark_unavailable(spec.name, reason, self.request if per_request else None)
-        raise KernelUnavailableError(self, failures)
+        note = ""
+        if other_settings:
+            spec = other_settings[0]
+            note = (f"the next eligible kernel, {spec.name}, needs settings {dict(spec.settings)} instead of "
+                    f"{dict(self.kernel.settings)}: select again (select_kernel now returns it) and adopt them")
+        raise KernelUnavailableError(self, failures, note)
 
     # --------------------------------------------------------------- rendering
     def to_dict(self) -> dict[str, Any]:
