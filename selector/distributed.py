@@ -72,6 +72,7 @@ def _view(selector: "Selector", request: KernelRequest, me: int) -> tuple[dict, 
                             "manifest": f"{selector.manifest.path} (sha {selector.manifest.digest})"}
     try:
         full = selector.complete(request)
+        view["arch"] = full.arch.value
         local = selector._solve(full)
     except Exception as exc:  # noqa: BLE001 - reported to every rank instead of leaving them waiting
         view["error"] = f"{type(exc).__name__}: {exc}"
@@ -79,7 +80,6 @@ def _view(selector: "Selector", request: KernelRequest, me: int) -> tuple[dict, 
     view.update(
         platform=_machine(selector.platform),
         request={k: v for k, v in full.given().items() if k not in ("arch", "kernel")},
-        arch=full.arch.value,
         forced=(request.kernel or selector.overrides.forced(request.op)),
         eligible=[k.name for k in local.eligible],
         rejected={v.kernel.name: list(v.reasons) for v in local.rejected},

@@ -59,7 +59,10 @@ def run(name, libraries, request, fi=True, overrides=Overrides(), perf=None):
     sel = Selector(manifest, Platform(arch=request.get("arch") and __import__("registry.vocab").vocab.parse_arch(request["arch"]),
                                       libraries=libraries), overrides, perf)
     req = KernelRequest(**request)
-    local = sel.solve(req) if req.arch is not None else None
+    try:
+        local = sel.solve(req)
+    except Exception:
+        local = None
     out[name] = {"local": local.name if local else None,
                  "local_eligible": [k.name for k in local.eligible] if local else [],
                  **outcome(lambda: sel.select(req, group=dist.group.WORLD))}
@@ -78,8 +81,9 @@ run("disjoint", NO_FI if rank == 1 else ALL, MHA,
     overrides=Overrides(disable=frozenset({"triton-mha-decode"})) if rank == 0 else Overrides())
 # ranks asking different requests
 run("mismatch", ALL, {**MHA, "page_size": 32} if rank == 2 else MHA)
-# a rank that cannot complete its request (no arch, no GPU) must not leave the others waiting
-run("local-error", ALL, {k: v for k, v in MHA.items() if k != "arch"} if rank == 2 else MHA)
+# a rank whose local selection raises (here: it disables a kernel that does not exist) must not leave the
+# others waiting
+run("local-error", ALL, MHA, overrides=Overrides(disable=frozenset({"no-such-kernel"})) if rank == 2 else Overrides())
 # different perf tables: rank 0 ranks by priority, ranks 1 and 2 by measured time
 table = next(load_perf_table(p) for p in sorted(bundled_perf_dir().glob("*.yaml")))
 entry = next(e for e in table.entries
@@ -90,8 +94,9 @@ run("perf", ALL, {"op": entry.op.value, "arch": table.arch.value, **entry.shape}
 run("forced", ALL, {**MHA, "kernel": "triton-mha-decode"})
 run("forced-one", ALL, {**MHA, "kernel": "triton-mha-decode"} if rank == 0 else MHA)
 
-# the default selector (this process's environment: KERNELSEL_DISABLE on rank 1), cached per request
-flashinfer(False)
+# the default selector (this machine's platform; this process's environment: rank 1 disables every
+# mha_decode kernel but the reference), cached per request
+sys.modules.pop("flashinfer", None)
 ref = dict(MHA, solution="reference")
 first = outcome(lambda: select_kernel(KernelRequest(**ref), group=dist.group.WORLD))
 same = select_kernel(KernelRequest(**ref), group=dist.group.WORLD) is select_kernel(KernelRequest(**ref), group=dist.group.WORLD)
@@ -105,13 +110,17 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
+    from registry.loader import load_manifest
+    from registry.vocab import Op, Solution
+
+    manifest = load_manifest()
     store = tmp_path_factory.mktemp("gloo") / "store"
     procs = []
     for rank in range(WORLD):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KERNELSEL_")}
-        env["PYTHONPATH"] = str(ROOT)
-        if rank == 1:
-            env["KERNELSEL_DISABLE"] = "triton-mha-decode"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KERNELSEL_")}  # cwd=ROOT: importable
+        if rank == 1:  # every mha_decode kernel but the reference: nothing left to choose automatically
+            env["KERNELSEL_DISABLE"] = ",".join(
+                k.name for k in manifest.by_op[Op.MHA_DECODE] if k.solution is not Solution.REFERENCE)
         procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(rank), str(WORLD), str(store)], cwd=ROOT,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = []
@@ -179,7 +188,8 @@ def test_ranks_with_different_requests_refuse_to_agree(ranks):
 def test_a_local_error_reaches_every_rank_instead_of_a_hang(ranks):
     results = _same(ranks, "local-error")
     assert results[0]["error"] == "GroupSelectionError"
-    assert "rank 2 (" in results[0]["message"] and "RequestError: request.arch" in results[0]["message"]
+    assert "\n  rank 2 (sm_90; " in results[0]["message"]
+    assert "RequestError: KERNELSEL_DISABLE: no kernel named 'no-such-kernel'" in results[0]["message"]
 
 
 def test_ranks_with_different_perf_tables_follow_the_first_rank(ranks):
