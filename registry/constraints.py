@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, conlist, field_validator, model_validator
 from typing_extensions import TypedDict
 
+from registry.errors import brief
 from registry.vocab import Arch, DType, did_you_mean, parse_arch
 
 
@@ -98,17 +99,46 @@ SHAPE_INPUT = Union[list[int], int, IntRange]
 """How a shape constraint is written in YAML (for the JSON schema): a list, one value, or a range mapping."""
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def shape_constraint(raw: Any) -> Any:
-    """YAML list -> OneOf, scalar -> OneOf of one, mapping -> IntRange (pydantic before-validator)."""
+    """YAML list -> OneOf, one integer -> OneOf of one, mapping -> IntRange (pydantic before-validator).
+
+    Values are integers: a quoted ``"128"``, a ``128.5`` or ``true`` would never
+    equal a request's value, so the kernel would silently never match -- an error instead.
+    """
     if isinstance(raw, (OneOf, IntRange)):
         return raw
     if isinstance(raw, list):
+        if not raw:
+            raise ValueError("list at least one allowed value")
+        for v in raw:
+            if not _is_int(v):
+                raise ValueError(f"{brief(v)} is not an integer (list the allowed values as integers)")
         return OneOf(values=tuple(raw))
-    if isinstance(raw, (int, str)) and not isinstance(raw, bool):
+    if _is_int(raw):
         return OneOf(values=(raw,))
     if isinstance(raw, dict):
+        for key in raw:
+            if key not in IntRange.model_fields:
+                raise ValueError(f"{brief(key)} is not a range key{did_you_mean(str(key), list(IntRange.model_fields))}; "
+                                 f"expected some of: {', '.join(IntRange.model_fields)}")
         return IntRange(**raw)
-    raise ValueError("expected a list of allowed values or a mapping with min/max/multiple_of")
+    raise ValueError(f"expected a list of allowed integers or a mapping with min/max/multiple_of/power_of_two, got {brief(raw)}")
+
+
+def value_set(raw: Any, allowed: list[str], what: str) -> OneOf:
+    """One word or a list of words of a closed vocabulary (an exclusion's ``q_dtype: [bf16, fp16]``)."""
+    values = raw if isinstance(raw, list) else [raw]
+    if isinstance(raw, dict) or not values:
+        raise ValueError(f"expected one {what} or a list of them, got {'a mapping' if isinstance(raw, dict) else '[]'}")
+    for v in values:
+        if not isinstance(v, str) or v not in allowed:
+            hint = did_you_mean(v, allowed) if isinstance(v, str) else ""
+            raise ValueError(f"{brief(v)} is not one of {', '.join(allowed)}{hint}")
+    return OneOf(values=tuple(values))
 
 
 class DTypeSet(_Strict):
@@ -150,6 +180,8 @@ class ArchSpec(_Strict):
     @field_validator("only", mode="before")
     @classmethod
     def _archs(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, (list, tuple)):
+            raise ValueError(f"expected a list of SMs like [sm_120, sm_121], got {brief(v)}")
         return v if v is None else tuple(manifest_arch(a) for a in v)
 
     @model_validator(mode="after")
@@ -197,11 +229,13 @@ def manifest_arch(v: Any) -> Arch:
         return v
     if isinstance(v, str) and v in Arch.values():
         return Arch(v)
+    if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+        raise ValueError(f"expected an SM like sm_90, got {brief(v)}")
     try:
         hint = f" (write {parse_arch(v).value!r})"
     except ValueError:
         hint = did_you_mean(str(v), Arch.values())
-    raise ValueError(f"{v!r} is not an SM like sm_90{hint}; expected one of {', '.join(Arch.values())}")
+    raise ValueError(f"{brief(v)} is not an SM like sm_90{hint}; expected one of {', '.join(Arch.values())}")
 
 
 class ArchRange(TypedDict, total=False):

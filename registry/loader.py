@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from importlib import resources
 from pathlib import Path
@@ -287,10 +288,19 @@ class _Marks:
         return self.keys.get(loc)
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,59}$")
+
+
 def _path_text(loc: Loc) -> str:
+    """``kernels[3].dtypes.q_dtype``; a key that is not a plain word is shown quoted: ``solutions['a b']``."""
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int) and not isinstance(part, bool):
+            out += f"[{part}]"
+        elif isinstance(part, str) and _PLAIN_KEY.match(part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{brief(part, 40)}]"
     return out or "(top level)"
 
 
@@ -611,7 +621,10 @@ def _load_overlay(path: Path, filename: str, data: dict, marks: _Marks, digest: 
     if _identity(base_path) in chain:
         raise ManifestError([_located(marks, filename, ("base",), f"{base_ref!r} leads back to this overlay "
                                       f"(overlays must not form a loop)")])
-    base = _load(base_path, None, context["adapter_allowlist"], chain)
+    try:
+        base = _load(base_path, None, context["adapter_allowlist"], chain)
+    except ManifestError as exc:  # each of the base's problems, at this overlay's base: line
+        raise ManifestError([_located(marks, filename, ("base",), f"{base_ref!r}: {p}") for p in exc.problems]) from None
     kernels = {k.name: k for k in base.kernels}
     order = [k.name for k in base.kernels]
     for i, raw in enumerate(kernels_raw or []):
@@ -619,6 +632,11 @@ def _load_overlay(path: Path, filename: str, data: dict, marks: _Marks, digest: 
             spec = KernelSpec.model_validate(raw, context=context)
         except ValidationError as exc:
             problems += _problems(exc, marks, filename, prefix=("kernels", i))
+            continue
+        if spec.solution not in base.solutions:
+            problems.append(_located(marks, filename, ("kernels", i, "solution"),
+                                     f"{spec.solution.value!r} is not listed under the base manifest's solutions "
+                                     f"({', '.join(s.value for s in base.solutions)})"))
             continue
         spec._origin = f"{filename}:{marks.marks.get(('kernels', i), (0, 0))[0]}"
         if spec.name not in kernels:
@@ -645,7 +663,7 @@ def _load_overlay(path: Path, filename: str, data: dict, marks: _Marks, digest: 
             context=context,
         )
     except ValidationError as exc:
-        raise ManifestError([f"{filename}: merged manifest: {_message(e)}" for e in exc.errors(include_url=False)]) from None
+        raise ManifestError([f"{filename}:1:1: merged manifest: {_message(e)}" for e in exc.errors(include_url=False)]) from None
     merged._path = filename
     merged._digest = hashlib.sha256((base.digest + digest).encode()).hexdigest()[:12]
     return merged

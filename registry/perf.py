@@ -14,18 +14,22 @@ ineligible kernel eligible (the solver checks eligibility first).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional
 
 from pydantic import Field, field_validator, model_validator
 
+from registry.errors import brief
 from registry.schema import StrictModel
-from registry.vocab import Arch, Op, did_you_mean, parse_arch
+from registry.vocab import Arch, DType, Op, did_you_mean, parse_arch
 
 PERF_KEY: tuple[str, ...] = (
     "q_dtype", "kv_dtype", "head_dim_qk", "head_dim_vo", "num_qo_heads", "num_kv_heads",
     "page_size", "q_len", "kv_lora_rank", "qk_rope_head_dim", "topk", "batch_size", "kv_len",
 )
 """Request fields that identify a perf bucket (features are not part of it: they decide eligibility)."""
+
+_DTYPE_KEYS = ("q_dtype", "kv_dtype")
 
 
 def bucket(n: Optional[int]) -> Optional[int]:
@@ -56,11 +60,20 @@ class PerfEntry(StrictModel):
     @field_validator("shape")
     @classmethod
     def _known(cls, shape: dict[str, Any]) -> dict[str, Any]:
+        """Known fields with values of the request's types: a bucket that no request can match is an error."""
         for key, value in shape.items():
             if key not in PERF_KEY:
-                raise ValueError(f"unknown shape field {key!r}{did_you_mean(str(key), list(PERF_KEY))}; "
+                raise ValueError(f"unknown shape field {brief(key)}{did_you_mean(str(key), list(PERF_KEY))}; "
                                  f"expected some of: {', '.join(PERF_KEY)}")
-            if key in ("batch_size", "kv_len") and bucket(value) != value:
+            if value is None:
+                continue
+            if key in _DTYPE_KEYS:
+                if not isinstance(value, str) or value not in DType.values():
+                    raise ValueError(f"{key}: {brief(value)} is not one of {', '.join(DType.values())}"
+                                     f"{did_you_mean(str(value), DType.values()) if isinstance(value, str) else ''}")
+            elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{key}: {brief(value)} is not a non-negative integer")
+            elif key in ("batch_size", "kv_len") and bucket(value) != value:
                 raise ValueError(f"{key} {value} is not a bucket (a power of two); use {bucket(value)}")
         return shape
 
@@ -68,9 +81,17 @@ class PerfEntry(StrictModel):
     @classmethod
     def _positive(cls, times: dict[str, float]) -> dict[str, float]:
         for name, t in times.items():
-            if not t > 0:
-                raise ValueError(f"median_us[{name}]: {t} is not a positive time")
+            if not (t > 0 and math.isfinite(t)):
+                raise ValueError(f"median_us[{name}]: {t} is not a positive time (finite microseconds > 0)")
         return times
+
+    @field_validator("tbps")
+    @classmethod
+    def _bandwidth(cls, rates: dict[str, float]) -> dict[str, float]:
+        for name, r in rates.items():
+            if not (r >= 0 and math.isfinite(r)):
+                raise ValueError(f"tbps[{name}]: {r} is not a non-negative, finite bandwidth")
+        return rates
 
     @property
     def key(self) -> tuple:

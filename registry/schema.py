@@ -36,6 +36,7 @@ from registry.constraints import (
     OneOf,
     arch_spec,
     shape_constraint,
+    value_set,
 )
 from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
 from registry.errors import brief
@@ -70,6 +71,8 @@ def _dtypes(raw: Any) -> Any:
         return {"values": raw}
     if isinstance(raw, str):
         return {"values": [raw]}
+    if raw is not None and not isinstance(raw, (dict, DTypeSet)):
+        raise ValueError(f"expected a dtype or a list of dtypes, got {brief(raw)}")
     return raw
 
 
@@ -128,6 +131,18 @@ _WHEN_INPUT = dict[Literal[REQUEST_FIELDS], Union[bool, int, str, list[Union[int
 """How an exclusion's ``when`` is written in YAML (for the JSON schema)."""
 
 
+def _when_value(field: str, raw: Any) -> Any:
+    """An exclusion value as a constraint, typed like the request field it matches (so it can match)."""
+    vocab = _FIELD_VOCAB.get(field)
+    if vocab is not None:
+        return value_set(raw, vocab.values(), "SM" if field == "arch" else "dtype")
+    if field in Features.model_fields:
+        if not isinstance(raw, bool):
+            raise ValueError(f"expected true or false, got {brief(raw)}")
+        return OneOf(values=(raw,))
+    return shape_constraint(raw)
+
+
 class Exclusion(StrictModel):
     """A known-bad combination: when every ``when`` field matches, the kernel is rejected.
 
@@ -153,11 +168,10 @@ class Exclusion(StrictModel):
                     f"unknown request field {key!r}{did_you_mean(str(key), list(REQUEST_FIELDS))}; "
                     f"expected one of: {', '.join(REQUEST_FIELDS)}"
                 )
-            vocab = _FIELD_VOCAB.get(key)
-            for v in (raw if isinstance(raw, list) else [raw] if not isinstance(raw, dict) else []):
-                if vocab is not None and v not in vocab.values():
-                    raise ValueError(f"{key}: {v!r} is not one of {', '.join(vocab.values())}{did_you_mean(str(v), vocab.values())}")
-            out[key] = shape_constraint(raw) if not isinstance(raw, bool) else OneOf(values=(raw,))
+            try:
+                out[key] = _when_value(key, raw)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
         return out
 
     def matches(self, request: Any) -> bool:

@@ -12,7 +12,7 @@ import difflib
 import re
 from enum import Enum
 
-from registry.errors import RequestError
+from registry.errors import RequestError, brief
 
 
 class _Vocab(str, Enum):
@@ -114,8 +114,19 @@ class Arch(_Vocab):
 
 def did_you_mean(word: str, choices: list[str]) -> str:
     """' (did you mean X?)' for a near miss in a closed vocabulary, else ''."""
-    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    if not isinstance(word, str) or len(word) > 100:  # no near miss is that long; keep untrusted input cheap
+        return ""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _spelling(value: object, what: str) -> str:
+    """A typed-in spelling as text; other objects (whose str() might fail or mislead) are refused."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not (isinstance(value, int) and value.bit_length() > 64):
+        return str(value)
+    raise RequestError(f"expected {what}, got {type(value).__name__} {brief(value)}")
 
 
 _ARCH_FORMS = re.compile(r"^(?:sm_?|compute_?)?(\d+)(?:\.(\d))?[af]?$", re.IGNORECASE)
@@ -128,9 +139,9 @@ def parse_arch(text: str | int | float | Arch) -> Arch:
     """
     if isinstance(text, Arch):
         return text
-    if isinstance(text, tuple) and len(text) == 2:
+    if isinstance(text, tuple) and len(text) == 2 and all(isinstance(p, int) and 0 <= p < 1000 for p in text):
         text = f"{text[0]}.{text[1]}"
-    raw = str(text).strip()
+    raw = _spelling(text, "an SM like 'sm_90', '9.0' or (9, 0)").strip()
     m = _ARCH_FORMS.match(raw)
     if m:
         major, minor = m.group(1), m.group(2)
@@ -140,7 +151,7 @@ def parse_arch(text: str | int | float | Arch) -> Arch:
         except ValueError:
             pass
     raise RequestError(
-        f"{raw!r} is not an SM like sm_90; expected one of {', '.join(Arch.values())}"
+        f"{brief(raw)} is not an SM like sm_90; expected one of {', '.join(Arch.values())}"
         + did_you_mean(raw, Arch.values())
     )
 
@@ -164,12 +175,14 @@ def parse_dtype(text: str | DType) -> DType:
     """Normalise 'bf16', 'bfloat16', 'torch.bfloat16', 'fp8' (= e4m3) to a DType."""
     if isinstance(text, DType):
         return text
-    raw = str(text).strip().lower().removeprefix("torch.")
+    if not isinstance(text, str) and type(text).__module__.split(".")[0] in ("torch", "numpy"):  # torch.bfloat16
+        text = str(text)
+    raw = _spelling(text, "a dtype like 'bf16'").strip().lower().removeprefix("torch.")
     raw = _DTYPE_ALIASES.get(raw, raw)
     try:
         return DType(raw)
     except ValueError:
         raise RequestError(
-            f"{text!r} is not a dtype; expected one of {', '.join(DType.values())}"
+            f"{brief(text)} is not a dtype; expected one of {', '.join(DType.values())}"
             + did_you_mean(raw, DType.values())
         ) from None

@@ -11,13 +11,15 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from registry.errors import RequestError
+from registry.errors import RequestError, brief
 from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
 from registry.perf import bucket
 from registry.schema import Features, Shapes
 from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean, parse_arch, parse_dtype
 
-_Pos = Field(default=None, ge=1)
+MAX_INT = 2**63 - 1
+"""Largest shape a request may give (an int64); a larger one is an error, not a number to format."""
+_Pos = Field(default=None, ge=1, le=MAX_INT)
 
 
 class KernelRequest(BaseModel):
@@ -31,17 +33,17 @@ class KernelRequest(BaseModel):
     kv_dtype: Optional[DType] = Field(default=None, description="None: same as q_dtype")
     out_dtype: Optional[DType] = Field(default=None, description="None: q_dtype (bf16 for an fp8 query)")
     head_dim_qk: Optional[int] = _Pos
-    head_dim_vo: Optional[int] = Field(default=None, ge=1, description="None: same as head_dim_qk")
+    head_dim_vo: Optional[int] = Field(default=None, ge=1, le=MAX_INT, description="None: same as head_dim_qk")
     num_qo_heads: Optional[int] = _Pos
     num_kv_heads: Optional[int] = _Pos
     page_size: Optional[int] = _Pos
-    q_len: int = Field(default=1, ge=1, description="query tokens per request in one decode step")
+    q_len: int = Field(default=1, ge=1, le=MAX_INT, description="query tokens per request in one decode step")
     kv_lora_rank: Optional[int] = _Pos
-    qk_rope_head_dim: Optional[int] = Field(default=None, ge=0)
+    qk_rope_head_dim: Optional[int] = Field(default=None, ge=0, le=MAX_INT)
     qk_nope_head_dim: Optional[int] = _Pos
     topk: Optional[int] = _Pos
-    batch_size: Optional[int] = Field(default=None, ge=1, description="requests in the batch, bucketed up to a power of two (perf lookup)")
-    kv_len: Optional[int] = Field(default=None, ge=1, description="longest KV length, bucketed up to a power of two (perf lookup)")
+    batch_size: Optional[int] = Field(default=None, ge=1, le=MAX_INT, description="requests in the batch, bucketed up to a power of two (perf lookup)")
+    kv_len: Optional[int] = Field(default=None, ge=1, le=MAX_INT, description="longest KV length, bucketed up to a power of two (perf lookup)")
     sinks: bool = False
     sliding_window: bool = False
     logits_soft_cap: bool = False
@@ -59,7 +61,8 @@ class KernelRequest(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise RequestError(_request_problems(exc)) from None
+            problems = _request_problems(exc)
+            raise RequestError("invalid kernel request:\n  " + "\n  ".join(problems), problems) from None
 
     @field_validator("arch", mode="before")
     @classmethod
@@ -83,29 +86,22 @@ class KernelRequest(BaseModel):
         enum = {"op": Op, "solution": Solution, "backend": Backend}[info.field_name]
         if v is None or isinstance(v, enum):
             return v
-        text = str(v).strip().lower()
+        if not isinstance(v, str):
+            raise ValueError(f"expected one of {', '.join(enum.values())}, got {type(v).__name__} {brief(v)}")
+        text = v.strip().lower()
         if text not in enum.values():
-            raise ValueError(f"{v!r} is not one of {', '.join(enum.values())}{did_you_mean(text, enum.values())}")
+            raise ValueError(f"{brief(v)} is not one of {', '.join(enum.values())}{did_you_mean(text, enum.values())}")
         return enum(text)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _defaults(cls, data: Any) -> Any:
-        """Fill the documented defaults so equal requests compare (and hash) equal."""
-        if isinstance(data, dict):
-            data = dict(data)
-            if data.get("kv_dtype") is None and data.get("q_dtype") is not None:
-                data["kv_dtype"] = data["q_dtype"]
-            if data.get("head_dim_vo") is None and data.get("head_dim_qk") is not None:
-                data["head_dim_vo"] = data["head_dim_qk"]
-        return data
 
     @model_validator(mode="after")
     def _coherent(self) -> "KernelRequest":
+        # the documented defaults, filled after validation (a bad head_dim_qk is reported once, as itself)
         if self.kv_dtype is None:
             object.__setattr__(self, "kv_dtype", self.q_dtype)
         if self.out_dtype is None:
             object.__setattr__(self, "out_dtype", DType.BF16 if self.q_dtype.is_fp8 else self.q_dtype)
+        if self.head_dim_vo is None and self.head_dim_qk is not None:
+            object.__setattr__(self, "head_dim_vo", self.head_dim_qk)
         if self.num_qo_heads and self.num_kv_heads and self.num_qo_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_qo_heads {self.num_qo_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
@@ -121,10 +117,9 @@ class KernelRequest(BaseModel):
         for field in Features.model_fields:
             if getattr(self, field) and field not in features:
                 raise ValueError(f"{field} means nothing for op {self.op.value}")
+        # hashed once the defaults are in: equal requests (kv_dtype given or defaulted) hash equal
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f) for f in type(self).model_fields)))
         return self
-
-    def model_post_init(self, __context: Any) -> None:
-        object.__setattr__(self, "_hash", hash(tuple(self.__dict__.values())))
 
     def __hash__(self) -> int:  # cached: a cache hit must cost about a dict lookup
         return self._hash
@@ -158,17 +153,32 @@ class KernelRequest(BaseModel):
         return " ".join(f"{k}={'true' if v is True else v}" for k, v in self.given().items())
 
 
-def _request_problems(exc: ValidationError) -> str:
+def _request_problems(exc: ValidationError) -> list[str]:
+    """One ``request.FIELD: message`` line per problem, on one line each, with the bad value cut short."""
     lines = []
     for err in exc.errors(include_url=False):
-        field = ".".join(str(p) for p in err["loc"]) or "request"
+        kind, loc = err["type"], err["loc"]
+        field = str(loc[0]) if loc else "request"
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
+        got = brief(err.get("input"))
+        if kind == "extra_forbidden":
             known = list(KernelRequest.model_fields)
             msg = f"unknown request field{did_you_mean(field, known)}; expected one of: {', '.join(known)}"
-        elif err["type"] == "greater_than_equal":
-            msg = f"must be >= {err['ctx']['ge']}, got {err['input']!r}"
-        elif err["type"] in ("int_parsing", "int_type"):
-            msg = f"expected an integer, got {err['input']!r}"
-        lines.append(f"request.{field}: {msg}")
-    return "invalid kernel request:\n  " + "\n  ".join(lines)
+        elif kind == "missing":
+            msg = "required" + (f"; one of {', '.join(Op.values())}" if field == "op" else "")
+        elif kind == "greater_than_equal":
+            msg = f"must be >= {err['ctx']['ge']}, got {got}"
+        elif kind == "less_than_equal":
+            msg = f"must be <= {err['ctx']['le']}, got {got}"
+        elif kind in ("int_parsing", "int_type", "int_from_float"):
+            msg = f"expected an integer, got {got}"
+        elif kind in ("bool_parsing", "bool_type"):
+            msg = f"expected true or false, got {got}"
+        elif kind == "string_type":
+            msg = f"expected text, got {got}"
+        elif kind != "value_error" and "input" in err:
+            msg = f"{msg} (got {got})"
+        if not loc and msg.split(" ", 1)[0] in KernelRequest.model_fields:  # a cross-field check names its field first
+            field = msg.split(" ", 1)[0]
+        lines.append(f"request.{field}: {' '.join(msg.split())}")
+    return lines
