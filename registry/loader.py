@@ -475,14 +475,17 @@ def _read(path: Path, filename: str, what: str = "manifest") -> str:
     except OSError as exc:
         raise ManifestError([f"{filename}: cannot read {what}: {exc.strerror or exc}"]) from None
     try:
+        st = os.fstat(fd)
+        problem = (
+            "cannot read {what}: is a directory, not a file" if stat.S_ISDIR(st.st_mode)
+            else "cannot read {what}: not a regular file (a pipe or device)" if not stat.S_ISREG(st.st_mode)
+            else f"{{what}} is {st.st_size:,} bytes, over the {_limit_text()} limit" if st.st_size > MAX_BYTES
+            else None
+        )
+        if problem:
+            os.close(fd)
+            raise ManifestError([f"{filename}: " + problem.format(what=what)])
         with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if stat.S_ISDIR(st.st_mode):
-                raise ManifestError([f"{filename}: cannot read {what}: is a directory, not a file"])
-            if not stat.S_ISREG(st.st_mode):
-                raise ManifestError([f"{filename}: cannot read {what}: not a regular file (a pipe or device)"])
-            if st.st_size > MAX_BYTES:
-                raise ManifestError([f"{filename}: {what} is {st.st_size:,} bytes, over the {_limit_text()} limit"])
             raw = f.read(MAX_BYTES + 1)
     except OSError as exc:
         raise ManifestError([f"{filename}: cannot read {what}: {exc.strerror or exc}"]) from None
@@ -526,10 +529,12 @@ def read_yaml(path: os.PathLike | str, *, text: Any = None, what: str = "manifes
 
 
 def _display_name(path: Path) -> str:
+    """The path relative to the working directory when it is below it, else as given."""
     try:
-        return os.path.relpath(path)
+        rel = os.path.relpath(path)
     except ValueError:
         return str(path)
+    return str(path) if rel.startswith("..") else rel
 
 
 def load_manifest(

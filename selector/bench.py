@@ -41,7 +41,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from registry.errors import KernelselError, ManifestError, RequestError
-from registry.loader import _compose, _problems, bundled_perf_dir, load_perf_table
+from registry.loader import _problems, bundled_perf_dir, load_perf_table, read_yaml
 from registry.perf import PERF_KEY, PerfTable, request_key
 from registry.schema import KernelSpec, StrictModel
 from registry.vocab import Arch, Op, Solution
@@ -153,17 +153,15 @@ class Suite(StrictModel):
 def load_suite(path: os.PathLike | str, arch: Any) -> list[BenchCase]:
     """Every case of a suite file for ``arch``; problems as ``file:line:col: path: message``."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise KernelselError(f"{path}: cannot read suite: {exc.strerror or exc}") from None
-    try:
-        data, marks = _compose(text, str(path))
-        suite = Suite.model_validate(data)
+    try:  # the manifest's rules: a bounded regular UTF-8 file, plain data, no duplicate keys
+        data, marks, filename, _ = read_yaml(path, what="suite")
     except ManifestError as exc:
-        raise KernelselError("invalid suite:\n" + "\n".join(exc.problems)) from None
+        raise KernelselError("\n".join(exc.problems) if "cannot read" in exc.problems[0]
+                             else "invalid suite:\n" + "\n".join(exc.problems)) from None
+    try:
+        suite = Suite.model_validate(data)
     except ValidationError as exc:
-        raise KernelselError("invalid suite:\n" + "\n".join(_problems(exc, marks, str(path)))) from None
+        raise KernelselError("invalid suite:\n" + "\n".join(_problems(exc, marks, filename))) from None
     cases: list[BenchCase] = []
     for i, g in enumerate(suite.groups):
         points = [dict(c) for c in g.cases] or [{}]

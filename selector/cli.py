@@ -16,11 +16,11 @@ from typing import Any, Optional
 import click
 import yaml
 
-from registry.errors import KernelselError, ManifestError
+from registry.errors import KernelselError, ManifestError, RequestError, brief
 from registry.loader import load_manifest, load_perf_table
 from registry.priority import band_name
-from registry.schema import Manifest
-from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean, parse_arch
+from registry.schema import Manifest, adapter_allowlist_from_env, parse_adapter_allowlist
+from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean, parse_arch, parse_dtype
 from selector.api import Selector, find_perf_table
 from selector.overrides import Overrides
 from selector.platform import Platform, installed_versions, required_distributions
@@ -36,15 +36,146 @@ class Failure(Exception):
         self.code = code
 
 
+# ------------------------------------------------- bad input: one line on stderr, exit 2, never a traceback
+
+
+class _Choice(click.Choice):
+    """A closed vocabulary; a bad value is named with every accepted one and a did-you-mean."""
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            choices = [str(c) for c in self.choices]
+            self.fail(f"{brief(value)} is not one of {', '.join(choices)}{did_you_mean(str(value).lower(), choices)}",
+                      param, ctx)
+
+
+class _Spelling(click.ParamType):
+    """An arch (sm_90, sm90, 9.0, 90a) or a dtype (bf16, bfloat16, fp8) in any accepted spelling, normalised."""
+
+    def __init__(self, name: str, parse: Any):
+        self.name, self._parse = name, parse
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        try:
+            return self._parse(value)
+        except RequestError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+ARCH, DTYPE = _Spelling("arch", parse_arch), _Spelling("dtype", parse_dtype)
+
+
+class _Command(click.Command):
+    """A command whose errors name it: ``kernelsel explain: --manifest: ...``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:  # "--op needs a value" is raised without the command's context
+            if exc.ctx is None:
+                exc.ctx = ctx
+            raise
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (Failure, KernelselError, OSError) as exc:
+            if not hasattr(exc, "command_path"):
+                exc.command_path = ctx.command_path  # type: ignore[union-attr]
+            raise
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _flag(param: Optional[click.Parameter]) -> str:
+    if isinstance(param, click.Option):
+        return max(param.opts, key=len)
+    return (param.human_readable_name if param is not None else "argument").upper()
+
+
+def _usage_message(exc: click.ClickException) -> str:
+    """Click's usage errors in kernelsel's words, on one line: ``--q-dtype: 'bf17' is not one of ...``."""
+    if isinstance(exc, click.MissingParameter):
+        what = "required" if isinstance(exc.param, click.Option) else "missing argument"
+        return f"{_flag(exc.param)}: {what}"
+    if isinstance(exc, click.BadParameter) and exc.param is not None:
+        return f"{_flag(exc.param)}: {exc.message.rstrip('.')}"
+    if isinstance(exc, click.NoSuchOption):
+        near = list(exc.possibilities or [])
+        return f"no such option {exc.option_name}" + (f" (did you mean {near[0]}?)" if near else "; --help lists them")
+    if isinstance(exc, click.BadOptionUsage):
+        if "requires an argument" in exc.message:
+            return f"{exc.option_name}: needs a value"
+        return f"{exc.option_name}: {exc.message.rstrip('.')}"
+    name = getattr(exc, "command_name", None)  # click's NoSuchCommand
+    if isinstance(name, str):
+        commands = sorted(cli.commands)
+        return f"no such command {brief(name)}{did_you_mean(name, commands)}; commands: {', '.join(commands)}"
+    text = exc.format_message().rstrip(".")
+    return text[:1].lower() + text[1:]  # "got unexpected extra argument (x)"
+
+
+def _request_message(exc: RequestError) -> str:
+    """A request's problems with the flags that set them: ``--head-dim: must be >= 1, got 0``."""
+    flags = {p.name: max(p.opts, key=len) for p in explain.params if isinstance(p, click.Option)}
+    parts = []
+    for problem in exc.problems:
+        field, sep, msg = problem.partition(": ")
+        name = field.removeprefix("request.")
+        parts.append(f"{flags[name]}: {msg}" if sep and field.startswith("request.") and name in flags else problem)
+    return "; ".join(parts)
+
+
+def _manifest_failure(exc: ManifestError, source: str) -> Failure:
+    """The first problem on one line, the count of the rest, and where to see them all."""
+    first = exc.problems[0] if exc.problems else str(exc)
+    more = len(exc.problems) - 1
+    tail = f" (and {more} more problem{'s' if more != 1 else ''}; `kernelsel validate` lists them all)" if more > 0 else ""
+    return Failure(f"{source}: {first}{tail}", EXIT_USAGE)
+
+
+def _store_allowlist(ctx: click.Context, param: click.Parameter, value: tuple) -> tuple:
+    try:
+        ctx.meta["kernelsel.allow_adapter"] = parse_adapter_allowlist(value, source="--allow-adapter")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--allow-adapter: "), ctx=ctx, param=param) from None
+    return value
+
+
+allow_adapter_option = click.option(
+    "--allow-adapter", "allow_adapter", multiple=True, expose_value=False, callback=_store_allowlist,
+    metavar="PREFIX", help="also accept adapter: classes from modules under PREFIX (repeat; adds to "
+                           "KERNELSEL_ADAPTER_ALLOWLIST); by default only registry.adapters")
+
+
+def _adapter_allowlist() -> tuple[str, ...]:
+    """KERNELSEL_ADAPTER_ALLOWLIST plus every --allow-adapter of this command."""
+    ctx = click.get_current_context(silent=True)
+    flags = ctx.meta.get("kernelsel.allow_adapter", ()) if ctx is not None else ()
+    try:
+        return adapter_allowlist_from_env() + tuple(p for p in flags if p not in adapter_allowlist_from_env())
+    except ValueError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
+
+
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
 def _manifest(path: Optional[str], overrides: Overrides) -> Manifest:
     try:
-        return load_manifest(path or overrides.manifest)
+        return load_manifest(path or overrides.manifest, adapter_allowlist=_adapter_allowlist())
     except ManifestError as exc:
-        raise Failure(str(exc), EXIT_USAGE) from None
+        source = "--manifest" if path else ("KERNELSEL_MANIFEST" if overrides.manifest else "bundled manifest")
+        raise _manifest_failure(exc, source) from None
 
 
 def _detected_gpu() -> tuple[Optional[Arch], str]:
@@ -74,16 +205,16 @@ def _platform(manifest: Manifest, arch: Optional[str], installed_only: bool) -> 
 
 
 def _choice(values: list[str]) -> click.Choice:
-    return click.Choice(values, case_sensitive=False)
+    return _Choice(values, case_sensitive=False)
 
 
 def request_options(f):
     """The request flags shared by explain and plan (kebab-case of the request fields)."""
     opts = [
-        click.option("--arch", help="target SM: sm_90, sm90, 9.0 (default: this machine's GPU)"),
-        click.option("--q-dtype", default="bf16", show_default=True, help=f"one of {', '.join(DType.values())}"),
-        click.option("--kv-dtype", help="default: the q dtype"),
-        click.option("--out-dtype", help="default: the q dtype (bf16 for fp8 q)"),
+        click.option("--arch", type=ARCH, help="target SM: sm_90, sm90, 9.0 (default: this machine's GPU)"),
+        click.option("--q-dtype", type=DTYPE, default="bf16", show_default=True, help=f"one of {', '.join(DType.values())}"),
+        click.option("--kv-dtype", type=DTYPE, help="default: the q dtype"),
+        click.option("--out-dtype", type=DTYPE, help="default: the q dtype (bf16 for fp8 q)"),
         click.option("--head-dim", "head_dim_qk", type=int, help="query/key head dim"),
         click.option("--head-dim-v", "head_dim_vo", type=int, help="value/output head dim (default: --head-dim)"),
         click.option("--num-qo-heads", type=int),
@@ -108,6 +239,7 @@ def request_options(f):
         click.option("--kernel", help="force one kernel by name"),
         click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="manifest or overlay (default: bundled)"),
         click.option("--perf", "perf_path", type=click.Path(dir_okay=False), help="rank eligible kernels by this perf table"),
+        allow_adapter_option,
         click.option("--installed-only", is_flag=True, help="with --arch: only libraries installed here count"),
         click.option("--json", "as_json", is_flag=True, help="machine-readable output"),
     ]
@@ -136,11 +268,11 @@ def _build(op: Optional[str], kw: dict) -> tuple[Selector, KernelRequest]:
         else:
             perf = None
     except ManifestError as exc:
-        raise Failure(str(exc), EXIT_USAGE) from None
+        raise _manifest_failure(exc, "--perf" if kw.get("perf_path") else "KERNELSEL_PERF") from None
     return Selector(manifest, platform, overrides, perf), KernelRequest(**fields)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="kernelsel", message="kernelsel %(version)s")
 def cli() -> None:
     """Declarative attention-kernel selection: explain, plan, list, show, validate, verify, bench."""
@@ -184,6 +316,7 @@ def plan(**kw: Any) -> None:
 @cli.command("list")
 @click.option("--op", type=_choice(Op.values()))
 @click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False))
+@allow_adapter_option
 @click.option("--json", "as_json", is_flag=True)
 def list_kernels(op: Optional[str], manifest_path: Optional[str], as_json: bool) -> None:
     """List the manifest's kernels (name, op, solution/backend, arch, priority, source line)."""
@@ -204,6 +337,7 @@ def list_kernels(op: Optional[str], manifest_path: Optional[str], as_json: bool)
 @cli.command()
 @click.argument("name")
 @click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False))
+@allow_adapter_option
 @click.option("--json", "as_json", is_flag=True)
 def show(name: str, manifest_path: Optional[str], as_json: bool) -> None:
     """Show one kernel's full manifest entry."""
@@ -237,11 +371,12 @@ def _plain(data: Any) -> Any:
 
 
 @cli.command()
-@click.argument("path", required=False, type=click.Path(dir_okay=False))
+@click.argument("path", required=False, type=click.Path(exists=True, dir_okay=False, readable=True))
+@allow_adapter_option
 def validate(path: Optional[str]) -> None:
     """Check a manifest; print every problem as file:line:col: path: message (exit 1 if any)."""
     try:
-        manifest = load_manifest(path)
+        manifest = load_manifest(path, adapter_allowlist=_adapter_allowlist())
     except ManifestError as exc:
         for problem in exc.problems:
             click.echo(problem, err=True)
@@ -280,6 +415,7 @@ def _write_or_check(text: str, out: Optional[str], check: bool, default: str, re
 @click.argument("head")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--markdown", is_flag=True, help="Markdown for a pull-request comment")
+@allow_adapter_option
 def diff(base: str, head: str, as_json: bool, markdown: bool) -> None:
     """What changes from manifest BASE to HEAD, request by request (exit 1 if a request loses every kernel).
 
@@ -290,7 +426,8 @@ def diff(base: str, head: str, as_json: bool, markdown: bool) -> None:
 
     if as_json and markdown:
         raise Failure("give --json or --markdown, not both", EXIT_USAGE)
-    report = diff_manifests(read_manifest(base), read_manifest(head))
+    allow = _adapter_allowlist()
+    report = diff_manifests(read_manifest(base, adapter_allowlist=allow), read_manifest(head, adapter_allowlist=allow))
     if as_json:
         _echo_json(report.to_dict())
     elif markdown:
@@ -302,6 +439,7 @@ def diff(base: str, head: str, as_json: bool, markdown: bool) -> None:
 
 @cli.command()
 @click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="manifest (default: bundled)")
+@allow_adapter_option
 @click.option("--out", type=click.Path(dir_okay=False), help="write the matrix here, e.g. docs/support-matrix.md")
 @click.option("--check", is_flag=True, help="exit 1 if --out (default docs/support-matrix.md) is stale")
 def matrix(manifest_path: Optional[str], out: Optional[str], check: bool) -> None:
@@ -329,6 +467,7 @@ def schema(out: Optional[str], check: bool) -> None:
 @click.option("--quick", is_flag=True, help="one case per declared value instead of the cross product")
 @click.option("--device", default="cuda", show_default=True, help="cuda (arch detected) or cpu")
 @click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False))
+@allow_adapter_option
 @click.option("--json", "as_json", is_flag=True, help="the full report as JSON")
 @click.option("--out", type=click.Path(dir_okay=False), help="also write the JSON report here")
 def verify(op: Optional[str], kernel: Optional[str], solution: Optional[str], quick: bool, device: str,
@@ -398,6 +537,7 @@ def _list(text: Optional[str], flag: str, kind: type = str) -> list[Any]:
 @click.option("--arch", help="with --device cpu: the nominal arch selection runs for (on a GPU: its own)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="manifest or overlay (default: bundled)")
+@allow_adapter_option
 @click.option("--out", type=click.Path(dir_okay=False), help="perf table to merge into (default: perf/<gpu>-<arch>.yaml)")
 @click.option("--json", "as_json", is_flag=True, help="also print every timing as JSON")
 def bench(op: Optional[str], suite_path: Optional[str], kernels: tuple, repeats: int, warmup: int, device: str,
@@ -415,14 +555,8 @@ def bench(op: Optional[str], suite_path: Optional[str], kernels: tuple, repeats:
 
     if (op is None) == (suite_path is None):
         raise Failure("give --op (and the grid options) or --suite, not both", EXIT_USAGE)
-    if importlib.util.find_spec("torch") is None:
-        raise Failure("bench needs torch (pip install torch)", EXIT_USAGE)
-    overrides = Overrides.from_env()
-    manifest = _manifest(manifest_path, overrides)
-    env = bench_module.environment(manifest, device, arch)
-    if suite_path is not None:
-        cases = bench_module.load_suite(suite_path, env.arch)
-    else:
+    axes: dict[str, list[Any]] = {}
+    if suite_path is None:  # the grid's flags are checked before the machine is
         sizes = {"batch": _list(kw.pop("batch"), "--batch", int), "kv_len": _list(kw.pop("kv_len"), "--kv-len", int),
                  "new_len": _list(kw.pop("new_len"), "--new-len", int)}
         axes = {"q_dtype": _list(kw.pop("q_dtype"), "--q-dtype"), "kv_dtype": _list(kw.pop("kv_dtype"), "--kv-dtype"),
@@ -433,6 +567,14 @@ def bench(op: Optional[str], suite_path: Optional[str], kernels: tuple, repeats:
         elif axes["new_len"] != [None]:
             raise Failure(f"--new-len is for mha_extend and mha_prefill; {op} takes --q-len", EXIT_USAGE)
         axes = {k: v for k, v in axes.items() if v != [None]}
+    if importlib.util.find_spec("torch") is None:
+        raise Failure("bench needs torch (pip install torch)", EXIT_USAGE)
+    overrides = Overrides.from_env()
+    manifest = _manifest(manifest_path, overrides)
+    env = bench_module.environment(manifest, device, arch)
+    if suite_path is not None:
+        cases = bench_module.load_suite(suite_path, env.arch)
+    else:
         fixed = {k: v for k, v in kw.items() if v is not None}
         cases = bench_module.grid(op, env.arch, fixed, axes)
     names = [n.strip() for k in kernels for n in k.split(",") if n.strip()]
@@ -452,7 +594,7 @@ def bench(op: Optional[str], suite_path: Optional[str], kernels: tuple, repeats:
 
 
 @cli.command()
-@click.option("--arch", help="inspect a hypothetical GPU of this arch (sm_90, 9.0) with this machine's libraries")
+@click.option("--arch", type=ARCH, help="inspect a hypothetical GPU of this arch (sm_90, 9.0) with this machine's libraries")
 @click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="manifest or overlay (default: bundled)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def doctor(arch: Optional[str], manifest_path: Optional[str], as_json: bool) -> None:
@@ -465,27 +607,46 @@ def doctor(arch: Optional[str], manifest_path: Optional[str], as_json: bool) -> 
     sys.exit(exit_status(report))
 
 
+def _fail(exc: BaseException, message: str, code: int) -> None:
+    """``kernelsel COMMAND: message`` -- one line on stderr -- and the exit code."""
+    ctx = getattr(exc, "ctx", None)
+    where = getattr(exc, "command_path", None) or (ctx.command_path if ctx is not None else "kernelsel")
+    message = _one_line(message)
+    name = where.rsplit(" ", 1)[-1]
+    if message.startswith(f"{name}: "):  # "verify: no CUDA device" from inside the command
+        message = message[len(name) + 2:]
+    click.echo(f"{where}: {message}", err=True)
+    sys.exit(code)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    """Console entry point: run the CLI, turning kernelsel errors into one-line messages and exit codes."""
+    """Console entry point: run the CLI, turning errors into one-line messages and exit codes (never a traceback
+    for bad input: 2 for a bad flag, value, file or request, 3 when no kernel can serve the request)."""
     try:
         cli.main(args=argv, prog_name="kernelsel", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except click.exceptions.NoArgsIsHelpError as exc:  # bare `kernelsel` or a group without a command
+        click.echo(exc.ctx.get_help() if exc.ctx is not None else "")
+        _fail(exc, f"give a command: {', '.join(sorted(cli.commands))}", EXIT_USAGE)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(EXIT_USAGE)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(EXIT_USAGE)
+        _fail(exc, _usage_message(exc), EXIT_USAGE)
+    except click.exceptions.Abort as exc:
+        _fail(exc, "aborted", EXIT_USAGE)
     except Failure as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.code)
-    except NoKernelError as exc:
-        click.echo(f"error: {exc}", err=True)
+        _fail(exc, str(exc), exc.code)
+    except NoKernelError as exc:  # the full listing: every kernel of the op and why not
+        click.echo(f"{getattr(exc, 'command_path', 'kernelsel')}: {exc}", err=True)
         sys.exit(EXIT_NO_KERNEL)
+    except RequestError as exc:
+        _fail(exc, _request_message(exc), EXIT_USAGE)
+    except ManifestError as exc:
+        _fail(exc, str(_manifest_failure(exc, "manifest")), EXIT_USAGE)
     except KernelselError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+        _fail(exc, str(exc), EXIT_USAGE)
+    except OSError as exc:  # a file named on the command line that cannot be read or written
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(exc, f"{where}{exc.strerror or exc}", EXIT_USAGE)
 
 
 if __name__ == "__main__":

@@ -79,17 +79,17 @@ class DiffError(KernelselError):
 # ------------------------------------------------------------------ reading
 
 
-def read_manifest(spec: str) -> Manifest:
+def read_manifest(spec: str, *, adapter_allowlist: Optional[Iterable[str]] = None) -> Manifest:
     """Load a manifest from a path, or from ``REF:PATH`` through ``git show`` (a path on disk wins).
 
     A git object is shown under its own name (``main:kernels.yaml:41``) in
-    every message and origin.
+    every message and origin.  ``adapter_allowlist`` as in ``load_manifest``.
     """
     if Path(spec).exists():
-        return load_manifest(spec)
+        return load_manifest(spec, adapter_allowlist=adapter_allowlist)
     if ":" not in spec:
         raise DiffError(f"{spec}: no such file; give a manifest path or a git object like main:kernels.yaml")
-    return load_manifest(spec, text=git_show(spec))
+    return load_manifest(spec, text=git_show(spec), adapter_allowlist=adapter_allowlist)
 
 
 def git_show(spec: str) -> str:

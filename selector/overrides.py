@@ -5,6 +5,8 @@
 * ``KERNELSEL_DISABLE=NAME,NAME``    remove kernels from consideration
 * ``KERNELSEL_PERF=PATH|off``        rank by this perf table, or by priority only (default: the
                                      committed table matching the current GPU, when there is one)
+* ``KERNELSEL_ADAPTER_ALLOWLIST=PREFIX,...``  packages besides registry.adapters whose classes a
+                                     manifest's ``adapter:`` may name (read by ``load_manifest``; shown here)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from registry.errors import RequestError
+from registry.schema import ENV_ADAPTER_ALLOWLIST
 from registry.vocab import Op, did_you_mean
 
 PREFIX_FORCE = "KERNELSEL_FORCE_"
@@ -28,6 +31,7 @@ class Overrides:
     force: tuple[tuple[Op, str], ...] = ()
     disable: frozenset[str] = frozenset()
     perf: Optional[str] = None
+    adapter_allowlist: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Overrides":
@@ -43,8 +47,9 @@ class Overrides:
                 )
             force.append((Op(op_text), value.strip()))
         disable = frozenset(n.strip() for n in environ.get(ENV_DISABLE, "").split(",") if n.strip())
+        allow = tuple(p.strip() for p in environ.get(ENV_ADAPTER_ALLOWLIST, "").split(",") if p.strip())
         return cls(manifest=environ.get(ENV_MANIFEST) or None, force=tuple(force), disable=disable,
-                   perf=environ.get(ENV_PERF) or None)
+                   perf=environ.get(ENV_PERF) or None, adapter_allowlist=allow)
 
     def forced(self, op: Op) -> Optional[str]:
         for forced_op, name in self.force:
@@ -64,4 +69,6 @@ class Overrides:
             lines.append(f"{ENV_DISABLE}={','.join(sorted(self.disable))}")
         if self.perf:
             lines.append(f"{ENV_PERF}={self.perf}")
+        if self.adapter_allowlist:
+            lines.append(f"{ENV_ADAPTER_ALLOWLIST}={','.join(self.adapter_allowlist)}")
         return lines

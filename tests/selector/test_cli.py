@@ -55,9 +55,9 @@ def test_explain_exit_3_when_nothing_fits_and_lists_reasons(cli):
     "argv, message",
     [
         (["explain", "--op", "mla_decode", "--arch", "sm_95"], r"'sm_95' is not an SM like sm_90"),
-        (["explain", "--op", "mla_decode", "--arch", "sm_90", "--kv-dtype", "bf17"], r"request\.kv_dtype: 'bf17' is not a dtype"),
-        (["explain", "--op", "mla_decod", "--arch", "sm_90"], r"Invalid value for '--op'"),
-        (["explain", "--op", "mha_decode", "--arch", "sm_90", "--head-dim", "0"], r"request\.head_dim_qk: must be >= 1"),
+        (["explain", "--op", "mla_decode", "--arch", "sm_90", "--kv-dtype", "bf17"], r"^kernelsel explain: --kv-dtype: 'bf17' is not a dtype"),
+        (["explain", "--op", "mla_decod", "--arch", "sm_90"], r"^kernelsel explain: --op: 'mla_decod' is not one of .* \(did you mean 'mla_decode'\?\)$"),
+        (["explain", "--op", "mha_decode", "--arch", "sm_90", "--head-dim", "0"], r"^kernelsel explain: --head-dim: must be >= 1, got 0$"),
         (["explain", "--op", "mha_decode", "--arch", "sm_90", "--kernel", "nope"], r"no kernel named 'nope'"),
         (["explain", "--op", "mha_decode", "--arch", "sm_90", "--manifest", "missing.yaml"], r"cannot read manifest"),
         (["show", "flashinfer-fa2-decod"], r"no kernel named 'flashinfer-fa2-decod' \(did you mean 'flashinfer-fa2-decode'\?\)"),

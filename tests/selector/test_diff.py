@@ -240,7 +240,7 @@ def test_git_objects_are_read_with_git_show_and_named_by_their_ref(cli, tmp_path
     assert "mha_decode/mha_extend with solution=flashinfer: loses all candidates" in out
 
     code, _, err = cli("diff", "no-such-ref:kernels.yaml", "kernels.yaml")
-    assert code == 2 and re.search(r"^error: no-such-ref:kernels\.yaml: not a file, and git cannot read it", err)
+    assert code == 2 and re.search(r"^kernelsel diff: no-such-ref:kernels\.yaml: not a file, and git cannot read it", err)
     code, _, err = cli("diff", "HEAD:missing.yaml", "kernels.yaml")
     assert code == 2 and "missing.yaml" in err and "Traceback" not in err
 
@@ -255,7 +255,7 @@ def test_a_path_on_disk_wins_over_a_git_object(tmp_path, monkeypatch, base):
 
 def test_bad_arguments_exit_2_with_a_message(cli, base):
     code, _, err = cli("diff", "nowhere.yaml", base)
-    assert code == 2 and err.startswith("error: nowhere.yaml: no such file")
+    assert code == 2 and err.startswith("kernelsel diff: nowhere.yaml: no such file")
     code, _, err = cli("diff", base, base, "--json", "--markdown")
     assert code == 2 and "not both" in err
 
