@@ -1,8 +1,9 @@
 """``kernelsel``: explain, plan, list, show, validate (and verify, bench on a GPU).
 
 Exit codes: 0 success; 1 an invalid manifest (validate), failed verification or nothing recorded (bench);
-2 bad input (unknown option value, bad request, unreadable manifest);
-3 no kernel can serve the request.  Errors are one-line messages, never tracebacks.
+2 bad input (unknown command or option, bad value, missing argument, conflicting flags, bad request,
+unreadable or broken manifest / perf table); 3 no kernel can serve the request.  Bad input is one line on
+stderr, ``kernelsel COMMAND: --flag: message``, never a traceback or click's usage block.
 """
 
 from __future__ import annotations
@@ -161,9 +162,10 @@ def _adapter_allowlist() -> tuple[str, ...]:
     ctx = click.get_current_context(silent=True)
     flags = ctx.meta.get("kernelsel.allow_adapter", ()) if ctx is not None else ()
     try:
-        return adapter_allowlist_from_env() + tuple(p for p in flags if p not in adapter_allowlist_from_env())
+        env = adapter_allowlist_from_env()
     except ValueError as exc:
         raise Failure(str(exc), EXIT_USAGE) from None
+    return env + tuple(p for p in flags if p not in env)
 
 
 def _echo_json(data: Any) -> None:

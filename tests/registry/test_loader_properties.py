@@ -197,7 +197,7 @@ def _is_prefix(a, b):
     return b[: len(a)] == a
 
 
-@examples(120)
+@examples(100)
 @given(data=mutated(MANIFEST_DATA, MANIFEST_PATHS))
 def test_mutated_manifest_loads_or_fails_located(workdir, data):
     path = _write(workdir, "mutated.yaml", yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
@@ -221,7 +221,7 @@ FIELD_PATHS = (
 )
 
 
-@examples(150)
+@examples(100)
 @given(kernel=st.integers(0, len(MANIFEST_DATA["kernels"]) - 1), path=st.sampled_from(FIELD_PATHS),
        value=documents | st.lists(scalars, max_size=3) | st.dictionaries(keys, scalars, max_size=3))
 def test_any_value_in_any_kernel_field_loads_or_fails_located(workdir, kernel, path, value):
