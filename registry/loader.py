@@ -610,7 +610,7 @@ def _load_overlay(path: Path, filename: str, data: dict, marks: _Marks, digest: 
     for key in data:
         if key not in allowed:
             line, col = marks.key_mark((key,)) or (1, 1)
-            problems.append(f"{filename}:{line}:{col}: {key}: unknown key in an overlay"
+            problems.append(f"{filename}:{line}:{col}: {_path_text((key,))}: unknown key in an overlay"
                             f"{did_you_mean(str(key), list(allowed))}; expected one of: {', '.join(allowed)}")
     base_ref = data["base"]
     kernels_raw, disable_raw = data.get("kernels"), data.get("disable")
@@ -624,12 +624,12 @@ def _load_overlay(path: Path, filename: str, data: dict, marks: _Marks, digest: 
         raise ManifestError(problems)
     base_path = bundled_manifest_path() if base_ref == "bundled" else (path.parent / base_ref)
     if _identity(base_path) in chain:
-        raise ManifestError([_located(marks, filename, ("base",), f"{base_ref!r} leads back to this overlay "
+        raise ManifestError([_located(marks, filename, ("base",), f"{brief(base_ref)} leads back to this overlay "
                                       f"(overlays must not form a loop)")])
     try:
         base = _load(base_path, None, context["adapter_allowlist"], chain)
     except ManifestError as exc:  # each of the base's problems, at this overlay's base: line
-        raise ManifestError([_located(marks, filename, ("base",), f"{base_ref!r}: {p}") for p in exc.problems]) from None
+        raise ManifestError([_located(marks, filename, ("base",), f"{brief(base_ref)}: {p}") for p in exc.problems]) from None
     kernels = {k.name: k for k in base.kernels}
     order = [k.name for k in base.kernels]
     for i, raw in enumerate(kernels_raw or []):

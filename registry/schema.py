@@ -60,7 +60,7 @@ class StrictModel(BaseModel):
             if unknown:
                 key = unknown[0]
                 raise ValueError(
-                    f"unknown key {key!r}{did_you_mean(str(key), sorted(known))}; "
+                    f"unknown key {brief(key)}{did_you_mean(str(key), sorted(known))}; "
                     f"expected one of: {', '.join(sorted(known))}"
                 )
         return data
@@ -165,7 +165,7 @@ class Exclusion(StrictModel):
         for key, raw in when.items():
             if key not in REQUEST_FIELDS:
                 raise ValueError(
-                    f"unknown request field {key!r}{did_you_mean(str(key), list(REQUEST_FIELDS))}; "
+                    f"unknown request field {brief(key)}{did_you_mean(str(key), list(REQUEST_FIELDS))}; "
                     f"expected one of: {', '.join(REQUEST_FIELDS)}"
                 )
             try:
@@ -214,7 +214,7 @@ def parse_adapter_allowlist(prefixes: Union[str, Iterable[str], None], source: s
         if not text and isinstance(prefixes, str):
             continue  # "a,,b" or a trailing comma
         if not _MODULE.match(text):
-            raise ValueError(f"{source}: {text!r} is not a module prefix like mycompany.kernels "
+            raise ValueError(f"{source}: {brief(text)} is not a module prefix like mycompany.kernels "
                              f"(dotted Python identifiers, no ':' or '/')")
         if text.split(".")[0] in sys.stdlib_module_names:
             raise ValueError(f"{source}: {text!r} is in the standard library; the allowlist names packages "
@@ -292,7 +292,7 @@ def check_adapter_path(path: Any, allowlist: Iterable[str] = ()) -> Optional[str
     module, attr = m.groups()
     if not any(_within(module, p) for p in allowed):
         extra = "" if allowlist else f"; {ALLOWLIST_HINT}"
-        return (f"{path!r} is outside {', '.join(allowed)}: a manifest is data and cannot import arbitrary code; "
+        return (f"{brief(path, 100)} is outside {', '.join(allowed)}: a manifest is data and cannot import arbitrary code; "
                 f"expected {accepted}{extra}")
     try:
         classes = _module_classes(module)
@@ -333,7 +333,7 @@ class KernelSpec(StrictModel):
     @classmethod
     def _name(cls, v: str) -> str:
         if not _NAME.match(v):
-            raise ValueError(f"{v!r} is not a kernel name (lower-case letters, digits, '-', '_', '.')")
+            raise ValueError(f"{brief(v)} is not a kernel name (lower-case letters, digits, '-', '_', '.')")
         return v
 
     @field_validator("adapter")
@@ -414,7 +414,7 @@ class Manifest(StrictModel):
         seen: dict[str, int] = {}
         for i, k in enumerate(self.kernels):
             if k.name in seen:
-                raise ValueError(f"kernels[{i}].name: duplicate kernel name {k.name!r} (first at kernels[{seen[k.name]}])")
+                raise ValueError(f"kernels[{i}].name: duplicate kernel name {brief(k.name)} (first at kernels[{seen[k.name]}])")
             seen[k.name] = i
             if k.solution not in self.solutions:
                 raise ValueError(f"kernels[{i}].solution: {k.solution.value!r} is not listed under solutions")

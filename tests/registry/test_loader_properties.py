@@ -321,3 +321,26 @@ def test_strategies_cover_the_schema():
     """The random documents above draw keys from the schema itself: a new field is fuzzed without edits."""
     assert set(KernelSpec.model_fields) <= set(KEYS) and set(FEATURES) <= set(KEYS)
     assert all(c in string.printable for c in "".join(KEYS))
+
+
+@examples(60)
+@given(data=mutated(PERF_DATA, PERF_PATHS))
+def test_a_perf_table_that_loads_never_breaks_selection(workdir, data):
+    """Whatever a loadable table says, selecting with it returns an eligible kernel or a kernelsel error."""
+    from registry.errors import KernelselError
+    from selector import KernelRequest, Platform, Selector
+    from selector.solver import reasons
+
+    table = assert_loads_or_located(load_perf_table, _write(workdir, "ranked.yaml", yaml.safe_dump(data, sort_keys=False)))
+    if table is None:
+        return
+    manifest = load_manifest()
+    platform = Platform.hypothetical(table.arch)
+    for entry in table.entries[:8]:
+        try:
+            request = KernelRequest(op=entry.op, arch=table.arch, **{k: v for k, v in entry.shape.items() if v is not None})
+            selection = Selector(manifest, platform, perf=table).solve(request)
+        except KernelselError:
+            continue
+        if selection.kernel is not None:
+            assert reasons(selection.kernel, request, manifest, platform) == ()
