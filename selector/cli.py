@@ -1,4 +1,4 @@
-"""``kernelsel``: explain, plan, list, show, validate (and verify, bench on a GPU).
+"""``kernelsel``: explain, plan, list, show, validate, doctor, diff, matrix, schema (and verify, bench on a GPU).
 
 Exit codes: 0 success; 1 an invalid manifest (validate), failed verification or nothing recorded (bench);
 2 bad input (unknown command or option, bad value, missing argument, conflicting flags, bad request,
@@ -277,7 +277,8 @@ def _build(op: Optional[str], kw: dict) -> tuple[Selector, KernelRequest]:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="kernelsel", message="kernelsel %(version)s")
 def cli() -> None:
-    """Declarative attention-kernel selection: explain, plan, list, show, validate, verify, bench."""
+    """Declarative attention-kernel selection: explain, plan, list, show, validate, doctor, diff, matrix, schema,
+    verify, bench."""
 
 
 @cli.command()
@@ -599,12 +600,13 @@ def bench(op: Optional[str], suite_path: Optional[str], kernels: tuple, repeats:
 @click.option("--arch", type=ARCH, help="inspect a hypothetical GPU of this arch (sm_90, 9.0) with this machine's libraries")
 @click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="manifest or overlay (default: bundled)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@allow_adapter_option
 def doctor(arch: Optional[str], manifest_path: Optional[str], as_json: bool) -> None:
     """This machine's GPU, driver, torch/CUDA/FlashInfer/Triton, manifest, perf table, overrides,
     and which kernels are available here and why not (imports each library to find broken installs)."""
     from selector.doctor import diagnose, exit_status, render
 
-    report = diagnose(arch=arch, manifest_path=manifest_path)
+    report = diagnose(arch=arch, manifest_path=manifest_path, adapter_allowlist=_adapter_allowlist())
     _echo_json(report) if as_json else click.echo(render(report))
     sys.exit(exit_status(report))
 

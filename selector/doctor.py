@@ -204,8 +204,11 @@ def _kernels(manifest: Any, platform: Platform, overrides: Overrides) -> list[di
 
 
 def diagnose(*, arch: Optional[str] = None, manifest_path: Optional[str] = None,
-             environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """Everything ``kernelsel doctor`` reports, as plain data.  Raises RequestError for a bad ``arch``."""
+             environ: Mapping[str, str] = os.environ, adapter_allowlist: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
+    """Everything ``kernelsel doctor`` reports, as plain data.  Raises RequestError for a bad ``arch``.
+
+    ``adapter_allowlist`` (default: ``KERNELSEL_ADAPTER_ALLOWLIST``) is passed to the manifest loader.
+    """
     from registry.loader import bundled_manifest_path, load_manifest
 
     target = parse_arch(arch) if arch is not None else None
@@ -234,7 +237,7 @@ def diagnose(*, arch: Optional[str] = None, manifest_path: Optional[str] = None,
     path = manifest_path or overrides.manifest
     source = "--manifest" if manifest_path else (ENV_MANIFEST if overrides.manifest else "bundled")
     try:
-        manifest = load_manifest(path)
+        manifest = load_manifest(path, adapter_allowlist=adapter_allowlist)
     except ManifestError as exc:
         report["manifest"] = {"path": str(path or bundled_manifest_path()), "source": source, "error": exc.problems}
         report["libraries"] = _libraries(CORE, {})

@@ -1,4 +1,4 @@
-"""Shared test setup: the `gpu` marker skips cleanly where no CUDA device exists."""
+"""Shared test setup: the `gpu` marker skips cleanly where no CUDA device exists; the in-process CLI runner."""
 
 from __future__ import annotations
 
@@ -26,3 +26,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli(*argv) -> (exit code, stdout, stderr): ``kernelsel`` run in-process, each argument through ``str``."""
+    from selector.cli import main
+
+    def _cli(*argv):
+        code = 0
+        try:
+            main([str(a) for a in argv])
+        except SystemExit as exc:
+            code = exc.code or 0
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return _cli

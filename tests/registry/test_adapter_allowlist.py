@@ -142,18 +142,8 @@ def test_the_bundled_manifest_needs_no_allowlist(monkeypatch):
     assert all(check_adapter_path(k.adapter) is None and k.adapter.startswith(ADAPTER_PACKAGE + ".") for k in m.kernels)
 
 
-def test_cli_allow_adapter_flag(tmp_path, plugin, capsys):
-    from selector.cli import main
-
-    def run(*argv):
-        code = 0
-        try:
-            main([str(a) for a in argv])
-        except SystemExit as exc:
-            code = exc.code or 0
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
+def test_cli_allow_adapter_flag(tmp_path, plugin, cli):
+    run = cli
     path = _manifest(tmp_path, plugin)
     code, _, err = run("validate", path)
     assert code == 1 and f"'{plugin}' is outside registry.adapters" in err
@@ -166,3 +156,12 @@ def test_cli_allow_adapter_flag(tmp_path, plugin, capsys):
     code, _, err = run("validate", path, "--allow-adapter", "subprocess")
     assert code == 2 and err == ("kernelsel validate: --allow-adapter: 'subprocess' is in the standard library; "
                                  "the allowlist names packages that hold adapter classes (e.g. mycompany.kernels)\n")
+
+
+def test_doctor_takes_the_allowlist_too(tmp_path, plugin, cli, monkeypatch):
+    monkeypatch.delenv(ENV_ADAPTER_ALLOWLIST, raising=False)
+    path = _manifest(tmp_path, plugin)
+    code, out, _ = cli("doctor", "--arch", "sm_90", "--manifest", path, "--json")
+    assert code == 1 and f"'{plugin}' is outside registry.adapters" in out
+    code, out, _ = cli("doctor", "--arch", "sm_90", "--manifest", path, "--json", "--allow-adapter", PLUGIN)
+    assert code == 0 and '"schema_version": 1' in out

@@ -11,7 +11,6 @@ import pytest
 import selector
 from registry.loader import load_manifest
 from selector import Platform, Selector
-from selector.cli import main
 
 
 @pytest.fixture(scope="session")
@@ -27,22 +26,6 @@ def pick(manifest):
         return Selector(manifest, Platform.hypothetical(fields["arch"])).solve(selector.KernelRequest(**fields))
 
     return _pick
-
-
-@pytest.fixture
-def cli(capsys):
-    """cli(*argv) -> (exit code, stdout, stderr): ``kernelsel`` run in-process, each argument through ``str``."""
-
-    def _cli(*argv):
-        code = 0
-        try:
-            main([str(a) for a in argv])
-        except SystemExit as exc:
-            code = exc.code or 0
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return _cli
 
 
 @pytest.fixture(autouse=True)

@@ -161,7 +161,7 @@ def test_a_rank_whose_library_does_not_import_drops_the_kernel_everywhere(ranks)
     results = _same(ranks, "broken")
     assert results[0]["local"] == results[2]["local"] != results[0]["kernel"]
     assert all(r["adapter"] == r["kernel"] for r in results)
-    assert f"unavailable on rank 2: cannot import flashinfer: ModuleNotFoundError" in results[0]["explain"]
+    assert "unavailable on rank 2: cannot import flashinfer: ModuleNotFoundError" in results[0]["explain"]
 
 
 def test_no_candidate_on_one_rank_raises_the_same_error_naming_it(ranks):

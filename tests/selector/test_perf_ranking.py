@@ -18,7 +18,7 @@ def _table(tmp_path, times: dict, *, shape=None, arch="sm_90", name="h200.yaml")
     shape = shape or {"q_dtype": "bf16", "kv_dtype": "bf16", "head_dim_qk": 128, "head_dim_vo": 128,
                       "num_qo_heads": 32, "num_kv_heads": 8, "page_size": 16, "q_len": 1,
                       "batch_size": 64, "kv_len": 4096}
-    lines = [f"gpu: NVIDIA H200", f"arch: {arch}", "method: test", "entries:", "  - op: mha_decode", "    shape:"]
+    lines = ["gpu: NVIDIA H200", f"arch: {arch}", "method: test", "entries:", "  - op: mha_decode", "    shape:"]
     lines += [f"      {k}: {v}" for k, v in shape.items()]
     lines += ["    median_us:"] + [f"      {k}: {v}" for k, v in times.items()]
     path = tmp_path / name
