@@ -275,7 +275,8 @@ def assert_matches(out, lse, ref_out, ref_lse, *, want_lse: bool) -> None:
 # ----------------------------------------------------------------- runners
 
 
-def run_mha(spec: Any, case: Case, seed: int = 0) -> None:
+def run_mha(spec: Any, case: Case, seed: int = 0) -> Any:
+    """Run ``spec``'s adapter on ``case`` against the reference; returns the planned adapter."""
     gen = _gen(seed)
     decode = spec.op.value == "mha_decode"
     request = request_for(spec, case)
@@ -320,6 +321,7 @@ def run_mha(spec: Any, case: Case, seed: int = 0) -> None:
     )
     assert out.dtype == q_dtype
     assert_matches(out.cpu(), None if lse is None else lse.cpu(), ref_out, ref_lse, want_lse="return_lse" in case.features)
+    return adapter
 
 
 def _mla_inputs(spec: Any, case: Case, gen) -> dict[str, Any]:
@@ -549,6 +551,29 @@ def test_mha_extend_real_sizes(batch, context, new):
         feats = frozenset(f for f in ("sliding_window", "return_lse") if getattr(spec.features, f))
         case = Case(group=4, batch=batch, context=context, new_tokens=new, splits=None, features=feats)
         run_mha(spec, case, seed=new)
+
+
+FP8_SMALL_TILES = [
+    # (op, batch, context, group, kv dtype, q_len or new tokens): enough programs for planning.mha_config's
+    # FP8 launch shape (one warp per 16 rows, 64 keys, one stage, ~8 programs per SM)
+    ("mha_decode", 64, 2048, 4, "fp8_e4m3", 1),
+    ("mha_decode", 32, 1500, 4, "fp8_e4m3", 4),
+    ("mha_decode", 48, 1000, 8, "fp8_e5m2", 4),
+    ("mha_extend", 32, 2000, 4, "fp8_e4m3", 64),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op, batch, context, group, kv, new", FP8_SMALL_TILES)
+def test_fp8_small_tile_launch_matches_reference(op, batch, context, group, kv, new):
+    for spec in triton_kernels(op):
+        if kv not in [d.value for d in spec.dtypes.kv_dtype.values]:
+            continue
+        feats = frozenset(f for f in ("sinks", "return_lse") if getattr(spec.features, f))
+        case = Case(kv_dtype=kv, group=group, batch=batch, context=context, splits=None, features=feats,
+                    **({"q_len": new} if op == "mha_decode" else {"new_tokens": new}))
+        adapter = run_mha(spec, case, seed=batch)
+        assert adapter.cfg.split_waves == 8 and adapter.cfg.num_warps == adapter.cfg.block_m // 16, adapter.cfg
 
 
 @pytest.mark.gpu
