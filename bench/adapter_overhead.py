@@ -26,6 +26,7 @@ import torch
 from registry.adapters import flashinfer as fa
 from registry.adapters import flashinfer_trtllm as trt
 from registry.contracts import DecodeMetadata, ExtendMetadata
+from selector.bench import capture_graph
 
 REPS = 7
 HQ, HKV, D, PAGE, SEQ = 32, 8, 128, 16, 64
@@ -64,14 +65,9 @@ def _per_call_us(fn, n: int) -> float:
 
 
 def _graph_replay_us(fn, n: int) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, mode = capture_graph(fn)
+    if graph is None:
+        raise RuntimeError(f"cannot capture the adapter call in a CUDA graph: {mode}")
     return _per_call_us(graph.replay, n)
 
 

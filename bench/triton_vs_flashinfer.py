@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from registry.adapters.triton import TritonMHADecode, TritonMLADecode  # noqa: E402
 from registry.contracts import DecodeMetadata  # noqa: E402
+from selector.bench import capture_graph  # noqa: E402
 
 DEV = "cuda"
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -49,20 +50,12 @@ def timed(fn: Callable[[], Any]) -> tuple[float, str]:
 
     fn()
     torch.cuda.synchronize()
-    call, mode = fn, "eager"
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        call, mode = graph.replay, "graph"
-    except Exception as exc:  # noqa: BLE001 - report and fall back
+        graph, mode = capture_graph(fn)
+    except Exception as exc:  # noqa: BLE001 - the warm-up itself failed: report and time eagerly
         torch.cuda.synchronize()
-        mode = f"eager ({type(exc).__name__})"
+        graph, mode = None, f"eager ({type(exc).__name__})"
+    call = fn if graph is None else graph.replay
     return triton.testing.do_bench(call, warmup=10, rep=60, return_mode="median"), mode
 
 

@@ -219,7 +219,7 @@ class CudaTimer:
         torch.cuda.synchronize()
         call, mode, graph = fn, "eager", None
         if self.graphs:
-            graph, mode = _capture(fn)
+            graph, mode = capture_graph(fn)
             if graph is not None:
                 call = graph.replay
         for _ in range(self.warmup):
@@ -238,8 +238,11 @@ class CudaTimer:
         return Timing(ms * 1e3, mode)
 
 
-def _capture(fn: Callable[[], Any]) -> tuple[Any, str]:
-    """``(graph, "graph")``, or ``(None, "eager (Error)")`` when ``fn`` cannot be captured."""
+def capture_graph(fn: Callable[[], Any]) -> tuple[Any, str]:
+    """``(graph, "graph")``, or ``(None, "eager (Error)")`` when ``fn`` cannot be captured.
+
+    Shared with the scripts under ``bench/``, which time captured calls the same way.
+    """
     import torch
 
     side = torch.cuda.Stream()
