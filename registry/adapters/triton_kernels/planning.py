@@ -74,9 +74,10 @@ def mha_config(
     * 16-bit KV: 64 keys per step, 4 warps, 2 stages (B 64, context 4096: 4.05 TB/s).
     * 1-byte KV with enough work: one warp per 16 rows, 64 keys, one stage,
       splits for about 8 programs per SM (within 6% of the best split count on
-      all 12 table shapes).  FP8 tiles are converted to fp16 in
-      registers, so the kernel is bound by instructions, not HBM; many small
-      programs hide that best (B 64, context 4096: 0.191 ms against 0.228 ms
+      all 12 table shapes).  FP8 tiles are converted to fp16 as MMA operands
+      held in registers (ptxas: 199-255 registers per thread), which caps
+      occupancy well below what HBM needs; many small programs hide the latency
+      best (B 64, context 4096: 0.191 ms against 0.228 ms
       with 4 warps x 128 keys; B 256: 0.70 against 0.87 ms).
     * 1-byte KV with little work (B 1): 4 warps, 128 keys (context 32768: 0.044 ms against 0.047 ms).
     """
