@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 
 import pytest
@@ -17,6 +18,18 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    """Without a GPU, Triton kernels run in its interpreter.
+
+    Set here, before any test module imports triton: Triton reads the
+    variable when it decorates each function, so a module that imported
+    triton first (e.g. ``test_triton_planning.py`` collected before
+    ``test_triton_kernels.py``) would leave ``tl.cdiv`` and friends compiled-only.
+    """
+    if not _cuda_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -295,7 +295,11 @@ class TritonMLADecode(_TritonMLA):
         planning = _kernels("planning")
         r = self.request
         rows = self.q_len * r.num_qo_heads
-        self.cfg = self._config(planning.mla_config(rows))
+        q_dtype, kv_dtype, _ = self._dtypes()
+        hopper = self.tuning.get("kernel", "hopper") == "hopper" and planning.hopper_mla_eligible(
+            self.device, q_dtype, kv_dtype, r.kv_lora_rank, r.qk_rope_head_dim
+        )
+        self.cfg = self._config(planning.mla_config(rows, hopper=hopper))
         keys = self.max_len if self.window_left < 0 else min(self.max_len, self.window_left + self.q_len)
         work = self.batch * -(-rows // self.cfg.block_m) * self.cfg.value_splits
         self.num_splits = self._splits(
@@ -309,7 +313,8 @@ class TritonMLADecode(_TritonMLA):
         _kernels("mla").mla_decode(
             q_nope, q_pe, kv_cache, self.block_table, self.seq_lens, out, lse, q_len=self.q_len,
             sm_scale=self.sm_scale, window_left=self.window_left, soft_cap=self.soft_cap, sinks=sinks,
-            q_scale=qs, kv_scale=kvs, value_splits=self.cfg.value_splits, **self._launch_options(),
+            q_scale=qs, kv_scale=kvs, value_splits=self.cfg.value_splits, kernel=self.cfg.kernel,
+            **self._launch_options(),
         )
         return self._result(out, lse)
 

@@ -363,6 +363,7 @@ def run_mla(spec: Any, case: Case, seed: int = 0) -> None:
         sinks=x["sinks"], **x["scales"], **options,
     )
     assert_matches(out.cpu(), None if lse is None else lse.cpu(), ref_out, ref_lse, want_lse="return_lse" in case.features)
+    return adapter
 
 
 def topk_for(lens: list[int], q_len: int, k: int, gen) -> torch.Tensor:
@@ -586,6 +587,29 @@ def test_mla_decode_real_sizes(batch, context, heads, kv, q_len):
         case = Case(kv_dtype=kv, heads=heads, page_size=64, q_len=q_len, batch=batch, context=context,
                     splits=None, features=feats)
         run_mla(spec, case, seed=batch)
+
+
+HOPPER_MLA = [
+    # (heads, q_len, page, dtype, features, splits, tensor scales): the Gluon sm_90 kernel (mla_hopper)
+    (128, 1, 64, "bf16", (), None, False),
+    (128, 2, 16, "bf16", ("return_lse", "sinks"), 3, False),
+    (64, 4, 1, "fp16", ("sliding_window", "logits_soft_cap"), 1, True),
+    (128, 3, 64, "bf16", ("return_lse", "sinks", "sliding_window", "logits_soft_cap"), 2, True),
+    (32, 2, 64, "bf16", ("return_lse",), None, False),  # 64 rows from 2 tokens x 32 heads
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads, q_len, page, dtype, features, splits, tensor_scales", HOPPER_MLA)
+def test_mla_hopper_kernel_matches_reference(heads, q_len, page, dtype, features, splits, tensor_scales):
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon MLA kernel runs on sm_90 only")
+    for spec in triton_kernels("mla_decode"):
+        feats = frozenset(f for f in features if getattr(spec.features, f))
+        case = Case(q_dtype=dtype, kv_dtype=dtype, heads=heads, page_size=page, q_len=q_len, batch=5, context=900,
+                    splits=splits, features=feats, tensor_scales=tensor_scales)
+        adapter = run_mla(spec, case, seed=heads + q_len)
+        assert adapter.cfg.kernel == "hopper", adapter.cfg
 
 
 @pytest.mark.gpu

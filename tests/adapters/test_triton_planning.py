@@ -59,3 +59,39 @@ def test_adapter_plan_applies_the_config_and_its_waves():
     assert adapter.cfg.num_warps == 1 and adapter.cfg.split_waves == 8
     # CPU stand-in: 4 SMs x 8 waves / 512 programs -> 1 split
     assert adapter.num_splits == 1
+
+
+@pytest.mark.parametrize("rows,want", [(128, "hopper"), (64, "hopper"), (256, "hopper"), (32, "portable"), (16, "portable")])
+def test_mla_uses_the_hopper_kernel_from_one_full_row_tile(rows, want):
+    cfg = planning.mla_config(rows, hopper=True)
+    assert cfg.kernel == want
+    if want == "hopper":
+        assert (cfg.block_m, cfg.num_warps) == (64, 8)
+
+
+def test_mla_without_hopper_keeps_the_portable_kernel():
+    assert planning.mla_config(128).kernel == "portable"
+    assert planning.mla_config(128, hopper=False) == planning.mla_config(128)
+
+
+@pytest.mark.parametrize("device,q,kv,rank,rope", [
+    ("cpu", "bfloat16", "bfloat16", 512, 64),          # no GPU
+    ("cuda", "bfloat16", "float8_e4m3fn", 512, 64),    # FP8 cache: portable kernel (fp16 operands)
+    ("cuda", "bfloat16", "float16", 512, 64),          # cache dtype differs from the query's
+    ("cuda", "float32", "float32", 512, 64),           # not 16-bit
+    ("cuda", "bfloat16", "bfloat16", 576, 64),         # rank not a power of two
+    ("cuda", "bfloat16", "bfloat16", 1024, 64),        # half the rank is wider than one warpgroup MMA
+    ("cuda", "bfloat16", "bfloat16", 512, 48),         # rope not a power of two
+])
+def test_hopper_mla_is_refused_outside_its_shapes(device, q, kv, rank, rope):
+    """Refused before any GPU query: these hold on a CPU-only machine too."""
+    torch = pytest.importorskip("torch")
+    assert not planning.hopper_mla_eligible(torch.device(device), getattr(torch, q), getattr(torch, kv), rank, rope)
+
+
+def test_hopper_mla_needs_sm_90(monkeypatch):
+    torch = pytest.importorskip("torch")
+    for capability, want in (((9, 0), True), ((8, 0), False), ((10, 0), False), ((12, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
+        monkeypatch.setattr(planning, "_gluon_hopper_importable", lambda: True)
+        assert planning.hopper_mla_eligible(torch.device("cuda", 0), torch.bfloat16, torch.bfloat16, 512, 64) is want

@@ -124,11 +124,14 @@ def mla_decode(
     q_len: int, sm_scale: float, window_left: int, soft_cap: float, sinks: Any,
     q_scale: tuple, kv_scale: tuple,
     o_part: Any, lse_part: Any, block_m: int, block_n: int, num_warps: int, num_stages: int, value_splits: int = 1,
+    kernel: str = "portable",
 ) -> None:
     """Launch stage 1 (and the merge when ``o_part`` holds more than one split); causal within ``q_len``.
 
     ``value_splits > 1`` gives each program a slice of the ``R`` output
     columns (smaller accumulator, scores recomputed per slice).
+    ``kernel="hopper"`` runs the Gluon sm_90 kernel (``mla_hopper``) instead,
+    which has its own tile shape (64 rows, 8 warps).
     """
     num_tokens, heads, rank = q_nope.shape
     rope = q_pe.shape[2]
@@ -139,8 +142,7 @@ def mla_decode(
         return
     final = num_splits == 1
     dummy = out
-    grid = (triton.cdiv(q_len * heads, block_m) * value_splits, num_splits, batch)
-    _mla_decode_kernel[grid](
+    args = (
         q_nope, q_pe, kv_cache, block_table, seq_lens,
         dummy if sinks is None else sinks,
         dummy if q_scale[1] is None else q_scale[1], dummy if kv_scale[1] is None else kv_scale[1],
@@ -151,13 +153,27 @@ def mla_decode(
         kv_cache.stride(0), kv_cache.stride(1),
         block_table.stride(0), out.stride(0), out.stride(1),
         0 if lse is None else lse.stride(0), 0 if lse is None else lse.stride(1),
-        HEADS=heads, R=rank, DR=rope, BLOCK_R=triton.next_power_of_2(rank),
-        BLOCK_DR=max(16, triton.next_power_of_2(rope)),
-        PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, VALUE_SPLITS=value_splits,
+    )
+    flags = dict(
         HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=soft_cap > 0, HAS_SINKS=sinks is not None and final,
         Q_SCALE_PTR=q_scale[1] is not None, KV_SCALE_PTR=kv_scale[1] is not None,
         WRITE_LSE=lse is not None and final, FINAL=final,
-        DOT=dot_dtype(q_nope.dtype, _mla_decode_kernel, kv_cache.dtype), num_warps=num_warps, num_stages=num_stages,
     )
+    if kernel == "hopper":
+        from registry.adapters.triton_kernels import mla_hopper
+
+        grid = (triton.cdiv(q_len * heads, mla_hopper.BLOCK_M), num_splits, batch)
+        mla_hopper.launch(grid, args, heads=heads, rank=rank, rope=rope, page_size=page_size, block_n=block_n,
+                          flags=flags)
+    else:
+        grid = (triton.cdiv(q_len * heads, block_m) * value_splits, num_splits, batch)
+        _mla_decode_kernel[grid](
+            *args,
+            HEADS=heads, R=rank, DR=rope, BLOCK_R=triton.next_power_of_2(rank),
+            BLOCK_DR=max(16, triton.next_power_of_2(rope)),
+            PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, VALUE_SPLITS=value_splits, **flags,
+            DOT=dot_dtype(q_nope.dtype, _mla_decode_kernel, kv_cache.dtype), num_warps=num_warps,
+            num_stages=num_stages,
+        )
     if not final:
         merge_splits(o_part, lse_part, out, lse, sinks=sinks, v_mul=kv_scale[0], v_scale_ptr=kv_scale[1])

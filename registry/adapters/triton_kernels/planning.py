@@ -30,6 +30,7 @@ class LaunchConfig:
     num_stages: int
     value_splits: int = 1  # MLA: programs sharing one row tile's output columns
     split_waves: Optional[float] = None  # programs per SM the split count aims for; None: the op family's
+    kernel: str = "portable"  # MLA: "hopper" runs the Gluon sm_90 kernel (mla_hopper), which fixes its own tile
 
     def replace(self, **changes: Any) -> "LaunchConfig":
         fields = {**self.__dict__, **{k: v for k, v in changes.items() if k in self.__dict__}}
@@ -90,15 +91,51 @@ def mha_config(
     return LaunchConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=2)
 
 
-def mla_config(rows_per_request: int) -> LaunchConfig:
+def mla_config(rows_per_request: int, *, hopper: bool = False) -> LaunchConfig:
     """Dense MLA: rows = (new tokens x heads); 64 rows fill a Hopper warpgroup MMA.
 
-    H200 sweep (128 heads, B 64, context 8192): 64 rows x 64 keys, 8 warps,
-    2 stages took 0.71 ms; 32 keys 0.97 ms; splitting the value columns
-    (``value_splits=2``) did not help.
+    ``hopper``: the Gluon sm_90 kernel can run this request (``hopper_mla_eligible``).
+    It is chosen from one full row tile per request on; below that the
+    portable kernel's 16/32-row tiles waste less.
+
+    H200, 128 heads, context 8192 (bench/results/triton_vs_flashinfer-h200.json):
+    the Gluon kernel, which splits each block's scores between the two
+    warpgroups, against the portable one, whose layout makes both warpgroups
+    compute all scores.  Portable sweep (B 64): 64 rows x 64 keys, 8 warps,
+    2 stages took 0.71 ms; 32 keys 0.97 ms; ``value_splits=2`` did not help.
     """
     block_m = min(64, max(16, next_pow2(rows_per_request)))
+    if hopper and rows_per_request >= 64:
+        return LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=1, kernel="hopper")
     return LaunchConfig(block_m=block_m, block_n=64, num_warps=8 if block_m >= 64 else 4, num_stages=2)
+
+
+def hopper_mla_eligible(device: Any, q_dtype: Any, kv_dtype: Any, rank: int, rope: int) -> bool:
+    """Whether ``mla_hopper`` runs here: an sm_90 GPU, a 16-bit cache of the query's dtype, and Gluon's Hopper API.
+
+    ``rank`` must be a power of two from 64 to 512 (half of it is one
+    warpgroup MMA's width, at most 256) and ``rope`` a power of two from 16:
+    the shapes the kernel's layouts and shared memory (227 KB at rank 512)
+    were built for.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or q_dtype != kv_dtype or q_dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if not 64 <= rank <= 512 or rank & (rank - 1) or rope < 16 or rope & (rope - 1):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) == (9, 0) and _gluon_hopper_importable()
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_hopper_importable() -> bool:
+    try:
+        from registry.adapters.triton_kernels import mla_hopper  # noqa: F401  (needs triton's Gluon Hopper API)
+    except (ImportError, AttributeError):
+        return False
+    return True
 
 
 def sparse_mla_config(heads: int) -> LaunchConfig:

@@ -1,0 +1,197 @@
+"""Absorbed MLA decode for Hopper (sm_90) in Gluon: the scores split across warpgroups.
+
+The portable kernel (``mla.py``) leaves the MMA layout to Triton, which for a
+chained ``dot`` puts all 8 warps along the 64 rows: both warpgroups compute
+the whole ``64 x BLOCK_N`` score tile (``K = 576``) and each keeps half of the
+``64 x 512`` output -- 1.5x the tensor-core work of the ideal split, and the
+reason it reaches under half of FlashInfer's FA3 MLA at large batch.
+
+Here the layouts are explicit.  Each warpgroup computes the scores of half the
+keys of a block (``warps_per_cta = [4, 2]``), the probabilities meet in shared
+memory, and each warpgroup multiplies all of them by its half of the value
+columns, as FA3's MLA kernel does.  The cache block for step ``i + 1`` is
+copied (``cp.async``) into the other shared-memory stage while step ``i``
+computes.  The epilogue is the portable kernels' ``write_rows``.
+
+Only sm_90 (warpgroup MMA) and a 16-bit cache of the same dtype as the query;
+``mla.mla_decode`` routes everything else to the portable kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+from registry.adapters.triton_kernels.common import load_scale, tanh
+from registry.adapters.triton_kernels.merge import write_rows
+
+BLOCK_M = 64
+"""Rows (new token, head) per program: one warpgroup MMA's M."""
+NUM_WARPS = 8
+"""Two warpgroups: each computes half of a block's scores and half of the output columns."""
+
+
+@gluon.jit
+def _issue_block(c_buf, kpe_buf, KV, bt, n0, end, stride_kvp, stride_kvs,
+                 R: gl.constexpr, DR: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
+                 ld_c: gl.constexpr, ld_pe: gl.constexpr):
+    """Start copying cache rows ``[n0, n0 + BLOCK_N)`` (zeros past ``end``) into one stage."""
+    offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld_c))
+    n_ok = offs_n < end
+    page = gl.load(bt + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(gl.int64)
+    row = page * stride_kvp + (offs_n % PAGE_SIZE) * stride_kvs
+    offs_r = gl.arange(0, R, layout=gl.SliceLayout(0, ld_c))
+    async_copy.async_copy_global_to_shared(c_buf, KV + row[:, None] + offs_r[None, :], mask=n_ok[:, None])
+    offs_n2 = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld_pe))
+    n_ok2 = offs_n2 < end
+    page2 = gl.load(bt + offs_n2 // PAGE_SIZE, mask=n_ok2, other=0).to(gl.int64)
+    row2 = page2 * stride_kvp + (offs_n2 % PAGE_SIZE) * stride_kvs
+    offs_dr = gl.arange(0, DR, layout=gl.SliceLayout(0, ld_pe))
+    async_copy.async_copy_global_to_shared(kpe_buf, KV + row2[:, None] + R + offs_dr[None, :], mask=n_ok2[:, None])
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _mla_decode_hopper_kernel(
+    QN, QP, KV, BlockTable, SeqLens, Sinks, QScale, KVScale, Out, Lse, OPart, LsePart,
+    sm_scale, q_mul, kv_mul, soft_cap, window_left, q_len, num_tokens,
+    stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_kvp, stride_kvs,
+    stride_bt, stride_ot, stride_oh, stride_lt, stride_lh,
+    HEADS: gl.constexpr, R: gl.constexpr, DR: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
+    HAS_WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINKS: gl.constexpr,
+    Q_SCALE_PTR: gl.constexpr, KV_SCALE_PTR: gl.constexpr, WRITE_LSE: gl.constexpr, FINAL: gl.constexpr,
+):
+    BM: gl.constexpr = 64
+    dtype: gl.constexpr = KV.dtype.element_ty
+    # scores [BM, BLOCK_N]: warpgroup w owns keys [w * BLOCK_N / 2, (w + 1) * BLOCK_N / 2)
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                       instr_shape=[16, BLOCK_N // 2, 16])
+    # output [BM, R]: warpgroup w owns value columns [w * R / 2, (w + 1) * R / 2)
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                       instr_shape=[16, R // 2, 16])
+    ld_c: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [8, 1], [1, 0])
+    ld_pe: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+    c_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, R], dtype)
+    pe_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DR], dtype)
+    qn_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, R], dtype)
+    qp_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, DR], dtype)
+    p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BLOCK_N], dtype)
+
+    mblk = gl.program_id(0)
+    split = gl.program_id(1)
+    num_splits = gl.num_programs(1)
+    b = gl.program_id(2)
+    kv_len = gl.load(SeqLens + b)
+
+    first_tok = (mblk * BM) // HEADS
+    last_tok = gl.minimum((mblk * BM + BM - 1) // HEADS, q_len - 1)
+    hi = kv_len - q_len + last_tok + 1
+    if HAS_WINDOW:
+        lo = gl.maximum(kv_len - q_len + first_tok - window_left, 0)
+    else:
+        lo = 0
+    chunk = gl.cdiv(gl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = gl.minimum(start + chunk, hi)
+    bt = BlockTable + b.to(gl.int64) * stride_bt
+
+    # queries -> shared memory (the A operand of the score MMA)
+    q_rows = mblk * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, ld_c))
+    q_ok = q_rows < q_len * HEADS
+    q_t = (b * q_len + q_rows // HEADS).to(gl.int64)
+    q_h = q_rows % HEADS
+    qn = gl.load(QN + q_t[:, None] * stride_qnt + q_h[:, None] * stride_qnh
+                 + gl.arange(0, R, layout=gl.SliceLayout(0, ld_c))[None, :], mask=q_ok[:, None], other=0.0)
+    qn_smem = gl.allocate_shared_memory(dtype, [BM, R], qn_sl, qn)
+    q_rows2 = mblk * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, ld_pe))
+    q_ok2 = q_rows2 < q_len * HEADS
+    q_t2 = (b * q_len + q_rows2 // HEADS).to(gl.int64)
+    q_h2 = q_rows2 % HEADS
+    qp = gl.load(QP + q_t2[:, None] * stride_qpt + q_h2[:, None] * stride_qph
+                 + gl.arange(0, DR, layout=gl.SliceLayout(0, ld_pe))[None, :], mask=q_ok2[:, None], other=0.0)
+    qp_smem = gl.allocate_shared_memory(dtype, [BM, DR], qp_sl, qp)
+
+    c_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, R], c_sl)
+    pe_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, DR], pe_sl)
+    p_smem = gl.allocate_shared_memory(dtype, [BM, BLOCK_N], p_sl)
+
+    rows = mblk * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
+    q_pos = kv_len - q_len + rows // HEADS
+    qk_scale = sm_scale * load_scale(q_mul, QScale, Q_SCALE_PTR) * load_scale(kv_mul, KVScale, KV_SCALE_PTR)
+    if HAS_SOFTCAP:
+        cap_in = qk_scale / soft_cap
+        cap_out = soft_cap * 1.4426950408889634
+    else:
+        qk_scale = qk_scale * 1.4426950408889634
+
+    m_i = gl.full([BM], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BM, R], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BM, BLOCK_N], gl.float32, layout=s_layout)
+
+    num_blocks = gl.cdiv(end - start, BLOCK_N)
+    _issue_block(c_smem.index(0), pe_smem.index(0), KV, bt, start, end, stride_kvp, stride_kvs,
+                 R, DR, PAGE_SIZE, BLOCK_N, ld_c, ld_pe)
+    for i in range(num_blocks):
+        n0 = start + i * BLOCK_N
+        stage = i % 2
+        async_copy.wait_group(0)
+        gl.thread_barrier()  # every thread's copies landed; both warpgroups are done with step i - 1
+        fence_async_shared()
+        if i + 1 < num_blocks:
+            _issue_block(c_smem.index(1 - stage), pe_smem.index(1 - stage), KV, bt, n0 + BLOCK_N, end,
+                         stride_kvp, stride_kvs, R, DR, PAGE_SIZE, BLOCK_N, ld_c, ld_pe)
+        c_buf = c_smem.index(stage)
+        pe_buf = pe_smem.index(stage)
+        s = warpgroup_mma(qn_smem, c_buf.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma(qp_smem, pe_buf.permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+
+        offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        if HAS_SOFTCAP:
+            s = cap_out * tanh(s * cap_in)
+        else:
+            s = s * qk_scale
+        seen = (offs_n[None, :] < end) & (offs_n[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            seen = seen & (offs_n[None, :] >= q_pos[:, None] - window_left)
+        s = gl.where(seen, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(s - m_safe[:, None])
+        alpha = gl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        p_smem.store(p.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()  # both halves of the probabilities are in shared memory
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        acc = warpgroup_mma(p_smem, c_buf, acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+    o_rows = mblk * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, o_layout))
+    row_ok = o_rows < q_len * HEADS
+    t_idx = b * q_len + o_rows // HEADS
+    h_idx = o_rows % HEADS
+    offs_v = gl.arange(0, R, layout=gl.SliceLayout(0, o_layout))
+    write_rows(
+        acc, gl.convert_layout(m_i, gl.SliceLayout(1, o_layout)), gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)),
+        t_idx, h_idx, row_ok, offs_v, offs_v < R,
+        Sinks, KVScale, kv_mul, Out, stride_ot, stride_oh, Lse, stride_lt, stride_lh,
+        OPart, LsePart, split, num_tokens, HEADS,
+        R, HAS_SINKS, KV_SCALE_PTR, WRITE_LSE, FINAL,
+    )
+
+
+def launch(grid: tuple, args: tuple, *, heads: int, rank: int, rope: int, page_size: int, block_n: int,
+           flags: dict) -> None:
+    """Launch stage 1 with the portable kernel's argument list (``flags``: its feature constexprs)."""
+    _mla_decode_hopper_kernel[grid](
+        *args, HEADS=heads, R=rank, DR=rope, PAGE_SIZE=page_size, BLOCK_N=block_n, **flags,
+        num_warps=NUM_WARPS,
+    )
