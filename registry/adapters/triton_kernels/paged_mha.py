@@ -20,7 +20,7 @@ from typing import Any, Optional
 import triton
 import triton.language as tl
 
-from registry.adapters.triton_kernels.common import dot_dtype, load_scale, tanh
+from registry.adapters.triton_kernels.common import dot_dtype, fp8_cvt_asm, load_scale, tanh, to_dot
 from registry.adapters.triton_kernels.merge import merge_splits, write_rows
 
 
@@ -35,7 +35,7 @@ def _paged_mha_kernel(
     PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     RAGGED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, Q_SCALE_PTR: tl.constexpr, K_SCALE_PTR: tl.constexpr, V_SCALE_PTR: tl.constexpr,
-    WRITE_LSE: tl.constexpr, FINAL: tl.constexpr, DOT: tl.constexpr,
+    WRITE_LSE: tl.constexpr, FINAL: tl.constexpr, DOT: tl.constexpr, FP8_CVT: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -125,7 +125,7 @@ def _paged_mha_kernel(
             v_base + page[:, None] * stride_vp + slot[:, None] * stride_vs + offs_dv[None, :],
             mask=n_ok[:, None] & dv_ok[None, :], other=0.0,
         )
-        acc = tl.dot(p.to(DOT), v.to(DOT), acc * alpha[:, None])
+        acc = tl.dot(p.to(DOT), to_dot(v, DOT, FP8_CVT), acc * alpha[:, None])
         m_i = m_new
 
     write_rows(
@@ -185,7 +185,9 @@ def paged_mha(
         HAS_SINKS=sinks is not None and final,
         Q_SCALE_PTR=q_scale[1] is not None, K_SCALE_PTR=k_scale[1] is not None,
         V_SCALE_PTR=v_scale[1] is not None and final, WRITE_LSE=lse is not None and final, FINAL=final,
-        DOT=dot_dtype(q.dtype, _paged_mha_kernel, k_cache.dtype), num_warps=num_warps, num_stages=num_stages,
+        DOT=dot_dtype(q.dtype, _paged_mha_kernel, k_cache.dtype),
+        FP8_CVT=fp8_cvt_asm(v_cache.dtype, _paged_mha_kernel, v_cache.device), num_warps=num_warps,
+        num_stages=num_stages,
     )
     if not final:
         merge_splits(o_part, lse_part, out, lse, sinks=sinks, v_mul=v_scale[0], v_scale_ptr=v_scale[1])
