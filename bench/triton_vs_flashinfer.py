@@ -396,7 +396,7 @@ def markdown(result: dict) -> str:
     ]
     for r in summary["mha_decode"]:
         out.append(f"| {r['kv']} | {r['batch']} | {r['context']} | {r['splits']} | {r['best']} | {r['best_ms']:.4f} | "
-                   f"{r['triton_ms']:.4f} | {r['triton_tbps']:.2f} | {r['ratio']:.2f} | {target(r)} |")
+                   f"{r['triton_ms']:.4f} | {r['triton_tbps']:.2f} | {r['ratio']:.3f} | {target(r)} |")
     out += ["", f"## mla_decode: {MLA_H} heads, kv_lora_rank {RANK} + rope {ROPE}, page {MLA_PAGE}, q bf16", "",
             "| B | ctx | splits | FA3 ms | FA2 ms | Triton kernel | Triton ms | portable kernel ms | Triton fp8-KV ms "
             "| Triton TFLOP/s | Triton / FA3 | target ≥0.6 |",
@@ -405,7 +405,7 @@ def markdown(result: dict) -> str:
         out.append(f"| {r['batch']} | {r['context']} | {r['splits']} | {r['fa3_ms']:.4f} | {r['fa2_ms']:.4f} | "
                    f"{r.get('triton_kernel', 'portable')} | {r['triton_ms']:.4f} | "
                    f"{r.get('triton_portable_ms', r['triton_ms']):.4f} | {r['triton_fp8_ms']:.4f} | "
-                   f"{r['triton_tflops']:.0f} | {r['ratio_fa3']:.2f} | "
+                   f"{r['triton_tflops']:.0f} | {r['ratio_fa3']:.3f} | "
                    f"{'met' if r['ratio_fa3'] >= 0.6 else 'missed'} |")
     return "\n".join(out) + "\n"
 

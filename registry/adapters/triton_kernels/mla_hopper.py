@@ -15,7 +15,7 @@ computes.  The row sums stay per thread until the loop ends, which saves a
 cross-warpgroup reduction per step.  The epilogue is the portable kernels'
 ``write_rows``.
 
-H200 (bench/results/triton_vs_flashinfer-h200.json): 0.63-1.14 of FA3's
+H200 (bench/results/triton_vs_flashinfer-h200.json): 0.67-1.11 of FA3's
 throughput where the portable kernel reached 0.43-0.93.  Tried and slower:
 waiting for the value product one step later, so it overlaps the next
 scores (B 64, context 8192: 0.485 ms against 0.415 ms).
