@@ -95,3 +95,56 @@ def test_hopper_mla_needs_sm_90(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
         monkeypatch.setattr(planning, "_gluon_hopper_importable", lambda: True)
         assert planning.hopper_mla_eligible(torch.device("cuda", 0), torch.bfloat16, torch.bfloat16, 512, 64) is want
+
+
+def test_a_gluon_build_failure_falls_back_to_the_portable_kernel(monkeypatch, caplog):
+    """A Triton whose Gluon API moved fails at compile time: logged once, the portable kernel runs, later plans skip it."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CPU interpreter test")
+    import logging
+
+    from triton.runtime.errors import OutOfResources
+
+    from registry.adapters.triton_kernels import mla, mla_hopper
+
+    calls = []
+
+    def broken_launch(*args, **kwargs):
+        calls.append(1)
+        raise OutOfResources(232448, 227 * 1024, "shared memory")
+
+    monkeypatch.setattr(mla_hopper, "launch", broken_launch)
+    monkeypatch.setattr(planning, "hopper_mla_disabled", None)
+    gen = torch.Generator().manual_seed(0)
+    heads, rank, rope, page, batch = 4, 64, 16, 4, 2
+    kv = torch.randn(6, page, rank + rope, generator=gen).to(torch.float16)
+    block_table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+    seq_lens = torch.tensor([9, 12], dtype=torch.int32)
+    q_nope = torch.randn(batch, heads, rank, generator=gen).to(torch.float16)
+    q_pe = torch.randn(batch, heads, rope, generator=gen).to(torch.float16)
+
+    def run(kernel):
+        out = torch.empty(batch, heads, rank, dtype=torch.float16)
+        mla.mla_decode(q_nope, q_pe, kv, block_table, seq_lens, out, None, q_len=1, sm_scale=0.1, window_left=-1,
+                       soft_cap=0.0, sinks=None, q_scale=(1.0, None), kv_scale=(1.0, None), o_part=None,
+                       lse_part=None, block_m=16, block_n=16, num_warps=4, num_stages=1, kernel=kernel)
+        return out
+
+    with caplog.at_level(logging.WARNING, logger="kernelsel"):
+        fell_back = run("hopper")
+        again = run("hopper")
+    assert torch.equal(fell_back, run("portable")) and torch.equal(again, fell_back)
+    assert len(calls) == 1, "the broken kernel is tried once per process"
+    assert "OutOfResources" in planning.hopper_mla_disabled
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "portable Triton kernel" in caplog.records[0].message
+    assert not planning.hopper_mla_eligible(torch.device("cuda", 0), torch.bfloat16, torch.bfloat16, 512, 64)
+
+
+@pytest.mark.parametrize("version,want", [("3.5.1", False), ("3.2.0", False), ("3.6.0", True), ("3.9.0+git1a2b", True)])
+def test_gluon_kernel_needs_the_triton_it_was_built_for(monkeypatch, version, want):
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", version)
+    assert planning._gluon_hopper_importable.__wrapped__() is want

@@ -10,13 +10,19 @@ the grid, so their repeated reads of a split hit L2, not HBM.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
 
+from registry.adapters.triton_kernels import planning
 from registry.adapters.triton_kernels.common import dot_dtype, load_scale, tanh
 from registry.adapters.triton_kernels.merge import merge_splits, write_rows
+
+log = logging.getLogger("kernelsel")
 
 
 @triton.jit
@@ -119,6 +125,31 @@ def _mla_decode_kernel(
     )
 
 
+def _launch_hopper(args: tuple, flags: dict, *, q_len: int, heads: int, rank: int, rope: int, page_size: int,
+                   block_n: int, splits: int, batch: int) -> bool:
+    """Run the Gluon kernel; False (and the portable kernel from now on) if it cannot be built here.
+
+    Gluon's API changes between Triton releases, and a release the kernel was
+    not built against fails at compile time, before anything runs; that is
+    logged once and this process goes on with the portable kernel.
+    """
+    from registry.adapters.triton_kernels import mla_hopper
+
+    if planning.hopper_mla_disabled is not None:
+        return False
+    grid = (triton.cdiv(q_len * heads, mla_hopper.BLOCK_M), splits, batch)
+    try:
+        mla_hopper.launch(grid, args, heads=heads, rank=rank, rope=rope, page_size=page_size, block_n=block_n,
+                          flags=flags)
+    except (CompilationError, OutOfResources) as exc:
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        planning.disable_hopper_mla(reason)
+        log.warning("triton-mla-decode: the Gluon sm_90 kernel cannot be built with triton %s (%s); "
+                    "using the portable Triton kernel from now on", triton.__version__, reason)
+        return False
+    return True
+
+
 def mla_decode(
     q_nope: Any, q_pe: Any, kv_cache: Any, block_table: Any, seq_lens: Any, out: Any, lse: Optional[Any], *,
     q_len: int, sm_scale: float, window_left: int, soft_cap: float, sinks: Any,
@@ -159,13 +190,10 @@ def mla_decode(
         Q_SCALE_PTR=q_scale[1] is not None, KV_SCALE_PTR=kv_scale[1] is not None,
         WRITE_LSE=lse is not None and final, FINAL=final,
     )
-    if kernel == "hopper":
-        from registry.adapters.triton_kernels import mla_hopper
-
-        grid = (triton.cdiv(q_len * heads, mla_hopper.BLOCK_M), num_splits, batch)
-        mla_hopper.launch(grid, args, heads=heads, rank=rank, rope=rope, page_size=page_size, block_n=block_n,
-                          flags=flags)
-    else:
+    if kernel == "hopper" and not _launch_hopper(args, flags, q_len=q_len, heads=heads, rank=rank, rope=rope,
+                                                   page_size=page_size, block_n=block_n, splits=num_splits, batch=batch):
+        kernel = "portable"
+    if kernel != "hopper":
         grid = (triton.cdiv(q_len * heads, block_m) * value_splits, num_splits, batch)
         _mla_decode_kernel[grid](
             *args,

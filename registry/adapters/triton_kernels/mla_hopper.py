@@ -37,6 +37,11 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from registry.adapters.triton_kernels.common import load_scale, tanh
 from registry.adapters.triton_kernels.merge import write_rows
 
+# Gluon names that later Triton releases changed (3.6: async_copy_global_to_shared and thread_barrier;
+# 3.9: async_load and barrier, the old names raising or gone).
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
 BLOCK_M = 64
 """Rows (new token, head) per program: one warpgroup MMA's M."""
 NUM_WARPS = 8
@@ -44,23 +49,37 @@ NUM_WARPS = 8
 
 
 @gluon.jit
-def _issue_block(c_buf, kpe_buf, KV, bt, n0, end, stride_kvp, stride_kvs,
-                 R: gl.constexpr, DR: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
-                 ld_c: gl.constexpr, ld_pe: gl.constexpr):
-    """Start copying cache rows ``[n0, n0 + BLOCK_N)`` (zeros past ``end``) into one stage."""
-    offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld_c))
+def _copy_cache_cols(buf, Ptr, bt, n0, end, stride_kvp, stride_kvs,
+                     WIDTH: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, layout: gl.constexpr):
+    """Start copying ``WIDTH`` columns from ``Ptr`` of cache rows ``[n0, n0 + BLOCK_N)`` (zeros past ``end``)."""
+    offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
     n_ok = offs_n < end
     page = gl.load(bt + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(gl.int64)
     row = page * stride_kvp + (offs_n % PAGE_SIZE) * stride_kvs
-    offs_r = gl.arange(0, R, layout=gl.SliceLayout(0, ld_c))
-    async_copy.async_copy_global_to_shared(c_buf, KV + row[:, None] + offs_r[None, :], mask=n_ok[:, None])
-    offs_n2 = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld_pe))
-    n_ok2 = offs_n2 < end
-    page2 = gl.load(bt + offs_n2 // PAGE_SIZE, mask=n_ok2, other=0).to(gl.int64)
-    row2 = page2 * stride_kvp + (offs_n2 % PAGE_SIZE) * stride_kvs
-    offs_dr = gl.arange(0, DR, layout=gl.SliceLayout(0, ld_pe))
-    async_copy.async_copy_global_to_shared(kpe_buf, KV + row2[:, None] + R + offs_dr[None, :], mask=n_ok2[:, None])
+    offs_c = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
+    _async_load(buf, Ptr + row[:, None] + offs_c[None, :], mask=n_ok[:, None])
+
+
+@gluon.jit
+def _issue_block(c_buf, kpe_buf, KV, bt, n0, end, stride_kvp, stride_kvs,
+                 R: gl.constexpr, DR: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
+                 ld_c: gl.constexpr, ld_pe: gl.constexpr):
+    """Start copying one block of cache rows into one stage: the latent part and the rope part, one group."""
+    _copy_cache_cols(c_buf, KV, bt, n0, end, stride_kvp, stride_kvs, R, PAGE_SIZE, BLOCK_N, ld_c)
+    _copy_cache_cols(kpe_buf, KV + R, bt, n0, end, stride_kvp, stride_kvs, DR, PAGE_SIZE, BLOCK_N, ld_pe)
     async_copy.commit_group()
+
+
+@gluon.jit
+def _query_to_shared(Q, stride_t, stride_h, mblk, b, q_len, HEADS: gl.constexpr, WIDTH: gl.constexpr,
+                     BM: gl.constexpr, layout: gl.constexpr, smem_layout: gl.constexpr):
+    """This program's rows (new token, head) of ``Q`` in shared memory, zeros past the last row."""
+    rows = mblk * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    t = (b * q_len + rows // HEADS).to(gl.int64)
+    ptrs = Q + t[:, None] * stride_t + (rows % HEADS)[:, None] * stride_h
+    q = gl.load(ptrs + gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))[None, :],
+                mask=(rows < q_len * HEADS)[:, None], other=0.0)
+    return gl.allocate_shared_memory(Q.dtype.element_ty, [BM, WIDTH], smem_layout, q)
 
 
 @gluon.jit
@@ -108,20 +127,8 @@ def _mla_decode_hopper_kernel(
     bt = BlockTable + b.to(gl.int64) * stride_bt
 
     # queries -> shared memory (the A operand of the score MMA)
-    q_rows = mblk * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, ld_c))
-    q_ok = q_rows < q_len * HEADS
-    q_t = (b * q_len + q_rows // HEADS).to(gl.int64)
-    q_h = q_rows % HEADS
-    qn = gl.load(QN + q_t[:, None] * stride_qnt + q_h[:, None] * stride_qnh
-                 + gl.arange(0, R, layout=gl.SliceLayout(0, ld_c))[None, :], mask=q_ok[:, None], other=0.0)
-    qn_smem = gl.allocate_shared_memory(dtype, [BM, R], qn_sl, qn)
-    q_rows2 = mblk * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, ld_pe))
-    q_ok2 = q_rows2 < q_len * HEADS
-    q_t2 = (b * q_len + q_rows2 // HEADS).to(gl.int64)
-    q_h2 = q_rows2 % HEADS
-    qp = gl.load(QP + q_t2[:, None] * stride_qpt + q_h2[:, None] * stride_qph
-                 + gl.arange(0, DR, layout=gl.SliceLayout(0, ld_pe))[None, :], mask=q_ok2[:, None], other=0.0)
-    qp_smem = gl.allocate_shared_memory(dtype, [BM, DR], qp_sl, qp)
+    qn_smem = _query_to_shared(QN, stride_qnt, stride_qnh, mblk, b, q_len, HEADS, R, BM, ld_c, qn_sl)
+    qp_smem = _query_to_shared(QP, stride_qpt, stride_qph, mblk, b, q_len, HEADS, DR, BM, ld_pe, qp_sl)
 
     c_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, R], c_sl)
     pe_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, DR], pe_sl)
@@ -148,7 +155,7 @@ def _mla_decode_hopper_kernel(
         n0 = start + i * BLOCK_N
         stage = i % 2
         async_copy.wait_group(0)
-        gl.thread_barrier()  # every thread's copies landed; both warpgroups are done with step i - 1
+        _barrier()  # every thread's copies landed; both warpgroups are done with step i - 1
         fence_async_shared()
         if i + 1 < num_blocks:
             _issue_block(c_smem.index(1 - stage), pe_smem.index(1 - stage), KV, bt, n0 + BLOCK_N, end,
@@ -176,7 +183,7 @@ def _mla_decode_hopper_kernel(
         m_i = m_new
         p_smem.store(p.to(dtype))
         fence_async_shared()
-        gl.thread_barrier()  # both halves of the probabilities are in shared memory
+        _barrier()  # both halves of the probabilities are in shared memory
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         acc = warpgroup_mma(p_smem, c_buf, acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))

@@ -126,12 +126,32 @@ def hopper_mla_eligible(device: Any, q_dtype: Any, kv_dtype: Any, rank: int, rop
         return False
     if not 64 <= rank <= 512 or rank & (rank - 1) or rope < 16 or rope & (rope - 1):
         return False
+    if hopper_mla_disabled is not None:
+        return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_capability(index) == (9, 0) and _gluon_hopper_importable()
 
 
+GLUON_MIN_TRITON = (3, 6)
+"""Gluon's Hopper API is experimental and moves between releases: run on 3.6, compiled offline with 3.9."""
+
+hopper_mla_disabled: Optional[str] = None
+"""Why the Gluon MLA kernel failed to build in this process (``disable_hopper_mla``); None while it has not."""
+
+
+def disable_hopper_mla(reason: str) -> None:
+    """Route every later MLA plan in this process to the portable kernel (a build of the Gluon one failed)."""
+    global hopper_mla_disabled
+    hopper_mla_disabled = reason
+
+
 @functools.lru_cache(maxsize=None)
 def _gluon_hopper_importable() -> bool:
+    import triton
+
+    version = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
+    if version < GLUON_MIN_TRITON:
+        return False
     try:
         from registry.adapters.triton_kernels import mla_hopper  # noqa: F401  (needs triton's Gluon Hopper API)
     except (ImportError, AttributeError):
