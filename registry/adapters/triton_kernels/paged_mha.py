@@ -150,7 +150,7 @@ def _paged_mha_kernel(
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
     # Blocks every row of the tile sees whole (no key past the split, the causal edge or the window) skip all
-    # masks: H200, FP8-KV decode B 256 context 4096, 0.616 ms against 0.673 ms with them.
+    # masks: H200, FP8-KV decode B 256 context 4096, 0.620 ms against 0.685 ms with them (B 64: 0.171 against 0.188).
     if HAS_WINDOW:
         whole_end = start
     else:
