@@ -4,9 +4,9 @@ Every ``solution: triton`` entry brings its own cases: each declared dtype,
 head dim, group size, head count, page size, q_len, top-k and feature is
 exercised at least once (one factor at a time from a base case, then all
 features together with split-KV), on tiny shapes.  Without a GPU the kernels
-run in Triton's interpreter on the CPU: ``TRITON_INTERPRET=1`` is set below
-before any kernel module is imported (triton reads it when a kernel is
-decorated).  With a GPU the same cases compile, and the ``gpu`` tests add
+run in Triton's interpreter on the CPU: ``tests/conftest.py`` sets
+``TRITON_INTERPRET=1`` before any test module imports triton (triton reads it
+when a kernel is decorated).  With a GPU the same cases compile, and the ``gpu`` tests add
 real sizes with the plan's own split-KV choice, CUDA-graph capture and the
 no-allocation promise of ``run()``.
 
@@ -20,15 +20,12 @@ import dataclasses
 import importlib
 import itertools
 import math
-import os
 from typing import Any, Optional
 
 import pytest
 
 torch = pytest.importorskip("torch")
 GPU = torch.cuda.is_available()
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
 from registry.adapters import reference as ref  # noqa: E402

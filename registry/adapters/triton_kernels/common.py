@@ -25,6 +25,53 @@ def tanh(x):
 
 
 @triton.jit
+def split_keys(kv_len, n_q, row0, ROWS: tl.constexpr, GROUP: tl.constexpr, window_left, split, num_splits,
+               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """``(first_tok, start, end)``: this split's keys among those rows ``[row0, row0 + ROWS)`` may see.
+
+    Rows are (new token, head) pairs, ``GROUP`` heads per token; the ``n_q``
+    new tokens are the last of ``kv_len`` (bottom-right causal).  Splits take
+    whole ``BLOCK_N``-key blocks; ``first_tok`` is the tile's first token.
+    """
+    first_tok = row0 // GROUP
+    last_tok = tl.minimum((row0 + ROWS - 1) // GROUP, n_q - 1)
+    if CAUSAL:
+        hi = kv_len - n_q + last_tok + 1
+    else:
+        hi = kv_len
+    if HAS_WINDOW:
+        lo = tl.maximum(kv_len - n_q + first_tok - window_left, 0)
+    else:
+        lo = 0
+    chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    return first_tok, start, tl.minimum(start + chunk, hi)
+
+
+@triton.jit
+def mask_keys(s, offs_n, end, q_pos, window_left, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Scores ``[rows, keys]`` of keys a row may not see -- past ``end``, after its token, outside its window -- to -inf."""
+    seen = offs_n[None, :] < end
+    if CAUSAL:
+        seen = seen & (offs_n[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        seen = seen & (offs_n[None, :] >= q_pos[:, None] - window_left)
+    return tl.where(seen, s, float("-inf"))
+
+
+@triton.jit
+def softmax_step(s, m_i):
+    """One online-softmax step in base 2: ``(p, alpha, m_new)``.
+
+    ``p = 2^(s - m_new)`` and ``alpha = 2^(m_i - m_new)`` rescales the running
+    sums; a row with no visible key yet keeps ``m = -inf`` and gets zeros, not NaN.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return tl.exp2(s - m_safe[:, None]), tl.exp2(m_i - m_safe), m_new
+
+
+@triton.jit
 def to_dot(x, DOT: tl.constexpr, FP8_CVT: tl.constexpr):
     """``x.to(DOT)``, or with ``FP8_CVT`` (``fp8_cvt_asm``) an FP8 tile converted to fp16 where it was loaded.
 

@@ -19,7 +19,7 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 from registry.adapters.triton_kernels import planning
-from registry.adapters.triton_kernels.common import dot_dtype, load_scale, tanh
+from registry.adapters.triton_kernels.common import dot_dtype, load_scale, mask_keys, softmax_step, split_keys, tanh
 from registry.adapters.triton_kernels.merge import merge_splits, write_rows
 
 log = logging.getLogger("kernelsel")
@@ -50,16 +50,9 @@ def _mla_decode_kernel(
     t_idx = b * q_len + tok
     q_pos = kv_len - q_len + tok
 
-    first_tok = (mblk * BLOCK_M) // HEADS
-    last_tok = tl.minimum((mblk * BLOCK_M + BLOCK_M - 1) // HEADS, q_len - 1)
-    hi = kv_len - q_len + last_tok + 1
-    if HAS_WINDOW:
-        lo = tl.maximum(kv_len - q_len + first_tok - window_left, 0)
-    else:
-        lo = 0
-    chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
-    start = lo + split * chunk
-    end = tl.minimum(start + chunk, hi)
+    _, start, end = split_keys(
+        kv_len, q_len, mblk * BLOCK_M, BLOCK_M, HEADS, window_left, split, num_splits, BLOCK_N, True, HAS_WINDOW
+    )
 
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
@@ -101,14 +94,8 @@ def _mla_decode_kernel(
             s = cap_out * tanh(s * cap_in)
         else:
             s = s * qk_scale
-        seen = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            seen = seen & (offs_n[None, :] >= q_pos[:, None] - window_left)
-        s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+        s = mask_keys(s, offs_n, end, q_pos, window_left, True, HAS_WINDOW)
+        p, alpha, m_new = softmax_step(s, m_i)
         l_i = l_i * alpha + tl.sum(p, 1)
         if VALUE_SPLITS == 1:
             cv = c

@@ -34,7 +34,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from registry.adapters.triton_kernels.common import load_scale, tanh
+from registry.adapters.triton_kernels.common import load_scale, mask_keys, softmax_step, split_keys, tanh
 from registry.adapters.triton_kernels.merge import write_rows
 
 # Gluon names that later Triton releases changed (3.6: async_copy_global_to_shared and thread_barrier;
@@ -114,16 +114,8 @@ def _mla_decode_hopper_kernel(
     b = gl.program_id(2)
     kv_len = gl.load(SeqLens + b)
 
-    first_tok = (mblk * BM) // HEADS
-    last_tok = gl.minimum((mblk * BM + BM - 1) // HEADS, q_len - 1)
-    hi = kv_len - q_len + last_tok + 1
-    if HAS_WINDOW:
-        lo = gl.maximum(kv_len - q_len + first_tok - window_left, 0)
-    else:
-        lo = 0
-    chunk = gl.cdiv(gl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
-    start = lo + split * chunk
-    end = gl.minimum(start + chunk, hi)
+    _, start, end = split_keys(kv_len, q_len, mblk * BM, BM, HEADS, window_left, split, num_splits, BLOCK_N, True,
+                               HAS_WINDOW)
     bt = BlockTable + b.to(gl.int64) * stride_bt
 
     # queries -> shared memory (the A operand of the score MMA)
@@ -171,14 +163,8 @@ def _mla_decode_hopper_kernel(
             s = cap_out * tanh(s * cap_in)
         else:
             s = s * qk_scale
-        seen = (offs_n[None, :] < end) & (offs_n[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            seen = seen & (offs_n[None, :] >= q_pos[:, None] - window_left)
-        s = gl.where(seen, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        p = gl.exp2(s - m_safe[:, None])
-        alpha = gl.exp2(m_i - m_safe)
+        s = mask_keys(s, offs_n, end, q_pos, window_left, True, HAS_WINDOW)
+        p, alpha, m_new = softmax_step(s, m_i)
         l_2d = l_2d * alpha[:, None] + p
         m_i = m_new
         p_smem.store(p.to(dtype))

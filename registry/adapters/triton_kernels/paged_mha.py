@@ -20,7 +20,9 @@ from typing import Any, Optional
 import triton
 import triton.language as tl
 
-from registry.adapters.triton_kernels.common import dot_dtype, fp8_cvt_asm, load_scale, tanh, to_dot
+from registry.adapters.triton_kernels.common import (
+    dot_dtype, fp8_cvt_asm, load_scale, mask_keys, softmax_step, split_keys, tanh, to_dot,
+)
 from registry.adapters.triton_kernels.merge import merge_splits, write_rows
 
 
@@ -55,16 +57,8 @@ def _attend_block(
     else:
         s = s * qk_scale
     if MASKED:
-        seen = n_ok[None, :]
-        if CAUSAL:
-            seen = seen & (offs_n[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            seen = seen & (offs_n[None, :] >= q_pos[:, None] - window_left)
-        s = tl.where(seen, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
+        s = mask_keys(s, offs_n, end, q_pos, window_left, CAUSAL, HAS_WINDOW)
+    p, alpha, m_new = softmax_step(s, m_i)
     l_i = l_i * alpha + tl.sum(p, 1)
     v_ptrs = v_base + page[:, None] * stride_vp + slot[:, None] * stride_vs + offs_dv[None, :]
     if MASKED or BLOCK_DV != DV:
@@ -112,19 +106,9 @@ def _paged_mha_kernel(
     q_pos = kv_len - n_q + tok  # bottom-right aligned
 
     # Keys any row of this tile may see, then this split's share of them.
-    first_tok = row0 // GROUP
-    last_tok = tl.minimum((row0 + BLOCK_M - 1) // GROUP, n_q - 1)
-    if CAUSAL:
-        hi = kv_len - n_q + last_tok + 1
-    else:
-        hi = kv_len
-    if HAS_WINDOW:
-        lo = tl.maximum(kv_len - n_q + first_tok - window_left, 0)
-    else:
-        lo = 0
-    chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
-    start = lo + split * chunk
-    end = tl.minimum(start + chunk, hi)
+    first_tok, start, end = split_keys(
+        kv_len, n_q, row0, BLOCK_M, GROUP, window_left, split, num_splits, BLOCK_N, CAUSAL, HAS_WINDOW
+    )
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import triton
 import triton.language as tl
 
-from registry.adapters.triton_kernels.common import dot_dtype, load_scale
+from registry.adapters.triton_kernels.common import dot_dtype, load_scale, softmax_step
 from registry.adapters.triton_kernels.merge import merge_splits, write_rows
 
 
@@ -77,10 +77,7 @@ def _sparse_mla_kernel(
         s = tl.dot(qn, tl.trans(c))
         s = tl.dot(qp, tl.trans(kpe.to(DOT)), s) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+        p, alpha, m_new = softmax_step(s, m_i)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(DOT), c, acc * alpha[:, None])
         m_i = m_new
