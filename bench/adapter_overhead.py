@@ -26,7 +26,7 @@ import torch
 from registry.adapters import flashinfer as fa
 from registry.adapters import flashinfer_trtllm as trt
 from registry.contracts import DecodeMetadata, ExtendMetadata
-from selector.bench import capture_graph
+from selector.timing import capture_graph
 
 REPS = 7
 HQ, HKV, D, PAGE, SEQ = 32, 8, 128, 16, 64

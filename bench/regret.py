@@ -1,7 +1,7 @@
 """Regret of kernel selection on the GPU: how much slower each strategy's kernel is than the fastest eligible one.
 
 For every request of ``bench/regret_suite.yaml`` this times every eligible
-kernel with ``kernelsel bench``'s harness (``selector.bench``: the adapter
+kernel with ``kernelsel bench``'s harness (``selector.tools.bench``: the adapter
 from ``select_kernel(..., kernel=NAME)``, CUDA-graph replay, L2 flushed,
 CUDA events, median) and FlashInfer's own ``backend="auto"`` on the same
 inputs.  Per request and strategy it reports chosen time / best eligible
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from registry.loader import load_manifest, load_perf_table  # noqa: E402
-from selector import bench  # noqa: E402
+from selector.tools import bench  # noqa: E402
 from selector.api import Selector, find_perf_table  # noqa: E402
 from selector.overrides import Overrides  # noqa: E402
 

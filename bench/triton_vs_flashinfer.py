@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from registry.adapters.triton import TritonMHADecode, TritonMLADecode  # noqa: E402
 from registry.contracts import DecodeMetadata  # noqa: E402
-from selector.bench import capture_graph  # noqa: E402
+from selector.timing import capture_graph  # noqa: E402
 
 DEV = "cuda"
 HQ, HKV, D, PAGE = 32, 8, 128, 16

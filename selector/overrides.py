@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from registry.errors import RequestError
-from registry.schema import ENV_ADAPTER_ALLOWLIST
+from registry.adapter_policy import ENV_ADAPTER_ALLOWLIST
 from registry.vocab import Op, did_you_mean
 
 PREFIX_FORCE = "KERNELSEL_FORCE_"

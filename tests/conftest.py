@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def cli(capsys):
     """cli(*argv) -> (exit code, stdout, stderr): ``kernelsel`` run in-process, each argument through ``str``."""
-    from selector.cli import main
+    from selector.tools.cli import main
 
     def _cli(*argv):
         code = 0

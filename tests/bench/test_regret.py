@@ -24,7 +24,7 @@ pytest.importorskip("triton")
 
 from registry.loader import load_manifest, load_perf_table  # noqa: E402
 from registry.vocab import Op  # noqa: E402
-from selector.verify import plan_cases  # noqa: E402
+from selector.tools.verify import plan_cases  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MANIFEST = load_manifest()
@@ -115,7 +115,7 @@ def test_flashinfer_auto_builders_pass_the_workload_and_backend_auto(monkeypatch
 
     from registry.adapters import flashinfer_common
     from selector import KernelRequest
-    from selector.workloads import make_workload
+    from registry.workloads import make_workload
 
     regret = _load_regret()
     fake = _FakeFlashInfer()

@@ -19,7 +19,7 @@ import pytest
 
 from registry.errors import ManifestError
 from registry.loader import load_manifest
-from registry.schema import ADAPTER_PACKAGE, ENV_ADAPTER_ALLOWLIST, check_adapter_path, parse_adapter_allowlist
+from registry.adapter_policy import ADAPTER_PACKAGE, ENV_ADAPTER_ALLOWLIST, check_adapter_path, parse_adapter_allowlist
 
 BROKEN = pathlib.Path(__file__).parent / "broken"
 VALID = (BROKEN / "_valid.yaml").read_text()

@@ -19,7 +19,8 @@ import time
 import pytest
 
 from registry.errors import ManifestError
-from registry.loader import MAX_BYTES, MAX_DEPTH, MAX_NODES, load_manifest, load_perf_table, read_yaml
+from registry.loader import load_manifest, load_perf_table
+from registry.yaml_reader import MAX_BYTES, MAX_DEPTH, MAX_NODES, read_yaml
 
 BROKEN = pathlib.Path(__file__).parent / "broken"
 VALID = (BROKEN / "_valid.yaml").read_text()

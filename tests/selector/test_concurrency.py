@@ -24,7 +24,7 @@ import selector
 from registry.errors import KernelselError
 from registry.vocab import Op
 from selector import KernelRequest, Platform, Selector, select_kernel
-from selector.diff import request_space
+from selector.tools.diff import request_space
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,7 +115,7 @@ for m in modules:
 from registry.loader import load_manifest, bundled_perf_dir, load_perf_table
 from registry.vocab import Op
 from selector import KernelRequest, Platform, Selector, Overrides
-from selector.diff import request_space
+from selector.tools.diff import request_space
 
 manifest = load_manifest()
 tables = [load_perf_table(p) for p in sorted(bundled_perf_dir().glob("*.yaml"))]
@@ -141,7 +141,7 @@ print(json.dumps(out))
 """
 
 ORDER = ["registry.adapters.triton", "registry.adapters.flashinfer", "registry.perf", "registry.schema",
-         "selector.solver", "selector.api", "selector.cli", "selector.distributed"]
+         "selector.solver", "selector.api", "selector.tools.cli", "selector.distributed"]
 
 
 def _run(seed: str, modules: list[str]) -> list:

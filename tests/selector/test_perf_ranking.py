@@ -95,7 +95,7 @@ def test_kernelsel_perf_environment_variable(manifest, tmp_path, monkeypatch):
 
 
 def test_cli_explain_with_perf(manifest, tmp_path, capsys):
-    from selector.cli import main
+    from selector.tools.cli import main
 
     by_priority = _solve(manifest, None, **DECODE)
     times = {k.name: 100.0 - i for i, k in enumerate(by_priority.eligible)}

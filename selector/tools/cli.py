@@ -20,7 +20,8 @@ import yaml
 from registry.errors import KernelselError, ManifestError, RequestError, brief
 from registry.loader import load_manifest, load_perf_table
 from registry.priority import band_name
-from registry.schema import Manifest, adapter_allowlist_from_env, parse_adapter_allowlist
+from registry.adapter_policy import adapter_allowlist_from_env, parse_adapter_allowlist
+from registry.schema import Manifest
 from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean, parse_arch, parse_dtype
 from selector.api import Selector, find_perf_table
 from selector.overrides import Overrides
@@ -425,7 +426,7 @@ def diff(base: str, head: str, as_json: bool, markdown: bool) -> None:
     BASE and HEAD are manifest paths or git objects such as main:kernels.yaml
     or HEAD~1:kernels.yaml (read with `git show`; a path on disk wins).
     """
-    from selector.diff import diff_manifests, read_manifest
+    from selector.tools.diff import diff_manifests, read_manifest
 
     if as_json and markdown:
         raise Failure("give --json or --markdown, not both", EXIT_USAGE)
@@ -447,7 +448,7 @@ def diff(base: str, head: str, as_json: bool, markdown: bool) -> None:
 @click.option("--check", is_flag=True, help="exit 1 if --out (default docs/support-matrix.md) is stale")
 def matrix(manifest_path: Optional[str], out: Optional[str], check: bool) -> None:
     """The Markdown support matrix: per op a row per kernel, and what wins by default per arch."""
-    from selector.matrix import DEFAULT_PATH, REGENERATE, render_matrix
+    from selector.tools.matrix import DEFAULT_PATH, REGENERATE, render_matrix
 
     text = render_matrix(_manifest(manifest_path, Overrides.from_env()))
     _write_or_check(text, out, check, DEFAULT_PATH, REGENERATE)
@@ -458,7 +459,7 @@ def matrix(manifest_path: Optional[str], out: Optional[str], check: bool) -> Non
 @click.option("--check", is_flag=True, help="exit 1 if --out (default docs/kernels.schema.json) is stale")
 def schema(out: Optional[str], check: bool) -> None:
     """The manifest's JSON Schema (draft 2020-12), describing kernels.yaml as written."""
-    from registry.manifest_schema import DEFAULT_PATH, REGENERATE, render_schema
+    from selector.tools.schema import DEFAULT_PATH, REGENERATE, render_schema
 
     _write_or_check(render_schema(), out, check, DEFAULT_PATH, REGENERATE)
 
@@ -477,7 +478,7 @@ def verify(op: Optional[str], kernel: Optional[str], solution: Optional[str], qu
            manifest_path: Optional[str], as_json: bool, out: Optional[str]) -> None:
     """Run every kernel the manifest declares for this GPU against the torch reference (exit 1 on any failure)."""
     try:
-        from selector.verify import verify as run_verify
+        from selector.tools.verify import verify as run_verify
     except ImportError as exc:
         raise Failure(f"verify needs torch: {exc} (pip install torch)", EXIT_USAGE) from None
     manifest = _manifest(manifest_path, Overrides.from_env())
@@ -554,7 +555,7 @@ def bench(op: Optional[str], suite_path: Optional[str], kernels: tuple, repeats:
     """
     import importlib.util
 
-    from selector import bench as bench_module
+    from selector.tools import bench as bench_module
 
     if (op is None) == (suite_path is None):
         raise Failure("give --op (and the grid options) or --suite, not both", EXIT_USAGE)
@@ -604,7 +605,7 @@ def bench(op: Optional[str], suite_path: Optional[str], kernels: tuple, repeats:
 def doctor(arch: Optional[str], manifest_path: Optional[str], as_json: bool) -> None:
     """This machine's GPU, driver, torch/CUDA/FlashInfer/Triton, manifest, perf table, overrides,
     and which kernels are available here and why not (imports each library to find broken installs)."""
-    from selector.doctor import diagnose, exit_status, render
+    from selector.tools.doctor import diagnose, exit_status, render
 
     report = diagnose(arch=arch, manifest_path=manifest_path, adapter_allowlist=_adapter_allowlist())
     _echo_json(report) if as_json else click.echo(render(report))

@@ -20,9 +20,9 @@ import yaml
 from registry.loader import load_manifest
 from registry.vocab import Arch, DType, Op, Solution
 from selector import KernelRequest, Platform, solve
-from selector.diff import diff_manifests, read_manifest, request_space
+from selector.tools.diff import diff_manifests, read_manifest, request_space
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 BUNDLED = ROOT / "kernels.yaml"
 GATE_FROM, GATE_TO = Arch.SM_90, Arch.SM_100
 
@@ -124,7 +124,7 @@ def synthetic(kernels: list[dict]) -> dict:
     adapters = {k["solution"]: k["adapter"] for k in data["kernels"] if k["op"] == Op.MHA_DECODE.value}
     out = {key: data[key] for key in ("schema_version", "solutions", "attention_plan")}
     out["kernels"] = [
-        {"op": Op.MHA_DECODE.value, "adapter": adapters[k["solution"]], "refs": ["tests/selector/test_diff.py"]} | k
+        {"op": Op.MHA_DECODE.value, "adapter": adapters[k["solution"]], "refs": ["tests/selector/tools/test_diff.py"]} | k
         for k in kernels
     ]
     return out

@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-import selector.doctor as doctor
+import selector.tools.doctor as doctor
 from registry.vocab import Arch
 from selector.selection import _adapter_class
 

@@ -3,7 +3,7 @@
 Timings are never asserted: tests use the reference kernels (named, as a
 reference kernel is timed only when named), wall-clock timing or a fake
 timer, and check what is recorded where.  Request fields come from each
-kernel's declared capability (``selector.verify.plan_cases``).
+kernel's declared capability (``selector.tools.verify.plan_cases``).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from registry.loader import load_manifest, load_perf_table  # noqa: E402
 from registry.perf import bucket  # noqa: E402
 from registry.vocab import Op  # noqa: E402
 from selector import KernelRequest, Platform, Selector  # noqa: E402
-from selector import bench  # noqa: E402
-from selector.cli import main  # noqa: E402
-from selector.verify import _tolerance, _within, plan_cases  # noqa: E402
-from selector.workloads import PREFIX_LENS, make_workload, sized_lengths  # noqa: E402
+from selector.tools import bench  # noqa: E402
+from selector.tools.cli import main  # noqa: E402
+from selector.tools.verify import _tolerance, _within, plan_cases  # noqa: E402
+from registry.workloads import PREFIX_LENS, make_workload, sized_lengths  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 MANIFEST = load_manifest()
 REFERENCE = [k for k in MANIFEST.kernels if k.solution.value == "reference"]
 ARCH = "sm_90"

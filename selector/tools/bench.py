@@ -2,22 +2,13 @@
 
 For each request of a grid (or of a suite file) it asks the solver which
 kernels are eligible on this machine, builds one sized workload
-(``selector.workloads``), and times each kernel through the adapter that
+(``registry.workloads``), and times each kernel through the adapter that
 ``select_kernel(..., kernel=NAME)`` gives.  The medians go into a perf table
 (``registry.perf``), merged into the file at ``--out`` bucket by bucket and
 kernel by kernel, then the file is loaded back and validated.
 
-Timing is pluggable (a ``Timer`` is ``fn -> Timing`` plus a ``method()``
-text for the table):
-
-* ``CudaTimer``: ``run()`` captured in a CUDA graph and replayed (eager when
-  capture fails: the table's ``method`` names those kernels), one first call
-  and ``warmup`` calls, then ``repeats`` runs each timed with a pair of CUDA
-  events after writing ``FLUSH_BYTES`` (which evicts L2); the median.  The
-  same method as ``bench/triton_vs_flashinfer.py`` (``triton.testing.do_bench``).
-* ``WallTimer``: the same loop with ``time.perf_counter`` and no flush, for
-  CPU runs (tests drive the whole path with the reference and the Triton
-  interpreter).
+Timing is pluggable (a ``Timer`` from ``selector.timing``: ``fn -> Timing`` plus a
+``method()`` text for the table).
 
 Reference kernels are timed only when named with ``kernels=``.  A kernel
 that raises is reported and skipped, never recorded.  torch is imported on
@@ -30,34 +21,30 @@ import dataclasses
 import datetime
 import itertools
 import os
-import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import yaml
 from pydantic import Field, ValidationError
 
 from registry.errors import KernelselError, ManifestError, RequestError
-from registry.loader import _problems, bundled_perf_dir, load_perf_table, read_yaml
+from registry.loader import bundled_perf_dir, load_perf_table
+from registry.yaml_reader import read_yaml, validation_problems
 from registry.perf import PERF_KEY, PerfTable, request_key
 from registry.schema import KernelSpec, StrictModel
 from registry.vocab import Arch, Op, Solution
 from selector.request import KernelRequest
+from selector.timing import DEFAULT_REPEATS, DEFAULT_WARMUP, CudaTimer, Timer, Timing, WallTimer, default_timer  # noqa: F401 (re-exported for bench scripts)
 
 if TYPE_CHECKING:
     from selector.api import Selector
-    from selector.workloads import Workload
+    from registry.workloads import Workload
 
 SIZE_FIELDS = ("batch", "kv_len", "new_len")
 """Sizes of a bench case: requests in the batch, KV tokens per request (new ones included), new tokens (mha_extend)."""
 
-FLUSH_BYTES = 256 << 20
-"""Written before every timed run on a GPU: several times any L2 (50-60 MB on H100/H200), as do_bench does."""
-
-DEFAULT_REPEATS, DEFAULT_WARMUP = 50, 10
 
 
 # ----------------------------------------------------------------- cases
@@ -93,7 +80,7 @@ class BenchCase:
 
 def make_case(op: Any, arch: Any, fields: Mapping[str, Any]) -> BenchCase:
     """A case from request fields plus the sizes ``batch``, ``kv_len``, ``new_len`` (checked against the op)."""
-    from selector.workloads import sized_lengths
+    from registry.workloads import sized_lengths
 
     fields = dict(fields)
     sizes = {f: fields.pop(f, None) for f in SIZE_FIELDS}
@@ -161,7 +148,7 @@ def load_suite(path: os.PathLike | str, arch: Any) -> list[BenchCase]:
     try:
         suite = Suite.model_validate(data)
     except ValidationError as exc:
-        raise KernelselError("invalid suite:\n" + "\n".join(_problems(exc, marks, filename))) from None
+        raise KernelselError("invalid suite:\n" + "\n".join(validation_problems(exc, marks, filename))) from None
     cases: list[BenchCase] = []
     for i, g in enumerate(suite.groups):
         points = [dict(c) for c in g.cases] or [{}]
@@ -175,115 +162,6 @@ def load_suite(path: os.PathLike | str, arch: Any) -> list[BenchCase]:
 
 
 # ----------------------------------------------------------------- timers
-
-
-@dataclass(frozen=True)
-class Timing:
-    """A median in microseconds and how it was taken: ``graph``, ``eager (...)`` or ``wall``."""
-
-    us: float
-    mode: str
-
-
-class Timer(Protocol):
-    def __call__(self, fn: Callable[[], Any]) -> Timing: ...
-
-    def method(self, eager: Iterable[str] = ()) -> str: ...
-
-
-@dataclass
-class CudaTimer:
-    """CUDA events around each run, L2 flushed before each, CUDA-graph replay where capture works."""
-
-    repeats: int = DEFAULT_REPEATS
-    warmup: int = DEFAULT_WARMUP
-    flush_bytes: int = FLUSH_BYTES
-    graphs: bool = True
-    _flush: Any = field(default=None, repr=False)
-
-    def method(self, eager: Iterable[str] = ()) -> str:
-        eager = sorted(set(eager))
-        text = (f"CUDA events, median of {self.repeats} runs after {self.warmup} warm-up runs, L2 flushed "
-                f"({self.flush_bytes >> 20} MiB written) before each run; "
-                + ("run() replayed from a CUDA graph" if self.graphs else "run() called eagerly"))
-        if self.graphs and eager:
-            text += f"; eager where capture failed: {', '.join(eager)}"
-        return text
-
-    def __call__(self, fn: Callable[[], Any]) -> Timing:
-        import torch
-
-        if self._flush is None:
-            self._flush = torch.empty(self.flush_bytes, dtype=torch.uint8, device="cuda")
-        fn()  # JIT builds, autotuning, lazy initialisation: outside everything timed
-        torch.cuda.synchronize()
-        call, mode, graph = fn, "eager", None
-        if self.graphs:
-            graph, mode = capture_graph(fn)
-            if graph is not None:
-                call = graph.replay
-        for _ in range(self.warmup):
-            call()
-        torch.cuda.synchronize()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
-        for start, end in zip(starts, ends):
-            self._flush.zero_()
-            start.record()
-            call()
-            end.record()
-        torch.cuda.synchronize()
-        ms = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
-        del graph
-        return Timing(ms * 1e3, mode)
-
-
-def capture_graph(fn: Callable[[], Any]) -> tuple[Any, str]:
-    """``(graph, "graph")``, or ``(None, "eager (Error)")`` when ``fn`` cannot be captured.
-
-    Shared with the scripts under ``bench/``, which time captured calls the same way.
-    """
-    import torch
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as torch's graph docs ask
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            fn()
-    except Exception as exc:  # noqa: BLE001 - not capturable: time it eagerly and say so
-        torch.cuda.synchronize()
-        return None, f"eager ({type(exc).__name__})"
-    return graph, "graph"
-
-
-@dataclass
-class WallTimer:
-    """Wall-clock time of each run (``time.perf_counter``), median; for CPU runs.  No cache flush."""
-
-    repeats: int = DEFAULT_REPEATS
-    warmup: int = DEFAULT_WARMUP
-
-    def method(self, eager: Iterable[str] = ()) -> str:
-        return (f"wall clock (time.perf_counter) on the CPU, median of {self.repeats} runs after "
-                f"{self.warmup} warm-up runs; no cache flush")
-
-    def __call__(self, fn: Callable[[], Any]) -> Timing:
-        for _ in range(1 + self.warmup):
-            fn()
-        times = []
-        for _ in range(self.repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return Timing(statistics.median(times) * 1e6, "wall")
-
-
-def default_timer(device: str, repeats: int = DEFAULT_REPEATS, warmup: int = DEFAULT_WARMUP) -> Timer:
-    return CudaTimer(repeats, warmup) if str(device).startswith("cuda") else WallTimer(repeats, warmup)
 
 
 # ----------------------------------------------------------------- running
@@ -371,7 +249,7 @@ def time_case(
     seed: int = 0,
 ) -> CaseResult:
     """Time each candidate kernel (and each ``extra`` builder: workload -> call) on one sized workload."""
-    from selector.workloads import make_workload
+    from registry.workloads import make_workload
 
     specs, not_eligible = candidates(selector, case.request, kernels)
     result = CaseResult(case, not_eligible=not_eligible)

@@ -8,9 +8,9 @@ import pytest
 
 from registry.loader import load_manifest
 from registry.vocab import Arch, DType, Op
-from selector.matrix import DEFAULT_PATH, NO, REGENERATE, YES, common_dtype, default_winners, render_matrix
+from selector.tools.matrix import DEFAULT_PATH, NO, REGENERATE, YES, common_dtype, default_winners, render_matrix
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 COMMITTED = ROOT / DEFAULT_PATH
 MANIFEST = load_manifest(ROOT / "kernels.yaml")
 TEXT = render_matrix(MANIFEST)

@@ -18,7 +18,7 @@ import pytest
 
 from registry.vocab import Op
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 E = ["explain", "--op", "mha_decode", "--arch", "sm_90"]
 ONE_OF_OPS = re.escape(", ".join(Op.values()))
 
@@ -150,7 +150,7 @@ def test_bad_environment_variables_are_named(cli, monkeypatch):
 
 def test_the_console_script_prints_one_line_without_a_traceback():
     """Through a real process: the same single line, exit 2 (nothing swallowed by the in-process runner)."""
-    out = subprocess.run([sys.executable, "-m", "selector.cli", "explain", "--op", "mha_decode", "--arch", "sm_90",
+    out = subprocess.run([sys.executable, "-m", "selector.tools.cli", "explain", "--op", "mha_decode", "--arch", "sm_90",
                           "--q-dtype", "bf17"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.startswith("kernelsel explain: --q-dtype: 'bf17' is not a dtype") and out.stderr.count("\n") == 1

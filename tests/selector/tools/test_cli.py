@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 
 
@@ -98,7 +98,7 @@ def test_console_script_imports_no_heavy_library():
     probe = (
         "import sys, runpy\n"
         "sys.argv = ['kernelsel', 'explain', '--op', 'mha_decode', '--arch', 'sm_90']\n"
-        "try:\n    from selector.cli import main; main()\nexcept SystemExit: pass\n"
+        "try:\n    from selector.tools.cli import main; main()\nexcept SystemExit: pass\n"
         "print('HEAVY=' + ','.join(m for m in ('torch', 'flashinfer', 'triton') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT).stdout

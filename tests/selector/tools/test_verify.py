@@ -20,8 +20,8 @@ from registry.loader import load_manifest  # noqa: E402
 from registry.schema import Features  # noqa: E402
 from registry.vocab import DType  # noqa: E402
 from selector import selection as selection_module  # noqa: E402
-from selector import verify as verify_module  # noqa: E402
-from selector.verify import CaseResult, VerifyReport, case_axes, plan_cases, verify  # noqa: E402
+from selector.tools import verify as verify_module  # noqa: E402
+from selector.tools.verify import CaseResult, VerifyReport, case_axes, plan_cases, verify  # noqa: E402
 
 MANIFEST = load_manifest(None)
 

@@ -11,11 +11,11 @@ import yaml
 
 from registry.errors import ManifestError
 from registry.loader import load_manifest
-from registry.manifest_schema import DEFAULT_PATH, REGENERATE, SCHEMA_DIALECT, manifest_json_schema, render_schema
+from selector.tools.schema import DEFAULT_PATH, REGENERATE, SCHEMA_DIALECT, manifest_json_schema, render_schema
 
 jsonschema = pytest.importorskip("jsonschema", reason="pip install -e '.[test]' installs jsonschema")
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 COMMITTED = ROOT / DEFAULT_PATH
 BUNDLED = ROOT / "kernels.yaml"
 

@@ -5,7 +5,7 @@ from each kernel's *declared* capability (every declared dtype, head dim,
 page size, GQA ratio, q_len up to the max, each declared feature on), never
 from facts restated here.  Each case goes through ``select_kernel(...,
 kernel=NAME)`` so selection is exercised too, runs the adapter on inputs from
-``selector.workloads`` and compares with the torch reference.  A feature must
+``registry.workloads`` and compares with the torch reference.  A feature must
 also *change* the output the way the reference says it does, so a kernel that
 silently drops it (FlashInfer 0.7.2's decode ``sinks=``) fails.
 
@@ -346,7 +346,7 @@ def _lse_err(got: Any, want: Any) -> float:
 
 
 def _run_case(case: _Case, request: Any, select: Callable, device: str, seed: int) -> CaseResult:
-    from selector.workloads import make_workload
+    from registry.workloads import make_workload
 
     result = CaseResult(case.spec.name, case.description, "error")
     tol = _tolerance(request)
