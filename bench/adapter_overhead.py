@@ -25,7 +25,7 @@ import torch
 
 from registry.adapters import flashinfer as fa
 from registry.adapters import flashinfer_trtllm as trt
-from registry.contracts import DecodeMetadata, ExtendMetadata
+from registry.contracts import DecodeMetadata, ExtendMetadata, softmax_scale
 from selector.timing import capture_graph
 
 REPS = 7
@@ -91,7 +91,7 @@ def _xqa_case():
     out = torch.empty_like(q)
     ad = _adapter(trt.XQADecode, "mha_decode")
     ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl))
-    ws, sm, pdl = ad._workspace, 1.0 / math.sqrt(D), ad._pdl
+    ws, sm, pdl = ad._workspace, softmax_scale(D), ad._pdl
     return (
         lambda: ad.run(q, k, v, out=out),
         lambda: fi.decode.trtllm_batch_decode_with_kv_cache(

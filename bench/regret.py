@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from registry.contracts import sm_scale  # noqa: E402
 from registry.loader import load_manifest, load_perf_table  # noqa: E402
 from selector.tools import bench  # noqa: E402
 from selector.api import Selector, find_perf_table  # noqa: E402
@@ -78,7 +79,7 @@ def auto_decode(work: Any) -> Callable[[], Any]:
     fi, r, md = _flashinfer(), work.request, work.metadata
     q, k, v = work.inputs
     q_scale, k_scale, v_scale = _scales(work, "q", "k", "v")
-    bmm1 = q_scale * k_scale / math.sqrt(r.head_dim_qk)
+    bmm1 = sm_scale(md, r, kernel="flashinfer auto decode") * q_scale * k_scale
     ws, out, max_len = _workspace(work, "xqa", XQA_WORKSPACE_BYTES), work.new_out(), int(md.seq_lens.max())
     return lambda: fi.decode.trtllm_batch_decode_with_kv_cache(
         q, (k, v), ws, md.block_table, md.seq_lens, max_len, bmm1_scale=bmm1, bmm2_scale=v_scale, out=out,
@@ -121,13 +122,13 @@ def auto_mla(work: Any) -> Callable[[], Any]:
     batch = md.seq_lens.shape[0]
     kv_indptr, kv_indices, _ = block_table_to_csr(md.block_table, md.seq_lens, r.page_size)
     qo_indptr = uniform_cu_seqlens(batch, r.q_len, device=q_nope.device)
-    sm_scale = md.sm_scale if md.sm_scale is not None else 1.0 / math.sqrt(r.qk_nope_head_dim + r.qk_rope_head_dim)
+    scale = sm_scale(md, r, kernel="flashinfer auto MLA")
     fp8_kv = kv.element_size() == 1
     wrapper = fi.mla.BatchMLAPagedAttentionWrapper(_workspace(work, "fa", FLOAT_WORKSPACE_BYTES), backend="auto")
     wrapper.plan(
         metadata=fi.mla.MLAPlanMetadata.csr(qo_indptr, kv_indptr, kv_indices, md.seq_lens),
         num_heads=r.num_qo_heads, head_dim_ckv=r.kv_lora_rank, head_dim_kpe=r.qk_rope_head_dim,
-        page_size=r.page_size, causal=r.q_len > 1, sm_scale=sm_scale, q_data_type=q_nope.dtype,
+        page_size=r.page_size, causal=r.q_len > 1, sm_scale=scale, q_data_type=q_nope.dtype,
         kv_data_type=kv.dtype, query_layout="split", kv_cache_layout="packed",
         scale_mode="kv-per-tensor" if fp8_kv else "default",
     )

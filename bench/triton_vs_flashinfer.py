@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from registry.adapters.triton import TritonMHADecode, TritonMLADecode  # noqa: E402
-from registry.contracts import DecodeMetadata  # noqa: E402
+from registry.contracts import DecodeMetadata, default_sm_scale, softmax_scale  # noqa: E402
 from selector.timing import capture_graph  # noqa: E402
 
 DEV = "cuda"
@@ -112,7 +112,7 @@ class DecodeCase:
         return lambda: wrapper.run(self.q, (self.k, self.v), out=self.out)
 
     def flashinfer_xqa(self, fi: Any, ws: Any) -> Callable[[], Any]:
-        sm = 1.0 / math.sqrt(D)
+        sm = softmax_scale(D)
         return lambda: fi.decode.trtllm_batch_decode_with_kv_cache(
             self.q, (self.k, self.v), ws, self.block_table, self.seq_lens, self.context,
             bmm1_scale=sm, bmm2_scale=1.0, out=self.out, kv_layout="NHD", backend="xqa",
@@ -151,7 +151,7 @@ class MLACase:
         self.q_nope = torch.randn(batch, MLA_H, RANK, device=DEV).to(torch.bfloat16)
         self.q_pe = torch.randn(batch, MLA_H, ROPE, device=DEV).to(torch.bfloat16)
         self.out = torch.empty_like(self.q_nope)
-        self.sm_scale = 1.0 / math.sqrt(128 + ROPE)
+        self.sm_scale = default_sm_scale(mla_request("bf16"))
         self.tokens = batch * context
         self.flops = 2 * self.tokens * MLA_H * (RANK + ROPE + RANK)
 

@@ -25,6 +25,8 @@ from registry.contracts import (
     DecodeMetadata,
     ExtendMetadata,
     PrefillMetadata,
+    default_sm_scale,
+    softmax_scale,
 )
 from registry.errors import RequestError
 
@@ -365,11 +367,9 @@ def make_workload(
         kv, kv_scale = _store(kv, request.kv_dtype, KV_SCALE)
     seq_lens = torch.tensor(kv_lens, dtype=torch.int32)
     sinks = heads_sinks(hq)
-    if request.qk_nope_head_dim is None:  # no default scale without it: pass one explicitly
-        options["sm_scale"] = 1.0 / math.sqrt(rank + rope)
-        sm_scale = options["sm_scale"]
-    else:
-        sm_scale = 1.0 / math.sqrt(request.qk_nope_head_dim + rope)
+    sm_scale = default_sm_scale(request)
+    if sm_scale is None:  # the contract has no default without qk_nope_head_dim: pass a scale explicitly
+        options["sm_scale"] = sm_scale = softmax_scale(rank + rope)
     scales = _scales(q=q_scale, kv=kv_scale)
     q_nope, q_pe, kv, block_table, seq_lens = dev(q_nope, q_pe, kv, block_table, seq_lens)
     metadata = DecodeMetadata(block_table=block_table, seq_lens=seq_lens, q_len=request.q_len, **options)

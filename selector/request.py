@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from registry.contracts import output_dtype
 from registry.errors import RequestError, brief
 from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
 from registry.perf import bucket
@@ -99,7 +100,7 @@ class KernelRequest(BaseModel):
         if self.kv_dtype is None:
             object.__setattr__(self, "kv_dtype", self.q_dtype)
         if self.out_dtype is None:
-            object.__setattr__(self, "out_dtype", DType.BF16 if self.q_dtype.is_fp8 else self.q_dtype)
+            object.__setattr__(self, "out_dtype", output_dtype(self.q_dtype))
         if self.head_dim_vo is None and self.head_dim_qk is not None:
             object.__setattr__(self, "head_dim_vo", self.head_dim_qk)
         if self.num_qo_heads and self.num_kv_heads and self.num_qo_heads % self.num_kv_heads:

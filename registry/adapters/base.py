@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
+from registry.contracts import sm_scale
 from registry.errors import AdapterInputError, MissingDependencyError, UnsupportedFeatureError
 
 if TYPE_CHECKING:
@@ -26,8 +27,7 @@ def import_library(module: str, extra: str) -> Any:
         ) from exc
 
 
-def torch_dtype(name: str) -> "torch.dtype":
-    """Manifest dtype name -> torch dtype."""
+def _torch_dtypes() -> dict:
     import torch
 
     return {
@@ -36,7 +36,17 @@ def torch_dtype(name: str) -> "torch.dtype":
         "fp32": torch.float32,
         "fp8_e4m3": torch.float8_e4m3fn,
         "fp8_e5m2": torch.float8_e5m2,
-    }[str(name)]
+    }
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """Manifest dtype name -> torch dtype."""
+    return _torch_dtypes()[str(name)]
+
+
+def dtype_name(dtype: "torch.dtype") -> Optional[str]:
+    """torch dtype -> manifest dtype name; None for a dtype the manifest has no name for."""
+    return next((name for name, t in _torch_dtypes().items() if t == dtype), None)
 
 
 def check_tensor(
@@ -77,17 +87,6 @@ def check_tensor(
         raise AdapterInputError(f"{name}: must be contiguous{where}")
 
 
-def scale_value(name: str, scale: Any) -> Any:
-    """Accept a float or a one-element tensor as an FP8 scale; reject anything else."""
-    import torch
-
-    if isinstance(scale, (int, float)):
-        return float(scale)
-    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
-        return scale
-    raise AdapterInputError(f"{name}: expected a float or a one-element tensor, got {scale!r}")
-
-
 class Adapter:
     """Base of every adapter: holds the kernel spec and the request it was selected for.
 
@@ -111,6 +110,10 @@ class Adapter:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kernel={self.spec.name!r})"
+
+    def _sm_scale(self, metadata: Any) -> float:
+        """The plan's ``sm_scale``, or the op's default for the request (``registry.contracts.sm_scale``)."""
+        return sm_scale(metadata, self.request, kernel=self.spec.name)
 
     def _require_planned(self) -> None:
         if not self._planned:

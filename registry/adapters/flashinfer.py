@@ -28,14 +28,13 @@ from registry.adapters.flashinfer_common import (
     FLOAT_WORKSPACE_BYTES,
     LN2,
     FlashInferAdapter,
-    check_scale,
     float_workspace,
     ln_lse_result,
     mul_out,
     new_tuple,
 )
 from registry.adapters.paged import block_table_to_csr, check_cu_seqlens, uniform_cu_seqlens
-from registry.contracts import AttentionResult
+from registry.contracts import AttentionResult, scale_arg
 from registry.errors import AdapterInputError, UnsupportedFeatureError
 
 _SINKS_DROPPED = (
@@ -44,12 +43,11 @@ _SINKS_DROPPED = (
 )
 
 
-def _v_scale_arg(name: str, v_scale: Any, device_index: int) -> Any:
+def _v_scale_arg(name: str, v_scale: Any, device: Any, contract: str) -> Any:
     """FlashInfer multiplies ``out`` by ``v_scale`` after the kernel (float or tensor); skip it at 1.0."""
     if isinstance(v_scale, float):
         return None if v_scale == 1.0 else v_scale
-    check_scale(name, v_scale, device_index)
-    return float(v_scale) if isinstance(v_scale, int) else v_scale
+    return scale_arg(name, v_scale, device=device, contract=contract)
 
 
 class _WrapperAdapter(FlashInferAdapter):
@@ -128,7 +126,7 @@ class _PagedDecode(_WrapperAdapter):
             indptr, indices, last, r.num_qo_heads, r.num_kv_heads, d, r.page_size,
             window_left=metadata.window_left, logits_soft_cap=metadata.logits_soft_cap,
             q_data_type=self.q_dtype, kv_data_type=self.kv_dtype, o_data_type=self.out_dtype,
-            sm_scale=self._sm_scale(metadata, d), seq_lens=metadata.seq_lens, **extra,
+            sm_scale=self._sm_scale(metadata), seq_lens=metadata.seq_lens, **extra,
         )
         t = batch * q_len
         self._plan_mha_io(t, d, d)
@@ -153,7 +151,7 @@ class _PagedDecode(_WrapperAdapter):
         res = self._wrapper.run(
             q, (k_cache, v_cache),
             q_scale=None if host == 1.0 else host,
-            v_scale=_v_scale_arg("v_scale", v_scale, self._device_index),
+            v_scale=_v_scale_arg("v_scale", v_scale, self._device, self._contract),
             out=out, lse=lse, return_lse=want, enable_pdl=self._pdl,
         )
         return ln_lse_result(res, want)
@@ -212,7 +210,7 @@ class _PagedPrefill(_WrapperAdapter):
         indptr, indices, last = block_table_to_csr(metadata.block_table, metadata.seq_lens, r.page_size)
         self._wrapper.plan(
             metadata.cu_seqlens_q, indptr, indices, last, r.num_qo_heads, r.num_kv_heads, d, r.page_size,
-            head_dim_vo=dv, causal=metadata.causal, sm_scale=self._sm_scale(metadata, d),
+            head_dim_vo=dv, causal=metadata.causal, sm_scale=self._sm_scale(metadata),
             window_left=metadata.window_left, logits_soft_cap=metadata.logits_soft_cap,
             q_data_type=self.q_dtype, kv_data_type=self.kv_dtype, o_data_type=self.out_dtype,
             seq_lens=metadata.seq_lens,
@@ -253,7 +251,7 @@ class _PagedPrefill(_WrapperAdapter):
             if isinstance(s, (int, float)):
                 args.append(float(s))
             else:
-                check_scale(name, s, self._device_index)
+                scale_arg(name, s, device=self._device, contract=self._contract)
                 buf = self._buffers["scale_" + name[0]]
                 buf.copy_(s.view(1).expand(buf.shape[0]))
                 args.append(buf)
@@ -275,7 +273,7 @@ class _PagedPrefill(_WrapperAdapter):
             host, dev = self._scales(("q_scale", "k_scale"), (q_scale, k_scale))
             if dev:
                 q = self._prescaled(q, 1.0, dev)
-            args, v_arg = (), _v_scale_arg("v_scale", v_scale, self._device_index)
+            args, v_arg = (), _v_scale_arg("v_scale", v_scale, self._device, self._contract)
         res = self._wrapper.run(
             q, (k_cache, v_cache), *args,
             q_scale=None if host == 1.0 else host, v_scale=v_arg,
@@ -353,7 +351,7 @@ class _RaggedPrefill(_PagedPrefill):
         d, dv = r.head_dim_qk, r.head_dim_vo or r.head_dim_qk
         self._wrapper.plan(
             metadata.cu_seqlens_q, metadata.cu_seqlens_kv, r.num_qo_heads, r.num_kv_heads, d,
-            head_dim_vo=dv, causal=metadata.causal, sm_scale=self._sm_scale(metadata, d),
+            head_dim_vo=dv, causal=metadata.causal, sm_scale=self._sm_scale(metadata),
             window_left=metadata.window_left, logits_soft_cap=metadata.logits_soft_cap,
             q_data_type=self.q_dtype, kv_data_type=self.kv_dtype, o_data_type=self.out_dtype,
         )
@@ -376,7 +374,7 @@ class _RaggedPrefill(_PagedPrefill):
             if dev or host != 1.0:
                 q = self._prescaled(q, host, dev)
             if not isinstance(v_scale, float):
-                check_scale("v_scale", v_scale, self._device_index)
+                scale_arg("v_scale", v_scale, device=self._device, contract=self._contract)
         res = self._wrapper.run(
             q, k, v, *args, out=out, lse=lse, return_lse=want, lse_base="ln", enable_pdl=self._pdl
         )
@@ -432,13 +430,13 @@ class _MLADecode(_WrapperAdapter):
 
     def plan(self, metadata: Any) -> None:
         r = self.request
+        sm_scale = self._sm_scale(metadata)
         batch = self._plan_paged(metadata)
         q_len = int(metadata.q_len)
         self._ensure_wrapper((batch, metadata.block_table.shape[1]), "batch and block_table width")
         rank, rope = r.kv_lora_rank, r.qk_rope_head_dim
         kv_indptr, kv_indices, _ = block_table_to_csr(metadata.block_table, metadata.seq_lens, r.page_size)
         qo_indptr = uniform_cu_seqlens(batch, q_len, device=self._device)
-        sm_scale = self._sm_scale(metadata, r.qk_nope_head_dim + rope)
         want = bool(r.return_lse)
         self._wrapper.plan(
             metadata=self._fi.mla.MLAPlanMetadata.csr(qo_indptr, kv_indptr, kv_indices, metadata.seq_lens),

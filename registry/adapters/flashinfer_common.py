@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from registry.adapters.base import Adapter, check_tensor, import_library, torch_dtype, workspace
 from registry.adapters.paged import check_paged_metadata
-from registry.contracts import AttentionResult
+from registry.contracts import AttentionResult, output_dtype, scale_arg
 from registry.errors import AdapterInputError, UnsupportedFeatureError
 
 if TYPE_CHECKING:
@@ -65,20 +65,6 @@ def split_scales(*scales: Any) -> tuple[float, list]:
         else:
             dev.append(s)
     return host, dev
-
-
-def check_scale(name: str, scale: Any, device_index: int) -> None:
-    """A scale is a number or a one-element fp32 tensor on the kernel's device (else a clear error)."""
-    import torch
-
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        return
-    if not isinstance(scale, torch.Tensor) or scale.numel() != 1:
-        raise AdapterInputError(f"{name}: expected a float or a one-element fp32 tensor, got {scale!r}")
-    if scale.dtype != torch.float32:
-        raise AdapterInputError(f"{name}: dtype {str(scale.dtype).removeprefix('torch.')} not in [float32]")
-    if scale.get_device() != device_index:
-        raise AdapterInputError(f"{name}: on {scale.device}, expected cuda:{device_index}")
 
 
 def scale_product(buf: "torch.Tensor", host: float, dev: Sequence["torch.Tensor"]) -> Any:
@@ -147,7 +133,7 @@ class FlashInferAdapter(Adapter):
         self.kv_dtype = torch_dtype(request.kv_dtype)
         self._fp8_q = self.q_dtype.itemsize == 1
         self._fp8_kv = self.kv_dtype.itemsize == 1
-        self.out_dtype = self._default_out_dtype(request)
+        self.out_dtype = torch_dtype(output_dtype(request.q_dtype, getattr(request, "out_dtype", None)))
         self._device = None
         self._device_index = -1
         self._pdl = False
@@ -155,15 +141,6 @@ class FlashInferAdapter(Adapter):
         self._want_lse = bool(request.return_lse)
         self._want_sinks = bool(getattr(request, "sinks", False))
         self._sig: tuple = ()  # the last run() input signature that passed; () matches nothing
-
-    @staticmethod
-    def _default_out_dtype(request: Any) -> "torch.dtype":
-        import torch
-
-        if getattr(request, "out_dtype", None) is not None:
-            return torch_dtype(request.out_dtype)
-        q = torch_dtype(request.q_dtype)
-        return torch.bfloat16 if q in (torch.float8_e4m3fn, torch.float8_e5m2) else q
 
     @property
     def _contract(self) -> str:
@@ -187,9 +164,6 @@ class FlashInferAdapter(Adapter):
         self._device = t.device
         self._device_index = t.get_device()
         self._pdl = bool(self._fi.utils.device_support_pdl(t.device))
-
-    def _sm_scale(self, metadata: Any, head_dim: int) -> float:
-        return metadata.sm_scale if metadata.sm_scale is not None else 1.0 / math.sqrt(head_dim)
 
     def _plan_io(self, inputs: tuple, out_shape: tuple, lse_shape: tuple) -> None:
         """Fix run()'s tensors at plan time: ``(name, shape, dtype, tail)`` per input, in call order.
@@ -303,7 +277,7 @@ class FlashInferAdapter(Adapter):
         host, dev = split_scales(*scales)
         for name, s in zip(names, scales):
             if not isinstance(s, float):
-                check_scale(name, s, self._device_index)
+                scale_arg(name, s, device=self._device, contract=self._contract)
         return host, dev
 
     def _prescaled(self, q: "torch.Tensor", host: float, dev: Sequence["torch.Tensor"], slot: str = "q") -> "torch.Tensor":

@@ -30,7 +30,6 @@ from registry.adapters.flashinfer_common import (
     TRTLLM_GEN_WORKSPACE_BYTES,
     XQA_WORKSPACE_BYTES,
     FlashInferAdapter,
-    check_scale,
     float_workspace,
     ln_lse_result,
     mul_out,
@@ -38,7 +37,7 @@ from registry.adapters.flashinfer_common import (
     scale_product,
 )
 from registry.adapters.paged import check_cu_seqlens, cu_seqlens_from_lens, logical_to_slot
-from registry.contracts import AttentionResult
+from registry.contracts import AttentionResult, scale_arg
 from registry.errors import AdapterInputError, UnsupportedFeatureError
 
 if TYPE_CHECKING:
@@ -127,7 +126,7 @@ class _MHADecode(_TrtllmAdapter):
         self._q_len = int(metadata.q_len)
         self._check_q_len(self._q_len)
         d, dv = r.head_dim_qk, r.head_dim_vo or r.head_dim_qk
-        self._sm = self._sm_scale(metadata, d)
+        self._sm = self._sm_scale(metadata)
         self._plan_mha_io(batch * self._q_len, d, dv)
         self._plan_kernel_state(batch)
         self._planned = True
@@ -175,7 +174,7 @@ class XQADecode(_MHADecode):
             v_in_kernel = (("v_scale",), (v_scale,)) if fp8_kv else ((), ())
             bmm1, bmm2 = self._bmm_scales(self._sm, (("q_scale", "k_scale"), (q_scale, k_scale)), v_in_kernel)
             if not fp8_kv and not isinstance(v_scale, (int, float)):
-                check_scale("v_scale", v_scale, self._device_index)
+                scale_arg("v_scale", v_scale, device=self._device, contract=self._contract)
         out = self._fi.decode.trtllm_batch_decode_with_kv_cache(
             q, (k_cache, v_cache), self._workspace, self._block_table, self._seq_lens, self._max_seq_len,
             bmm1_scale=bmm1, bmm2_scale=bmm2, window_left=self._window_left, out=out,
@@ -268,7 +267,7 @@ class TrtllmGenExtend(_TrtllmAdapter):
             self._cu_kv = cu_seqlens_from_lens(metadata.seq_lens)
             self._max_q_len = max_q_len
         d, dv = r.head_dim_qk, r.head_dim_vo or r.head_dim_qk
-        self._sm = self._sm_scale(metadata, d)
+        self._sm = self._sm_scale(metadata)
         self._plan_mha_io(total, d, dv)
         self._plan_counter(batch)
         self._planned = True
@@ -308,11 +307,11 @@ class _MLADecode(_TrtllmAdapter):
 
     def plan(self, metadata: Any) -> None:
         r = self.request
+        self._sm = self._sm_scale(metadata)
         batch = self._plan_common(metadata)
         self._batch, self._q_len = batch, int(metadata.q_len)
         self._check_q_len(self._q_len)
         rank, rope = r.kv_lora_rank, r.qk_rope_head_dim
-        self._sm = self._sm_scale(metadata, r.qk_nope_head_dim + rope)
         t = batch * self._q_len
         self._plan_mla_io(t, rank, rope)
         self._plan_buffer("query", (t, r.num_qo_heads, rank + rope), self.q_dtype)
@@ -440,6 +439,7 @@ class TrtllmGenSparseMLADecode(_TrtllmAdapter):
         import torch
 
         r = self.request
+        self._sm = self._sm_scale(metadata)
         if r.kv_lora_rank + r.qk_rope_head_dim != 512 or r.qk_rope_head_dim != 0:
             raise AdapterInputError(
                 f"{self.spec.name}: the DSv4 kernel's key and value are one 512-wide row; request "
@@ -450,7 +450,6 @@ class TrtllmGenSparseMLADecode(_TrtllmAdapter):
         t, k = batch * self._q_len, int(r.topk)
         if k % 4:
             raise AdapterInputError(f"{self.spec.name}: topk={k}; rows must be 16-byte aligned (a multiple of 4 int32)")
-        self._sm = self._sm_scale(metadata, r.qk_nope_head_dim + r.qk_rope_head_dim)
         self._plan_buffer("indices", (t, self._SWA_COLUMNS + k), torch.int32)
         self._plan_buffer("topk_lens", (t,), torch.int32)
         self._plan_buffer("no_window", (batch,), torch.int32)

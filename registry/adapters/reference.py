@@ -20,10 +20,9 @@ for ``solution: reference`` manifest entries.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Optional
 
-from registry.adapters.base import Adapter, check_tensor, refuse_sparse_options, scale_value, torch_dtype
+from registry.adapters.base import Adapter, check_tensor, dtype_name, refuse_sparse_options, torch_dtype
 from registry.adapters.paged import (
     check_cu_seqlens,
     check_decode_seq_lens,
@@ -34,7 +33,7 @@ from registry.adapters.paged import (
     num_pages,
     uniform_cu_seqlens,
 )
-from registry.contracts import AttentionResult
+from registry.contracts import SCALE_HEAD_DIMS, AttentionResult, output_dtype, scale_arg, softmax_scale
 from registry.errors import AdapterInputError
 
 if TYPE_CHECKING:
@@ -58,14 +57,15 @@ def _dequant(x: "torch.Tensor", scale: Any) -> "torch.Tensor":
 
 
 def _default_out_dtype(q_dtype: "torch.dtype", out_dtype: Any) -> "torch.dtype":
-    """``out_dtype`` if given (torch dtype or manifest name), else q's dtype; bf16 for FP8 q."""
+    """``out_dtype`` if given (torch dtype or manifest name), else the contract's ``output_dtype`` for q's dtype."""
     import torch
 
-    if out_dtype is not None:
-        return out_dtype if isinstance(out_dtype, torch.dtype) else torch_dtype(out_dtype)
-    if q_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        return torch.bfloat16
-    return q_dtype
+    if isinstance(out_dtype, torch.dtype):
+        return out_dtype
+    q_name = dtype_name(q_dtype)
+    if q_name is None:  # a dtype outside the manifest's vocabulary (float64 in tests) is its own output dtype
+        return q_dtype if out_dtype is None else torch_dtype(out_dtype)
+    return torch_dtype(output_dtype(q_name, out_dtype))
 
 
 def _softmax(s: "torch.Tensor", sink: Optional["torch.Tensor"]) -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -201,7 +201,7 @@ def mha_paged(
     out, lse = _paged_fp32(
         _dequant(q, q_scale), k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
         k_scale=k_scale, v_scale=v_scale, causal=causal, window_left=window_left,
-        sm_scale=1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale,
+        sm_scale=softmax_scale(q.shape[-1]) if sm_scale is None else sm_scale,
         logits_soft_cap=logits_soft_cap, sinks=sinks,
     )
     return out.to(_default_out_dtype(q.dtype, out_dtype)), lse
@@ -236,7 +236,7 @@ def mha_ragged(
     qf = _dequant(q, q_scale)
     options = dict(
         causal=causal, window_left=window_left, logits_soft_cap=logits_soft_cap, sinks=sinks,
-        sm_scale=1.0 / math.sqrt(d) if sm_scale is None else sm_scale,
+        sm_scale=softmax_scale(d) if sm_scale is None else sm_scale,
     )
     out = torch.zeros(tq, hq, dv, dtype=torch.float32, device=q.device)
     lse = torch.full((tq, hq), float("-inf"), dtype=torch.float32, device=q.device)
@@ -351,15 +351,16 @@ class _TorchAdapter(Adapter):
 
     def _plan_options(self, metadata: Any, *, causal: bool = True) -> None:
         self._check_options(metadata, causal=causal)
-        self.sm_scale = metadata.sm_scale if metadata.sm_scale is not None else self._default_sm_scale()
+        self.sm_scale = self._plan_sm_scale(metadata)
         self.window_left = metadata.window_left
         self.logits_soft_cap = metadata.logits_soft_cap
         self.causal = causal
 
-    def _default_sm_scale(self) -> Optional[float]:
-        """``1/sqrt(head_dim_qk)``; None lets the reference take it from q's last dim."""
-        d = self._r("head_dim_qk")
-        return None if d is None else 1.0 / math.sqrt(d)
+    def _plan_sm_scale(self, metadata: Any) -> Optional[float]:
+        """The contract's ``sm_scale``; for MHA without ``head_dim_qk``, None: the reference takes q's last dim."""
+        if metadata.sm_scale is None and SCALE_HEAD_DIMS[self.op] == ("head_dim_qk",) and self._r("head_dim_qk") is None:
+            return None
+        return self._sm_scale(metadata)
 
     def _dtypes(self) -> tuple["torch.dtype", "torch.dtype", "torch.dtype"]:
         q_dtype = torch_dtype(self.request.q_dtype)
@@ -381,7 +382,7 @@ class _TorchAdapter(Adapter):
             self._check("out", out, [rows, heads, dv], self._dtypes()[2])
         if lse is not None:
             self._check("lse", lse, [rows, heads], torch.float32)
-        return {name: scale_value(name, value) for name, value in scales.items()}
+        return {name: scale_arg(name, value, device=self.device, contract=self.op) for name, value in scales.items()}
 
     def _result(self, o: "torch.Tensor", l: "torch.Tensor", out: Any, lse: Any) -> AttentionResult:
         """Copy into the caller's buffers if given; the LSE only when the request asked for it."""
@@ -481,17 +482,7 @@ class TorchMHAPrefill(_TorchAdapter):
 
 
 class _TorchMLA(_TorchAdapter):
-    """MLA shapes, the MLA default scale and the decode plan shared by dense and sparse MLA."""
-
-    def _default_sm_scale(self) -> float:
-        nope, rope = self._r("qk_nope_head_dim"), self._r("qk_rope_head_dim")
-        if nope is None or rope is None:
-            raise AdapterInputError(
-                f"{self.spec.name}: sm_scale defaults to 1/sqrt(qk_nope_head_dim + qk_rope_head_dim), but the "
-                f"request does not give both; pass DecodeMetadata(sm_scale=...) or select with qk_nope_head_dim "
-                f"and qk_rope_head_dim"
-            )
-        return 1.0 / math.sqrt(nope + rope)
+    """MLA shapes and the decode plan shared by dense and sparse MLA."""
 
     def plan(self, metadata) -> None:
         self._check_requested_q_len(metadata.q_len)

@@ -15,12 +15,11 @@ tests and benchmarks; it never changes what is computed.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Optional
 
-from registry.adapters.base import Adapter, check_tensor, refuse_sparse_options, scale_value, torch_dtype, workspace
+from registry.adapters.base import Adapter, check_tensor, refuse_sparse_options, torch_dtype, workspace
 from registry.adapters.paged import check_cu_seqlens, check_decode_seq_lens, check_extend_seq_lens, check_paged_metadata
-from registry.contracts import AttentionResult
+from registry.contracts import AttentionResult, output_dtype, scale_arg
 from registry.errors import AdapterInputError
 
 if TYPE_CHECKING:
@@ -53,13 +52,10 @@ class _TritonAdapter(Adapter):
         self._check_options(metadata, causal=causal)
         if metadata.window_left < -1:
             raise AdapterInputError(f"window_left: {metadata.window_left}, expected -1 (off) or >= 0 ({self.op})")
-        self.sm_scale = metadata.sm_scale if metadata.sm_scale is not None else self._default_sm_scale()
+        self.sm_scale = self._sm_scale(metadata)
         self.window_left = int(metadata.window_left)
         self.soft_cap = float(metadata.logits_soft_cap)
         self.causal = causal
-
-    def _default_sm_scale(self) -> float:
-        return 1.0 / math.sqrt(self.request.head_dim_qk)
 
     def _plan_paged(self, metadata: Any) -> None:
         self.batch = check_paged_metadata(
@@ -106,9 +102,9 @@ class _TritonAdapter(Adapter):
     # ----------------------------------------------------------------- run side
 
     def _dtypes(self) -> tuple["torch.dtype", "torch.dtype", "torch.dtype"]:
-        q_dtype = torch_dtype(self.request.q_dtype)
-        out_name = getattr(self.request, "out_dtype", None)
-        return q_dtype, torch_dtype(self.request.kv_dtype), torch_dtype(out_name) if out_name else q_dtype
+        r = self.request
+        out = output_dtype(r.q_dtype, getattr(r, "out_dtype", None))
+        return torch_dtype(r.q_dtype), torch_dtype(r.kv_dtype), torch_dtype(out)
 
     def _check(self, name: str, t: Any, **kw: Any) -> None:
         check_tensor(name, t, device=self.device, contract=self.op, **kw)
@@ -119,13 +115,8 @@ class _TritonAdapter(Adapter):
 
     def _scale(self, name: str, value: Any) -> tuple[float, Any]:
         """``(float factor, one-element tensor or None)``; the tensor is read by the kernel, not here."""
-        value = scale_value(name, value)
-        if isinstance(value, float):
-            return value, None
-        check_tensor(name, value, device=self.device, contract=self.op)
-        if not value.is_floating_point():
-            raise AdapterInputError(f"{name}: a scale tensor must be floating point, got {value.dtype} ({self.op})")
-        return 1.0, value
+        value = scale_arg(name, value, device=self.device, contract=self.op)
+        return (value, None) if isinstance(value, float) else (1.0, value)
 
     def _outputs(self, tokens: int, heads: int, dv: int, sinks: Any, out: Any, lse: Any) -> tuple[Any, Any]:
         import torch
@@ -256,16 +247,7 @@ class TritonMHAExtend(TritonMHADecode):
 
 
 class _TritonMLA(_TritonAdapter):
-    """Latent-cache checks and the MLA default scale, shared by dense and sparse MLA."""
-
-    def _default_sm_scale(self) -> float:
-        nope = getattr(self.request, "qk_nope_head_dim", None)
-        if not nope:
-            raise AdapterInputError(
-                f"{self.spec.name}: sm_scale defaults to 1/sqrt(qk_nope_head_dim + qk_rope_head_dim), but the "
-                f"request has no qk_nope_head_dim; pass DecodeMetadata(sm_scale=...) or select with qk_nope_head_dim"
-            )
-        return 1.0 / math.sqrt(nope + self.request.qk_rope_head_dim)
+    """Latent-cache checks shared by dense and sparse MLA."""
 
     def _check_mla(self, q_nope, q_pe, kv_cache, sinks, out, lse, q_scale, kv_scale):
         self._require_planned()

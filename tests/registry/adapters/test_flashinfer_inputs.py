@@ -118,19 +118,6 @@ def test_scale_product_is_a_float_without_tensors_and_a_device_product_with_them
     assert out is buf and buf.item() == 6.0
 
 
-@pytest.mark.parametrize(
-    "scale,message",
-    [
-        (torch.ones(2), "expected a float or a one-element fp32 tensor"),
-        (torch.ones(1, dtype=torch.float16), r"dtype float16 not in \[float32\]"),
-        ("1.0", "expected a float or a one-element fp32 tensor"),
-    ],
-)
-def test_a_bad_scale_is_named(scale, message):
-    with pytest.raises(AdapterInputError, match=rf"^k_scale: {message}"):
-        common.check_scale("k_scale", scale, -1)
-
-
 # ------------------------------------------------- translation (fake library)
 
 

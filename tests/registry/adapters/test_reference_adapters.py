@@ -146,7 +146,7 @@ def test_fp8_kv_scale_as_float_or_tensor_and_bad_scale():
     as_float = a.run(q, k, v, k_scale=0.5, v_scale=2.0).out
     as_tensor = a.run(q, k, v, k_scale=torch.tensor([0.5]), v_scale=torch.tensor(2.0)).out
     assert torch.equal(as_float, as_tensor)
-    with pytest.raises(AdapterInputError, match=r"^k_scale: expected a float or a one-element tensor"):
+    with pytest.raises(AdapterInputError, match=r"^k_scale: expected a float or a one-element fp32 tensor"):
         a.run(q, k, v, k_scale=torch.ones(2))
 
 
@@ -198,7 +198,7 @@ def mla_inputs(batch=2, q_len=1, kv_len=6):
 
 def test_mla_default_scale_needs_qk_nope_head_dim():
     bt, sl, qn, qp, kv = mla_inputs()
-    with pytest.raises(AdapterInputError, match=r"sm_scale defaults to 1/sqrt\(qk_nope_head_dim \+ qk_rope_head_dim\)"):
+    with pytest.raises(AdapterInputError, match=r"DecodeMetadata.sm_scale is not set and its default 1/sqrt\(qk_nope_head_dim \+ qk_rope_head_dim\) needs request.qk_nope_head_dim"):
         adapter(ref.TorchMLADecode, **MLA).plan(DecodeMetadata(block_table=bt, seq_lens=sl))
     a = adapter(ref.TorchMLADecode, **MLA, qk_nope_head_dim=12, return_lse=True)
     a.plan(DecodeMetadata(block_table=bt, seq_lens=sl))

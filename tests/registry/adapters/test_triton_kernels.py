@@ -506,7 +506,7 @@ def test_bad_inputs_name_the_argument():
         adapter.run(q, k[..., :64], v)
     with pytest.raises(AdapterInputError, match=r"^q: last dimension must be contiguous"):
         adapter.run(q.transpose(0, 2).contiguous().transpose(0, 2), k, v)
-    with pytest.raises(AdapterInputError, match=r"^k_scale: expected a float or a one-element tensor"):
+    with pytest.raises(AdapterInputError, match=r"^k_scale: expected a float or a one-element fp32 tensor"):
         adapter.run(q, k, v, k_scale=_to(torch.ones(2)))
 
 
