@@ -9,7 +9,7 @@ launcher that takes torch tensors:
 * ``sparse_mla`` -- MLA decode over per-token top-k positions, split-KV;
 * ``merge``      -- the shared epilogue (sink, normalise, LSE) and the
   split-KV merge kernel;
-* ``common``     -- small jit helpers (scales, tanh) and the dot dtype;
+* ``common``     -- small jit helpers (scales, the soft cap, log2(e)) and the dot dtype;
 * ``planning``   -- pure-Python launch heuristics (block sizes, splits).
 
 Nothing is imported here: ``import registry`` must not import triton, and the

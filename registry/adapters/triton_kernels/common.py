@@ -1,4 +1,9 @@
-"""Small ``@triton.jit`` helpers and launch-time choices shared by every kernel family."""
+"""Small ``@triton.jit`` helpers, constants and launch-time choices shared by every kernel family.
+
+The kernels keep scores in base 2 (``exp2``/``log2``, one instruction each):
+scores are multiplied by ``LOG2E`` once, in ``score_scales``, and an LSE is
+turned back into the contract's natural log with ``LN2``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,13 @@ from typing import Any
 
 import triton
 import triton.language as tl
+
+
+LOG2E = tl.constexpr(1.4426950408889634)
+"""log2(e): ``e^x = 2^(x * LOG2E)``."""
+
+LN2 = tl.constexpr(0.6931471805599453)
+"""ln(2): ``ln x = log2(x) * LN2``."""
 
 
 @triton.jit
@@ -20,8 +32,34 @@ def load_scale(value, Ptr, FROM_PTR: tl.constexpr):
 @triton.jit
 def tanh(x):
     """tanh from exp2 (portable: no libdevice, runs in the interpreter)."""
-    e = tl.exp2(x * 2.8853900817779268)  # e^(2x)
+    e = tl.exp2(x * (2 * LOG2E))  # e^(2x)
     return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def score_scales(qk_scale, soft_cap, HAS_SOFTCAP: tl.constexpr):
+    """``(scale, cap_in, cap_out)`` of ``scale_scores`` for the scores' factor ``qk_scale``, ``LOG2E`` folded in.
+
+    The contract's soft cap applies after scaling: ``cap * tanh(s * qk_scale / cap)``.
+    """
+    if HAS_SOFTCAP:
+        cap_in = qk_scale / soft_cap
+        cap_out = soft_cap * LOG2E
+    else:
+        qk_scale = qk_scale * LOG2E
+        cap_in = 1.0  # unused
+        cap_out = 1.0
+    return qk_scale, cap_in, cap_out
+
+
+@triton.jit
+def scale_scores(s, scale, cap_in, cap_out, HAS_SOFTCAP: tl.constexpr):
+    """Raw dot products ``s`` -> base-2 scores (``score_scales`` made the factors)."""
+    if HAS_SOFTCAP:
+        s = cap_out * tanh(s * cap_in)
+    else:
+        s = s * scale
+    return s
 
 
 @triton.jit

@@ -16,7 +16,7 @@ from typing import Any
 import triton
 import triton.language as tl
 
-from registry.adapters.triton_kernels.common import load_scale
+from registry.adapters.triton_kernels.common import LN2, LOG2E, load_scale
 
 
 @triton.jit
@@ -30,7 +30,7 @@ def write_rows(
     """Store a tile's rows: the final output (``FINAL``) or this split's partial result."""
     if FINAL:
         if HAS_SINKS:
-            sink = tl.load(Sinks + h_idx, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            sink = tl.load(Sinks + h_idx, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
             m_new = tl.maximum(m_i, sink)
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.exp2(sink - m_new)
@@ -42,7 +42,7 @@ def write_rows(
         ptrs = Out + t_idx.to(tl.int64)[:, None] * stride_ot + h_idx[:, None] * stride_oh + offs_dv[None, :]
         tl.store(ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
         if WRITE_LSE:
-            lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+            lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * LN2, float("-inf"))
             tl.store(Lse + t_idx.to(tl.int64) * stride_lt + h_idx * stride_lh, lse, mask=row_ok)
     else:
         has = l_i > 0
@@ -69,7 +69,7 @@ def _merge_kernel(
     lse = tl.load(LsePart + offs_s * rows + row, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
     if HAS_SINKS:
-        sink = tl.load(Sinks + h).to(tl.float32) * 1.4426950408889634
+        sink = tl.load(Sinks + h).to(tl.float32) * LOG2E
         m = tl.maximum(m, sink)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m_safe)
@@ -88,7 +88,7 @@ def _merge_kernel(
     acc = acc * (scale / tl.where(has, denom, 1.0))
     tl.store(Out + t * stride_ot + h * stride_oh + offs_d, acc.to(Out.dtype.element_ty), mask=d_ok)
     if WRITE_LSE:
-        lse_out = tl.where(has, (m_safe + tl.log2(tl.where(has, denom, 1.0))) * 0.6931471805599453, float("-inf"))
+        lse_out = tl.where(has, (m_safe + tl.log2(tl.where(has, denom, 1.0))) * LN2, float("-inf"))
         tl.store(Lse + t * stride_lt + h * stride_lh, lse_out)
 
 

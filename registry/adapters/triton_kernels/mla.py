@@ -19,7 +19,9 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 from registry.adapters.triton_kernels import planning
-from registry.adapters.triton_kernels.common import dot_dtype, load_scale, mask_keys, softmax_step, split_keys, tanh
+from registry.adapters.triton_kernels.common import (
+    dot_dtype, load_scale, mask_keys, scale_scores, score_scales, softmax_step, split_keys,
+)
 from registry.adapters.triton_kernels.merge import merge_splits, write_rows
 
 log = logging.getLogger("kernelsel")
@@ -70,11 +72,7 @@ def _mla_decode_kernel(
         mask=row_ok[:, None] & dr_ok[None, :], other=0.0,
     ).to(DOT)
     qk_scale = sm_scale * load_scale(q_mul, QScale, Q_SCALE_PTR) * load_scale(kv_mul, KVScale, KV_SCALE_PTR)
-    if HAS_SOFTCAP:
-        cap_in = qk_scale / soft_cap
-        cap_out = soft_cap * 1.4426950408889634
-    else:
-        qk_scale = qk_scale * 1.4426950408889634
+    qk_scale, cap_in, cap_out = score_scales(qk_scale, soft_cap, HAS_SOFTCAP)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -90,10 +88,7 @@ def _mla_decode_kernel(
         c = c.to(DOT)
         s = tl.dot(qn, tl.trans(c))
         s = tl.dot(qp, tl.trans(kpe.to(DOT)), s)
-        if HAS_SOFTCAP:
-            s = cap_out * tanh(s * cap_in)
-        else:
-            s = s * qk_scale
+        s = scale_scores(s, qk_scale, cap_in, cap_out, HAS_SOFTCAP)
         s = mask_keys(s, offs_n, end, q_pos, window_left, True, HAS_WINDOW)
         p, alpha, m_new = softmax_step(s, m_i)
         l_i = l_i * alpha + tl.sum(p, 1)

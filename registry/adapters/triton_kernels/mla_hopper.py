@@ -34,7 +34,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from registry.adapters.triton_kernels.common import load_scale, mask_keys, softmax_step, split_keys, tanh
+from registry.adapters.triton_kernels.common import (
+    load_scale, mask_keys, scale_scores, score_scales, softmax_step, split_keys,
+)
 from registry.adapters.triton_kernels.merge import write_rows
 
 # Gluon names that later Triton releases changed (3.6: async_copy_global_to_shared and thread_barrier;
@@ -129,11 +131,7 @@ def _mla_decode_hopper_kernel(
     rows = mblk * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
     q_pos = kv_len - q_len + rows // HEADS
     qk_scale = sm_scale * load_scale(q_mul, QScale, Q_SCALE_PTR) * load_scale(kv_mul, KVScale, KV_SCALE_PTR)
-    if HAS_SOFTCAP:
-        cap_in = qk_scale / soft_cap
-        cap_out = soft_cap * 1.4426950408889634
-    else:
-        qk_scale = qk_scale * 1.4426950408889634
+    qk_scale, cap_in, cap_out = score_scales(qk_scale, soft_cap, HAS_SOFTCAP)
 
     m_i = gl.full([BM], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
     l_2d = gl.zeros([BM, BLOCK_N], gl.float32, layout=s_layout)  # row sums, reduced once after the loop
@@ -159,10 +157,7 @@ def _mla_decode_hopper_kernel(
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
 
         offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        if HAS_SOFTCAP:
-            s = cap_out * tanh(s * cap_in)
-        else:
-            s = s * qk_scale
+        s = scale_scores(s, qk_scale, cap_in, cap_out, HAS_SOFTCAP)
         s = mask_keys(s, offs_n, end, q_pos, window_left, True, HAS_WINDOW)
         p, alpha, m_new = softmax_step(s, m_i)
         l_2d = l_2d * alpha[:, None] + p

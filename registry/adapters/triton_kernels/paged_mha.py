@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from registry.adapters.triton_kernels.common import (
-    dot_dtype, fp8_cvt_asm, load_scale, mask_keys, softmax_step, split_keys, tanh, to_dot,
+    dot_dtype, fp8_cvt_asm, load_scale, mask_keys, scale_scores, score_scales, softmax_step, split_keys, to_dot,
 )
 from registry.adapters.triton_kernels.merge import merge_splits, write_rows
 
@@ -52,10 +52,7 @@ def _attend_block(
     else:
         k = tl.load(k_ptrs)
     s = tl.dot(q, tl.trans(k.to(DOT)))
-    if HAS_SOFTCAP:
-        s = cap_out * tanh(s * cap_in)
-    else:
-        s = s * qk_scale
+    s = scale_scores(s, qk_scale, cap_in, cap_out, HAS_SOFTCAP)
     if MASKED:
         s = mask_keys(s, offs_n, end, q_pos, window_left, CAUSAL, HAS_WINDOW)
     p, alpha, m_new = softmax_step(s, m_i)
@@ -119,13 +116,7 @@ def _paged_mha_kernel(
         mask=row_ok[:, None] & d_ok[None, :], other=0.0,
     ).to(DOT)
     qk_scale = sm_scale * load_scale(q_mul, QScale, Q_SCALE_PTR) * load_scale(k_mul, KScale, K_SCALE_PTR)
-    if HAS_SOFTCAP:
-        cap_in = qk_scale / soft_cap
-        cap_out = soft_cap * 1.4426950408889634
-    else:
-        qk_scale = qk_scale * 1.4426950408889634
-        cap_in = 1.0  # unused
-        cap_out = 1.0
+    qk_scale, cap_in, cap_out = score_scales(qk_scale, soft_cap, HAS_SOFTCAP)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import triton
 import triton.language as tl
 
-from registry.adapters.triton_kernels.common import dot_dtype, load_scale, softmax_step
+from registry.adapters.triton_kernels.common import LOG2E, dot_dtype, load_scale, softmax_step
 from registry.adapters.triton_kernels.merge import merge_splits, write_rows
 
 
@@ -58,7 +58,7 @@ def _sparse_mla_kernel(
         mask=row_ok[:, None] & dr_ok[None, :], other=0.0,
     ).to(DOT)
     qk_scale = sm_scale * load_scale(q_mul, QScale, Q_SCALE_PTR) * load_scale(kv_mul, KVScale, KV_SCALE_PTR)
-    qk_scale = qk_scale * 1.4426950408889634
+    qk_scale = qk_scale * LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
