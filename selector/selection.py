@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, Optional
 from registry.errors import KernelselError
 from registry.priority import band_name
 from registry.schema import KernelSpec
+from registry.variants import LaunchEnv, VariantChoice
 from selector.availability import UNAVAILABLE, build
+from selector.platform import EVERYTHING
 
 if TYPE_CHECKING:
     from registry.schema import Manifest
@@ -77,6 +79,23 @@ class Selection:
     @property
     def rejected(self) -> tuple[Verdict, ...]:
         return tuple(v for v in self.verdicts if not v.eligible)
+
+    @property
+    def variant(self) -> Optional[VariantChoice]:
+        """Which launch of the chosen kernel runs for this request, and why; None when it has one launch.
+
+        The adapter's own decision (``launch_variant``, the function its
+        ``plan()`` follows) on this selection's arch and platform; imports the
+        adapter's module only, never its library.
+        """
+        if self.kernel is None:
+            return None
+        try:
+            cls = _adapter_class(self.kernel.adapter)
+        except (ImportError, AttributeError):  # explain --probe and doctor say why an adapter does not import
+            return None
+        decide = getattr(cls, "launch_variant", None)
+        return decide(self.request, _launch_env(self.request.arch or self.platform.arch, self.platform)) if decide else None
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -150,7 +169,8 @@ class Selection:
             "request": self.request.given(),
             "unchecked": self.request.unchecked(),
             "overrides": list(self.overrides),
-            "selected": _kernel_dict(self.kernel) | {"settings": self.settings} if self.kernel else None,
+            "selected": _kernel_dict(self.kernel) | {"settings": self.settings} | _variant_dict(self.variant)
+            if self.kernel else None,
             "why": self.why,
             "perf": {"source": self.perf_source, "median_us": dict(self.measured)} if self.perf_source else None,
             "eligible": [_kernel_dict(k) | ({"median_us": self.measured[k.name]} if k.name in self.measured else {})
@@ -185,6 +205,9 @@ class Selection:
             lines.append(f"selected  {k.name} ({k.solution.value}/{k.backend.value}, priority {k.priority} {band_name(k.priority)})")
             if k.settings:
                 lines.append("settings  " + " ".join(f"{a}={b}" for a, b in k.settings.items()))
+            variant = self.variant
+            if variant is not None:
+                lines.append(f"variant   {variant.describe()}")
         else:
             lines.append("selected  none")
         lines.append(f"why       {self.why}")
@@ -212,6 +235,19 @@ class Selection:
 
     def __str__(self) -> str:
         return self.explain()
+
+
+def _variant_dict(variant: Optional[VariantChoice]) -> dict[str, Any]:
+    return {"variant": variant.to_dict()} if variant is not None else {}
+
+
+def _launch_env(arch: Any, platform: "Platform") -> LaunchEnv:
+    """The platform as a launch-variant decision sees it; a hypothetical one's library versions are assumed."""
+    return LaunchEnv(
+        arch=arch,
+        versions={name: version for name, version in platform.libraries if name != EVERYTHING},
+        assumed=any(name == EVERYTHING for name, _ in platform.libraries),
+    )
 
 
 @functools.lru_cache(maxsize=None)

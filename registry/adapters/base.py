@@ -108,6 +108,15 @@ class Adapter:
         self.request = request
         self._planned = False
 
+    @classmethod
+    def launch_variant(cls, request: Any, env: Any) -> Any:
+        """Which of the kernel's launches runs for ``request`` on ``env`` (a ``registry.variants.LaunchEnv``).
+
+        None: the kernel has one launch.  An adapter with several returns its
+        planner's ``VariantChoice``, so explain shows what ``plan()`` runs.
+        """
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kernel={self.spec.name!r})"
 

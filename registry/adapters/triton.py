@@ -11,6 +11,10 @@ captured in a CUDA graph.  Triton and torch are imported on first use.
 ``tuning`` (constructor keyword) overrides the plan's heuristics --
 ``num_splits``, ``block_m``, ``block_n``, ``num_warps``, ``num_stages`` -- for
 tests and benchmarks; it never changes what is computed.
+
+``TritonMLADecode`` has two launch variants (``launch_variant``): the Gluon
+sm_90 kernel and the portable one; ``planning.mla_variant`` decides, for
+``plan()`` and for ``kernelsel explain`` alike.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from registry.adapters.base import Adapter, check_tensor, refuse_sparse_options, torch_dtype, workspace
 from registry.adapters.paged import check_cu_seqlens, check_decode_seq_lens, check_extend_seq_lens, check_paged_metadata
+from registry.adapters.triton_kernels import planning as launch_planning
 from registry.contracts import AttentionResult, output_dtype, scale_arg
 from registry.errors import AdapterInputError
 
@@ -74,7 +79,8 @@ class _TritonAdapter(Adapter):
         self.q_len, self.tokens = metadata.q_len, self.batch * metadata.q_len
 
     def _config(self, default: Any) -> Any:
-        return default.replace(**self.tuning)
+        """``default`` with the tuning overrides; ``tuning["kernel"]`` goes through the variant decision instead."""
+        return default.replace(**{k: v for k, v in self.tuning.items() if k != "kernel"})
 
     def _splits(self, planning: Any, work: int, keys: int, tokens: int, heads: int, dv: int, family: dict) -> int:
         if "num_splits" in self.tuning:
@@ -272,16 +278,18 @@ class TritonMLADecode(_TritonMLA):
 
     op = "mla_decode"
 
+    @classmethod
+    def launch_variant(cls, request: Any, env: Any) -> Any:
+        """``planning.mla_variant``: the Gluon sm_90 kernel or the portable one (what explain shows)."""
+        return launch_planning.mla_variant(request, env)
+
     def plan(self, metadata) -> None:
         self._plan_decode(metadata)
         planning = _kernels("planning")
         r = self.request
         rows = self.q_len * r.num_qo_heads
-        q_dtype, kv_dtype, _ = self._dtypes()
-        hopper = self.tuning.get("kernel", "hopper") == "hopper" and planning.hopper_mla_eligible(
-            self.device, q_dtype, kv_dtype, r.kv_lora_rank, r.qk_rope_head_dim
-        )
-        self.cfg = self._config(planning.mla_config(rows, hopper=hopper))
+        self.variant = planning.plan_mla_variant(r, self.device, self.q_len, forced=self.tuning.get("kernel"))
+        self.cfg = self._config(planning.mla_config(rows, hopper=self.variant.variant is planning.HOPPER_MLA))
         keys = self.max_len if self.window_left < 0 else min(self.max_len, self.window_left + self.q_len)
         work = self.batch * -(-rows // self.cfg.block_m) * self.cfg.value_splits
         self.num_splits = self._splits(

@@ -1,6 +1,8 @@
-"""Launch heuristics for the Triton kernels: tile shapes and split-KV counts.
+"""Launch heuristics for the Triton kernels: tile shapes, split-KV counts, and which MLA kernel runs.
 
-Pure Python (torch only to read the SM count), called from ``plan()``.
+Pure Python (torch and triton only to read the device and the version, in
+``num_sms`` and ``device_env``), called from ``plan()``; ``mla_variant`` is
+also what ``kernelsel explain`` shows, so it imports nothing.
 The numbers come from ``bench/triton_vs_flashinfer.py --sweep`` on an H200
 (bench/results/triton_sweep-h200.json, and triton_fp8_sweep-h200.json for
 FP8-KV decode); they are performance choices,
@@ -10,8 +12,12 @@ never capability facts.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
+
+from registry.variants import Condition, LaunchEnv, Variant, VariantChoice, choose
+from registry.vocab import Arch, DType, parse_arch
 
 MAX_SPLITS = 64
 """Upper bound on key-range splits (the merge kernel reads all of them per row)."""
@@ -94,9 +100,7 @@ def mha_config(
 def mla_config(rows_per_request: int, *, hopper: bool = False) -> LaunchConfig:
     """Dense MLA: rows = (new tokens x heads); 64 rows fill a Hopper warpgroup MMA.
 
-    ``hopper``: the Gluon sm_90 kernel can run this request (``hopper_mla_eligible``).
-    It is chosen from one full row tile per request on; below that the
-    portable kernel's 16/32-row tiles waste less.
+    ``hopper``: ``mla_variant`` chose the Gluon sm_90 kernel, which fixes its own tile.
 
     H200, 128 heads, context 8192 (bench/results/triton_vs_flashinfer-h200.json):
     the Gluon kernel, which splits each block's scores between the two
@@ -105,38 +109,133 @@ def mla_config(rows_per_request: int, *, hopper: bool = False) -> LaunchConfig:
     all scores.  Portable sweep (B 64): 64 rows x 64 keys, 8 warps, 2 stages
     took 0.71 ms; 32 keys 0.97 ms; ``value_splits=2`` did not help.
     """
-    block_m = min(64, max(16, next_pow2(rows_per_request)))
-    if hopper and rows_per_request >= 64:
+    if hopper:
         return LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=1, kernel="hopper")
+    block_m = min(64, max(16, next_pow2(rows_per_request)))
     return LaunchConfig(block_m=block_m, block_n=64, num_warps=8 if block_m >= 64 else 4, num_stages=2)
 
 
-def hopper_mla_eligible(device: Any, q_dtype: Any, kv_dtype: Any, rank: int, rope: int) -> bool:
-    """Whether ``mla_hopper`` runs here: an sm_90 GPU, a 16-bit cache of the query's dtype, and Gluon's Hopper API.
+HOPPER_MLA = Variant("hopper", "the Gluon sm_90 kernel, triton_kernels/mla_hopper.py")
+PORTABLE_MLA = Variant("portable", "triton_kernels/mla.py")
 
-    ``rank`` must be a power of two from 64 to 512 (half of it is one
-    warpgroup MMA's width, at most 256) and ``rope`` a power of two from 16:
-    the shapes the kernel's layouts and shared memory (227 KB at rank 512)
-    were built for.
-    """
-    import torch
-
-    device = torch.device(device)
-    if device.type != "cuda" or q_dtype != kv_dtype or q_dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if not 64 <= rank <= 512 or rank & (rank - 1) or rope < 16 or rope & (rope - 1):
-        return False
-    if hopper_mla_disabled is not None:
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index) == (9, 0) and _gluon_hopper_importable()
-
+HOPPER_MLA_MIN_ROWS = 64
+"""Rows (new tokens x heads) per request from which the Gluon kernel runs: one of its 64-row tiles
+(``mla_hopper.BLOCK_M``).  Below that the portable kernel's 16/32-row tiles waste less."""
 
 GLUON_MIN_TRITON = (3, 6)
 """Gluon's Hopper API is experimental and moves between releases: run on 3.6, compiled offline with 3.9."""
 
 hopper_mla_disabled: Optional[str] = None
-"""Why the Gluon MLA kernel failed to build in this process (``disable_hopper_mla``); None while it has not."""
+"""Why the Gluon MLA kernel cannot be built or imported in this process (``disable_hopper_mla``); None while it can."""
+
+
+def mla_variant(request: Any, env: LaunchEnv, *, q_len: Optional[int] = None, forced: Optional[str] = None) -> VariantChoice:
+    """Which dense MLA kernel runs: ``hopper`` (``mla_hopper``) when every condition holds, else ``portable``.
+
+    The one decision ``TritonMLADecode.plan()`` launches and explain shows.
+    The Gluon kernel needs warpgroup MMA (sm_90), a 16-bit cache of the
+    query's dtype, a power-of-two ``kv_lora_rank`` from 64 to 512 (half of it
+    is one warpgroup MMA's width, at most 256) and a power-of-two
+    ``qk_rope_head_dim`` from 16 -- the shapes its layouts and shared memory
+    (227 KB at rank 512) were built for -- and Triton >= 3.6; it runs from
+    one full row tile per request.  ``q_len``: the plan's new tokens per
+    request (explain: None, any up to ``request.q_len``).  ``forced``: the
+    adapter's ``tuning["kernel"]``.
+    """
+    conditions = [_arch_condition(env.arch), _dtype_condition(request), _shape_condition(request),
+                  _triton_condition(env), _rows_condition(request, q_len)]
+    if hopper_mla_disabled is not None:
+        conditions.append(Condition(f"disabled in this process: {hopper_mla_disabled}", False))
+    if forced not in (None, HOPPER_MLA.name):
+        conditions.append(Condition(f"tuning kernel={forced!r}", False))
+    return choose([(HOPPER_MLA, conditions), (PORTABLE_MLA, ())])
+
+
+def _arch_condition(arch: Optional[Arch]) -> Condition:
+    if arch is None:
+        return Condition("no CUDA device (Triton's interpreter)", False)
+    if arch is not Arch.SM_90:
+        return Condition(f"arch {arch}: warpgroup MMA is sm_90 only", False)
+    return Condition(str(arch), True)
+
+
+def _dtype_condition(request: Any) -> Condition:
+    q, kv = DType(str(request.q_dtype)), DType(str(request.kv_dtype))
+    if q is kv and q in (DType.BF16, DType.FP16):
+        return Condition(f"a {kv} cache of the query's dtype", True)
+    return Condition(f"kv_dtype {kv}: needs a 16-bit cache of the query's dtype ({q})", False)
+
+
+def _shape_condition(request: Any) -> Condition:
+    rank, rope = getattr(request, "kv_lora_rank", None), getattr(request, "qk_rope_head_dim", None)
+    unset = tuple(f for f, v in (("kv_lora_rank", rank), ("qk_rope_head_dim", rope)) if v is None)
+    if unset:
+        return Condition("kv_lora_rank a power of two in 64..512 and qk_rope_head_dim one >= 16", None, unset)
+    text = f"kv_lora_rank {rank}, qk_rope_head_dim {rope}"
+    if 64 <= rank <= 512 and not rank & (rank - 1) and rope >= 16 and not rope & (rope - 1):
+        return Condition(f"{text} fit its layouts", True)
+    return Condition(f"{text}: its layouts need a power-of-two rank in 64..512 and rope >= 16", False)
+
+
+def _triton_condition(env: LaunchEnv) -> Condition:
+    want = ".".join(map(str, GLUON_MIN_TRITON))
+    version = env.versions.get("triton")
+    if version is None:
+        if env.assumed:
+            return Condition(f"triton >= {want} assumed (hypothetical platform)", True)
+        return Condition(f"triton >= {want}", None, ("the installed triton",))
+    if triton_version(version) < GLUON_MIN_TRITON:
+        return Condition(f"triton {version} < {want} (Gluon's Hopper API)", False)
+    return Condition(f"triton {version} >= {want}", True)
+
+
+def _rows_condition(request: Any, q_len: Optional[int]) -> Condition:
+    heads, least = getattr(request, "num_qo_heads", None), HOPPER_MLA_MIN_ROWS
+    if heads is None:
+        return Condition(f"q_len x num_qo_heads >= {least}", None, ("num_qo_heads",))
+    lo, hi = (q_len, q_len) if q_len is not None else (1, request.q_len)
+    if lo * heads >= least:
+        return Condition(f"{lo * heads} rows per request (q_len {lo} x {heads} heads) >= {least}", True)
+    if hi * heads < least:
+        return Condition(f"{hi * heads} rows per request (q_len {hi} x {heads} heads) < {least}", False)
+    need = -(-least // heads)
+    return Condition(f"the plan's q_len >= {need} ({need} x {heads} heads >= {least} rows)", None, ("the plan's q_len",))
+
+
+def triton_version(text: str) -> tuple[int, ...]:
+    """``"3.9.0+git1a2b"`` -> ``(3, 9)``."""
+    return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
+
+
+def device_env(device: Any) -> LaunchEnv:
+    """The ``LaunchEnv`` of a torch device in this process: its arch (None off CUDA) and triton's version."""
+    import torch
+    import triton
+
+    device = torch.device(device)
+    arch = None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        try:
+            arch = parse_arch(f"{major}.{minor}")
+        except ValueError:  # outside the vocabulary: not sm_90 either
+            arch = None
+    return LaunchEnv(arch=arch, versions={"triton": triton.__version__})
+
+
+def plan_mla_variant(request: Any, device: Any, q_len: int, forced: Optional[str] = None) -> VariantChoice:
+    """``mla_variant`` on ``device`` for a plan of ``q_len`` tokens per request; a Gluon module that does not
+    import here disables the Hopper kernel for the process (explain shows why) and the portable one runs."""
+    choice = mla_variant(request, device_env(device), q_len=q_len, forced=forced)
+    if choice.variant is HOPPER_MLA:
+        problem = _gluon_import_problem()
+        if problem is not None:
+            disable_hopper_mla(problem)
+            logging.getLogger("kernelsel").warning(
+                "triton-mla-decode: %s; using the portable Triton kernel from now on", problem)
+            choice = mla_variant(request, device_env(device), q_len=q_len, forced=forced)
+    return choice
 
 
 def disable_hopper_mla(reason: str) -> None:
@@ -146,17 +245,12 @@ def disable_hopper_mla(reason: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _gluon_hopper_importable() -> bool:
-    import triton
-
-    version = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
-    if version < GLUON_MIN_TRITON:
-        return False
+def _gluon_import_problem() -> Optional[str]:
     try:
         from registry.adapters.triton_kernels import mla_hopper  # noqa: F401  (needs triton's Gluon Hopper API)
-    except (ImportError, AttributeError):
-        return False
-    return True
+    except (ImportError, AttributeError) as exc:
+        return f"the Gluon Hopper API does not import ({type(exc).__name__}: {exc})"
+    return None
 
 
 def sparse_mla_config(heads: int) -> LaunchConfig:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 pytest.importorskip("triton")
 
 from registry.adapters.triton_kernels import planning  # noqa: E402
+from registry.variants import LaunchEnv  # noqa: E402
+from registry.vocab import Arch  # noqa: E402
 
 H200_SMS = 132
 
@@ -61,12 +65,27 @@ def test_adapter_plan_applies_the_config_and_its_waves():
     assert adapter.num_splits == 1
 
 
-@pytest.mark.parametrize("rows,want", [(128, "hopper"), (64, "hopper"), (256, "hopper"), (32, "portable"), (16, "portable")])
-def test_mla_uses_the_hopper_kernel_from_one_full_row_tile(rows, want):
-    cfg = planning.mla_config(rows, hopper=True)
-    assert cfg.kernel == want
-    if want == "hopper":
-        assert (cfg.block_m, cfg.num_warps) == (64, 8)
+H200 = LaunchEnv(arch=Arch.SM_90, versions={"triton": "3.6.0"})
+
+
+def mla_request(**fields):
+    """What ``mla_variant`` reads of a request: DeepSeek-style MLA decode, bf16."""
+    base = dict(q_dtype="bf16", kv_dtype="bf16", kv_lora_rank=512, qk_rope_head_dim=64, num_qo_heads=128, q_len=1)
+    return SimpleNamespace(**{**base, **fields})
+
+
+@pytest.mark.parametrize("heads,q_len,want", [(128, 1, "hopper"), (64, 1, "hopper"), (16, 4, "hopper"),
+                                              (32, 1, "portable"), (16, 1, "portable")])
+def test_mla_uses_the_hopper_kernel_from_one_full_row_tile(heads, q_len, want):
+    choice = planning.mla_variant(mla_request(num_qo_heads=heads, q_len=q_len), H200, q_len=q_len)
+    assert choice.name == want
+    if want == "portable":
+        assert choice.passed_over == (("hopper", (f"{heads * q_len} rows per request (q_len {q_len} x {heads} heads) < 64",)),)
+
+
+def test_the_hopper_config_is_one_warpgroup_tile_pair():
+    cfg = planning.mla_config(128, hopper=True)
+    assert (cfg.kernel, cfg.block_m, cfg.num_warps) == ("hopper", 64, 8)
 
 
 def test_mla_without_hopper_keeps_the_portable_kernel():
@@ -74,27 +93,87 @@ def test_mla_without_hopper_keeps_the_portable_kernel():
     assert planning.mla_config(128, hopper=False) == planning.mla_config(128)
 
 
-@pytest.mark.parametrize("device,q,kv,rank,rope", [
-    ("cpu", "bfloat16", "bfloat16", 512, 64),          # no GPU
-    ("cuda", "bfloat16", "float8_e4m3fn", 512, 64),    # FP8 cache: portable kernel (fp16 operands)
-    ("cuda", "bfloat16", "float16", 512, 64),          # cache dtype differs from the query's
-    ("cuda", "float32", "float32", 512, 64),           # not 16-bit
-    ("cuda", "bfloat16", "bfloat16", 576, 64),         # rank not a power of two
-    ("cuda", "bfloat16", "bfloat16", 1024, 64),        # half the rank is wider than one warpgroup MMA
-    ("cuda", "bfloat16", "bfloat16", 512, 48),         # rope not a power of two
+@pytest.mark.parametrize("fields,why", [
+    (dict(kv_dtype="fp8_e4m3"), "kv_dtype fp8_e4m3: needs a 16-bit cache of the query's dtype (bf16)"),
+    (dict(kv_dtype="fp16"), "kv_dtype fp16: needs a 16-bit cache of the query's dtype (bf16)"),
+    (dict(q_dtype="fp32", kv_dtype="fp32"), "kv_dtype fp32: needs a 16-bit cache"),
+    (dict(kv_lora_rank=576), "kv_lora_rank 576, qk_rope_head_dim 64: its layouts need a power-of-two rank in 64..512"),
+    (dict(kv_lora_rank=1024), "kv_lora_rank 1024, qk_rope_head_dim 64: its layouts need"),
+    (dict(qk_rope_head_dim=48), "kv_lora_rank 512, qk_rope_head_dim 48: its layouts need"),
+], ids=["fp8-cache", "other-16-bit-cache", "fp32", "rank-not-pow2", "rank-past-one-mma", "rope-not-pow2"])
+def test_hopper_mla_is_refused_outside_its_shapes(fields, why):
+    choice = planning.mla_variant(mla_request(**fields), H200, q_len=1)
+    assert choice.name == "portable"
+    assert choice.passed_over[0][1][0].startswith(why)
+
+
+@pytest.mark.parametrize("arch", [None] + list(Arch))
+def test_hopper_mla_needs_sm_90(arch):
+    choice = planning.mla_variant(mla_request(), LaunchEnv(arch=arch, versions={"triton": "3.6.0"}), q_len=1)
+    assert choice.name == ("hopper" if arch is Arch.SM_90 else "portable")
+    if arch is None:
+        assert "no CUDA device" in choice.describe()
+
+
+@pytest.mark.parametrize("version,want", [("3.5.1", "portable"), ("3.2.0", "portable"), ("3.6.0", "hopper"),
+                                          ("3.9.0+git1a2b", "hopper")])
+def test_gluon_kernel_needs_the_triton_it_was_built_for(version, want):
+    choice = planning.mla_variant(mla_request(), LaunchEnv(arch=Arch.SM_90, versions={"triton": version}), q_len=1)
+    assert choice.name == want
+
+
+def test_a_hypothetical_platform_assumes_the_triton_it_needs():
+    choice = planning.mla_variant(mla_request(), LaunchEnv(arch=Arch.SM_90, assumed=True))
+    assert choice.name == "hopper" and "triton >= 3.6 assumed (hypothetical platform)" in choice.why
+
+
+@pytest.mark.parametrize("fields,env,depends_on", [
+    (dict(num_qo_heads=None), H200, ("num_qo_heads",)),
+    (dict(kv_lora_rank=None), H200, ("kv_lora_rank",)),
+    (dict(num_qo_heads=16, q_len=8), H200, ("the plan's q_len",)),
+    (dict(), LaunchEnv(arch=Arch.SM_90), ("the installed triton",)),
 ])
-def test_hopper_mla_is_refused_outside_its_shapes(device, q, kv, rank, rope):
-    """Refused before any GPU query: these hold on a CPU-only machine too."""
-    torch = pytest.importorskip("torch")
-    assert not planning.hopper_mla_eligible(torch.device(device), getattr(torch, q), getattr(torch, kv), rank, rope)
+def test_a_choice_the_request_cannot_settle_says_what_it_depends_on(fields, env, depends_on):
+    choice = planning.mla_variant(mla_request(**fields), env)
+    assert choice.variant is None and choice.depends_on == depends_on
+    assert (choice.candidate, choice.otherwise.variant) == (planning.HOPPER_MLA, planning.PORTABLE_MLA)
 
 
-def test_hopper_mla_needs_sm_90(monkeypatch):
+def test_a_failed_condition_settles_the_choice_even_when_another_is_undecided():
+    choice = planning.mla_variant(mla_request(num_qo_heads=None, kv_dtype="fp8_e4m3"), H200)
+    assert choice.name == "portable" and choice.depends_on == ()
+
+
+def test_tuning_can_force_the_portable_kernel():
+    choice = planning.mla_variant(mla_request(), H200, q_len=1, forced="portable")
+    assert choice.name == "portable" and choice.passed_over == (("hopper", ("tuning kernel='portable'",)),)
+
+
+def test_plan_launches_what_explain_shows(monkeypatch):
+    """``TritonMLADecode.plan()`` and ``launch_variant`` (explain) are one decision; a Gluon module that does not
+    import disables the Hopper kernel for the process, and explain then says so."""
     torch = pytest.importorskip("torch")
-    for capability, want in (((9, 0), True), ((8, 0), False), ((10, 0), False), ((12, 0), False)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
-        monkeypatch.setattr(planning, "_gluon_hopper_importable", lambda: True)
-        assert planning.hopper_mla_eligible(torch.device("cuda", 0), torch.bfloat16, torch.bfloat16, 512, 64) is want
+    from registry.adapters.triton import TritonMLADecode
+    from registry.contracts import DecodeMetadata
+
+    monkeypatch.setattr(planning, "hopper_mla_disabled", None)
+    monkeypatch.setattr(planning, "device_env", lambda device: H200)
+    monkeypatch.setattr(planning, "_gluon_import_problem", lambda: None)
+    request = SimpleNamespace(op="mla_decode", page_size=4, qk_nope_head_dim=128, sinks=False, sliding_window=False,
+                              logits_soft_cap=False, return_lse=False, **vars(mla_request()))
+    spec = SimpleNamespace(name="triton-mla-decode", op="mla_decode")
+    metadata = DecodeMetadata(block_table=torch.arange(4, dtype=torch.int32).view(2, 2),
+                              seq_lens=torch.tensor([5, 8], dtype=torch.int32))
+    adapter = TritonMLADecode(spec, request)
+    adapter.plan(metadata)
+    assert adapter.cfg.kernel == "hopper"
+    assert adapter.variant == TritonMLADecode.launch_variant(request, H200)
+
+    monkeypatch.setattr(planning, "_gluon_import_problem", lambda: "the Gluon Hopper API does not import (ImportError: x)")
+    adapter.plan(metadata)
+    assert adapter.cfg.kernel == "portable"
+    assert adapter.variant == TritonMLADecode.launch_variant(request, H200)
+    assert "disabled in this process: the Gluon Hopper API does not import" in adapter.variant.describe()
 
 
 def test_a_gluon_build_failure_falls_back_to_the_portable_kernel(monkeypatch, caplog):
@@ -139,12 +218,28 @@ def test_a_gluon_build_failure_falls_back_to_the_portable_kernel(monkeypatch, ca
     assert "OutOfResources" in planning.hopper_mla_disabled
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
     assert "portable Triton kernel" in caplog.records[0].message
-    assert not planning.hopper_mla_eligible(torch.device("cuda", 0), torch.bfloat16, torch.bfloat16, 512, 64)
+    later = planning.mla_variant(mla_request(), H200, q_len=1)
+    assert later.name == "portable" and "disabled in this process: OutOfResources" in later.describe()
 
 
-@pytest.mark.parametrize("version,want", [("3.5.1", False), ("3.2.0", False), ("3.6.0", True), ("3.9.0+git1a2b", True)])
-def test_gluon_kernel_needs_the_triton_it_was_built_for(monkeypatch, version, want):
-    import triton
 
-    monkeypatch.setattr(triton, "__version__", version)
-    assert planning._gluon_hopper_importable.__wrapped__() is want
+
+@pytest.mark.parametrize("tuning,env,want", [
+    ({"kernel": "portable"}, H200, "portable"),
+    ({"kernel": "hopper"}, LaunchEnv(arch=None, versions={"triton": "3.6.0"}), "portable"),  # no forcing past the decision
+    ({"kernel": "hopper", "num_splits": 2}, H200, "hopper"),
+])
+def test_tuning_kernel_goes_through_the_decision(monkeypatch, tuning, env, want):
+    torch = pytest.importorskip("torch")
+    from registry.adapters.triton import TritonMLADecode
+    from registry.contracts import DecodeMetadata
+
+    monkeypatch.setattr(planning, "hopper_mla_disabled", None)
+    monkeypatch.setattr(planning, "device_env", lambda device: env)
+    monkeypatch.setattr(planning, "_gluon_import_problem", lambda: None)
+    request = SimpleNamespace(op="mla_decode", page_size=4, qk_nope_head_dim=128, sinks=False, sliding_window=False,
+                              logits_soft_cap=False, return_lse=False, **vars(mla_request()))
+    adapter = TritonMLADecode(SimpleNamespace(name="triton-mla-decode", op="mla_decode"), request, tuning=tuning)
+    adapter.plan(DecodeMetadata(block_table=torch.arange(4, dtype=torch.int32).view(2, 2),
+                                seq_lens=torch.tensor([5, 8], dtype=torch.int32)))
+    assert adapter.cfg.kernel == adapter.variant.name == want
