@@ -9,10 +9,12 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
+from registry.adapter_policy import ADAPTER_PACKAGE
 from registry.errors import KernelselError
 from registry.priority import band_name
 from registry.schema import KernelSpec
@@ -85,10 +87,14 @@ class Selection:
         """Which launch of the chosen kernel runs for this request, and why; None when it has one launch.
 
         The adapter's own decision (``launch_variant``, the function its
-        ``plan()`` follows) on this selection's arch and platform; imports the
-        adapter's module only, never its library.
+        ``plan()`` follows) on this selection's arch and platform.  Imports the
+        adapter's module (never its library) only when it is kernelsel's own:
+        explain runs no code of an allowlisted package that is not loaded yet.
         """
         if self.kernel is None:
+            return None
+        module = self.kernel.adapter.split(":")[0]
+        if not module.startswith(ADAPTER_PACKAGE + ".") and module not in sys.modules:
             return None
         try:
             cls = _adapter_class(self.kernel.adapter)

@@ -137,3 +137,16 @@ def test_explaining_a_variant_imports_neither_torch_nor_triton():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == ["hopper", []]
+
+
+def test_explain_runs_no_code_of_an_allowlisted_adapter_package(tmp_path, monkeypatch):
+    """A plugin adapter is asked for its variants only once the engine imported it; explain never imports it."""
+    package = tmp_path / "variant_plugin_probe"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise RuntimeError('explain imported the plugin')\n\n\nclass MLA:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = MANIFEST_TEXT.replace("registry.adapters.triton:TritonMLADecode", "variant_plugin_probe:MLA")
+    manifest = load_manifest(text=text, adapter_allowlist=["variant_plugin_probe"])
+    sel = Selector(manifest, Platform(arch=Arch.SM_90, libraries=INSTALLED)).select(KernelRequest(**DEEPSEEK))
+    assert sel.variant is None and "variant" not in sel.to_dict()["selected"]
+    assert not [ln for ln in sel.explain().splitlines() if ln.startswith("variant")]
