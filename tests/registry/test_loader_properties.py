@@ -186,11 +186,16 @@ def mutated(draw, original, paths):
 
 
 def _has(data, path):
-    try:
-        _get(data, path)
-        return True
-    except (KeyError, IndexError, TypeError):
-        return False
+    """``path`` leads to a value through dicts and lists only (a retyped value -- text -- is not a container)."""
+    node = data
+    for part in path:
+        if not isinstance(node, (dict, list)):
+            return False
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+    return True
 
 
 def _is_prefix(a, b):
