@@ -2,17 +2,19 @@
 
 A constraint is attached to one request field (its key in the manifest is
 the request field's name) and knows how to check a value and how to word
-the failure.  ``check(field, value)`` returns ``None`` when the value is
-allowed, else one plain-words reason naming the field, the requested value
-and what is allowed.  The solver loops over fields; it never branches on a
-field's name.
+the failure.  ``check(field, value, request)`` returns ``None`` when the
+value is allowed, else one plain-words reason naming the field, the
+requested value and what is allowed.  Value kinds (one-of, range, dtype set,
+arch spec) look at the value alone; a relation (``Equals``) also reads the
+request field it relates to.  The solver loops over fields; it never
+branches on a field's name.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, conlist, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, conlist, field_validator, model_validator
 from typing_extensions import TypedDict
 
 from registry.errors import brief
@@ -36,7 +38,7 @@ class OneOf(_Strict):
 
     values: tuple[Any, ...]
 
-    def check(self, field: str, value: Any) -> Optional[str]:
+    def check(self, field: str, value: Any, request: Any = None) -> Optional[str]:
         if value in self.values:
             return None
         return f"{field} {_fmt(value)} not in {_fmt_list(self.values)}"
@@ -44,7 +46,7 @@ class OneOf(_Strict):
     def describe(self) -> str:
         return ", ".join(_fmt(v) for v in self.values)
 
-    def allows(self, value: Any) -> bool:
+    def allows(self, value: Any, request: Any = None) -> bool:
         return value in self.values
 
 
@@ -67,7 +69,7 @@ class IntRange(_Strict):
             raise ValueError("give at least one of min, max, multiple_of, power_of_two")
         return self
 
-    def check(self, field: str, value: int) -> Optional[str]:
+    def check(self, field: str, value: int, request: Any = None) -> Optional[str]:
         if self.min is not None and value < self.min:
             return f"{field} {value} below minimum {self.min}"
         if self.max is not None and value > self.max:
@@ -88,7 +90,7 @@ class IntRange(_Strict):
             text += " (2^n)"
         return text
 
-    def allows(self, value: int) -> bool:
+    def allows(self, value: int, request: Any = None) -> bool:
         return self.check("", value) is None
 
 
@@ -111,15 +113,8 @@ def shape_constraint(raw: Any) -> Any:
     """
     if isinstance(raw, (OneOf, IntRange)):
         return raw
-    if isinstance(raw, list):
-        if not raw:
-            raise ValueError("list at least one allowed value")
-        for v in raw:
-            if not _is_int(v):
-                raise ValueError(f"{brief(v)} is not an integer (list the allowed values as integers)")
-        return OneOf(values=tuple(raw))
-    if _is_int(raw):
-        return OneOf(values=(raw,))
+    if isinstance(raw, list) or _is_int(raw):
+        return OneOf(values=int_values(raw))
     if isinstance(raw, dict):
         for key in raw:
             if key not in IntRange.model_fields:
@@ -153,7 +148,7 @@ class DTypeSet(_Strict):
             raise ValueError("list at least one dtype")
         return v
 
-    def check(self, field: str, value: DType) -> Optional[str]:
+    def check(self, field: str, value: DType, request: Any = None) -> Optional[str]:
         if value in self.values:
             return None
         return f"{field} {_fmt(value)} not in {_fmt_list(self.values)}"
@@ -161,8 +156,105 @@ class DTypeSet(_Strict):
     def describe(self) -> str:
         return ", ".join(_fmt(v) for v in self.values)
 
-    def allows(self, value: DType) -> bool:
+    def allows(self, value: DType, request: Any = None) -> bool:
         return value in self.values
+
+
+class Equals(_Strict):
+    """Equal to another request field of the same kind, or one of ``or``:
+    ``head_dim_vo: {equals: head_dim_qk}``, ``kv_dtype: {equals: q_dtype, or: [fp8_e4m3, fp8_e5m2]}``.
+
+    A relation, not a value set: the field takes the allowed values of the field it equals
+    (plus ``or``).  When a request leaves that field unset there is nothing to compare, so the
+    value is checked against the kernel's own constraint on it (``bound``), as if it stood for it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    equals: str = Field(description="the request field this one must equal")
+    or_: Optional[tuple[Any, ...]] = Field(default=None, alias="or", description="values allowed besides equality")
+
+    _target: Any = PrivateAttr(default=None)  # the kernel's constraint on ``equals`` (see ``bound``)
+
+    def bound(self, target: Any) -> "Equals":
+        """A copy that falls back on ``target`` (the kernel's constraint on ``equals``) when the request leaves it unset."""
+        copy = self.model_copy()
+        copy._target = target
+        return copy
+
+    @property
+    def alternatives(self) -> tuple[Any, ...]:
+        return self.or_ or ()
+
+    def check(self, field: str, value: Any, request: Any = None) -> Optional[str]:
+        if value in self.alternatives:
+            return None
+        other = getattr(request, self.equals, None)
+        if other is None:
+            problem = None if self._target is None else self._target.check(field, value, request)
+            return problem and f"{problem} (the values of {self.equals}, which it must equal)"
+        if value == other:
+            return None
+        also = f" or be one of {_fmt_list(self.alternatives)}" if self.alternatives else ""
+        return f"{field} {_fmt(value)} must equal {self.equals} {_fmt(other)}{also}"
+
+    def describe(self) -> str:
+        text = f"= {self.equals}"
+        return f"{text} or {', '.join(_fmt(v) for v in self.alternatives)}" if self.alternatives else text
+
+    def allows(self, value: Any, request: Any = None) -> bool:
+        return self.check("", value, request) is None
+
+
+EQUALS_KEYS = ("equals", "or")
+"""The keys of an equals constraint in YAML."""
+
+
+def equals_constraint(raw: Mapping[str, Any], field: str, kinds: Mapping[str, str],
+                      alternatives: Callable[[Any], tuple[Any, ...]]) -> Equals:
+    """``{equals: FIELD, or: [...]}`` on ``field`` -> Equals (pydantic before-validator helper).
+
+    ``kinds`` maps every request field to its kind (``dtype``, ``shape``, ...): a field can
+    equal only another field of its own kind.  ``alternatives`` reads the ``or`` list as
+    values of that kind.  A message about ``equals`` starts with that word, so the loader
+    points at the key.
+    """
+    kind = kinds[field]
+    same = [f for f, k in kinds.items() if k == kind and f != field]
+    for key in raw:
+        if key not in EQUALS_KEYS:
+            raise ValueError(f"{brief(key)} is not a key of an equals constraint{did_you_mean(str(key), list(EQUALS_KEYS))}; "
+                             f"expected equals and optionally or")
+    if "equals" not in raw:
+        raise ValueError("or is given without equals: write {equals: FIELD, or: [...]}")
+    target = raw["equals"]
+    if not isinstance(target, str) or target not in kinds:
+        hint = did_you_mean(target, same) if isinstance(target, str) else ""
+        raise ValueError(f"equals names {brief(target)}, not a request field{hint}; a {kind} field can equal one of: "
+                         f"{', '.join(same)}")
+    if target == field:
+        raise ValueError(f"equals names {field} itself; name another {kind} field: {', '.join(same)}")
+    if kinds[target] != kind:
+        raise ValueError(f"equals names {target}, a {kinds[target]} field; {field} is a {kind} field and can equal "
+                         f"only one of: {', '.join(same)}")
+    values = None
+    if "or" in raw:
+        try:
+            values = alternatives(raw["or"])
+        except ValueError as exc:
+            raise ValueError(f"or {exc}") from None
+    return Equals(equals=target, or_=values)
+
+
+def int_values(raw: Any) -> tuple[int, ...]:
+    """One integer or a non-empty list of them (a shape's allowed values, an equals constraint's ``or``)."""
+    values = raw if isinstance(raw, list) else [raw]
+    if not values:
+        raise ValueError("list at least one allowed value")
+    for v in values:
+        if not _is_int(v):
+            raise ValueError(f"{brief(v)} is not an integer (list the allowed values as integers)")
+    return tuple(values)
 
 
 class ArchSpec(_Strict):
@@ -197,7 +289,7 @@ class ArchSpec(_Strict):
             raise ValueError(f"min {self.min.value} is above max {self.max.value}")
         return self
 
-    def check(self, field: str, value: Arch) -> Optional[str]:
+    def check(self, field: str, value: Arch, request: Any = None) -> Optional[str]:
         if self.only is not None:
             if value in self.only:
                 return None
@@ -215,7 +307,7 @@ class ArchSpec(_Strict):
         hi = self.max.value if self.max else ""
         return f"{lo}..{hi}"
 
-    def allows(self, value: Arch) -> bool:
+    def allows(self, value: Arch, request: Any = None) -> bool:
         return self.check("", value) is None
 
     def members(self) -> list[Arch]:

@@ -16,12 +16,16 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationInfo,
+    conlist,
     field_validator,
     model_validator,
 )
+from typing_extensions import Required, TypedDict
 
 from registry.adapter_policy import check_adapter_path
 from registry.constraints import (
@@ -30,9 +34,12 @@ from registry.constraints import (
     SHAPE_INPUT,
     ArchSpec,
     DTypeSet,
+    Equals,
     IntRange,
     OneOf,
     arch_spec,
+    equals_constraint,
+    int_values,
     shape_constraint,
     value_set,
 )
@@ -63,26 +70,68 @@ class StrictModel(BaseModel):
         return data
 
 
-def _dtypes(raw: Any) -> Any:
+def _dtypes(raw: Any, info: ValidationInfo) -> Any:
+    if isinstance(raw, dict) and (raw.keys() & {"equals", "or"}):
+        return equals_constraint(raw, info.field_name, FIELD_KINDS, _dtype_values)
     if isinstance(raw, list):
         return {"values": raw}
     if isinstance(raw, str):
         return {"values": [raw]}
-    if raw is not None and not isinstance(raw, (dict, DTypeSet)):
-        raise ValueError(f"expected a dtype or a list of dtypes, got {brief(raw)}")
+    if raw is not None and not isinstance(raw, (dict, DTypeSet, Equals)):
+        raise ValueError(f"expected a dtype, a list of dtypes or {{equals: FIELD}}, got {brief(raw)}")
     return raw
 
 
+def _dtype_values(raw: Any) -> tuple[DType, ...]:
+    return tuple(DType(v) for v in value_set(raw, DType.values(), "dtype").values)
+
+
+def _shape(raw: Any, info: ValidationInfo) -> Any:
+    if isinstance(raw, dict) and (raw.keys() & {"equals", "or"}):
+        return equals_constraint(raw, info.field_name, FIELD_KINDS, int_values)
+    return raw if raw is None else shape_constraint(raw)
+
+
+def _set_or_equals(value: Any) -> str:
+    return "equals" if isinstance(value, Equals) else "set"
+
+
+DTYPE_FIELDS = ("q_dtype", "kv_dtype", "out_dtype")
+SHAPE_FIELDS = tuple(sorted(frozenset().union(*SHAPE_FIELDS_BY_OP.values())))
+
+# How an equals constraint is written in YAML (for the JSON schema); 'or' is a Python keyword, hence the call form.
+DTypeEqualsInput = TypedDict(
+    "DTypeEqualsInput",
+    {"equals": Required[Literal[DTYPE_FIELDS]], "or": Union[conlist(DType, min_length=1), DType]},
+    total=False,
+)
+DTypeEqualsInput.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
+
 # json_schema_input_type: the JSON schema describes the YAML spelling (lists, range mappings), not the models
-DTypes_ = Annotated[Optional[DTypeSet], BeforeValidator(_dtypes, json_schema_input_type=Optional[DTYPES_INPUT])]
+DTypes_ = Annotated[
+    Optional[Annotated[Union[Annotated[DTypeSet, Tag("set")], Annotated[Equals, Tag("equals")]],
+                       Discriminator(_set_or_equals)]],
+    BeforeValidator(_dtypes, json_schema_input_type=Optional[Union[DTYPES_INPUT, DTypeEqualsInput]]),
+]
+
+ShapeEqualsInput = TypedDict(
+    "ShapeEqualsInput",
+    {"equals": Required[Literal[SHAPE_FIELDS]], "or": Union[conlist(int, min_length=1), int]},
+    total=False,
+)
+ShapeEqualsInput.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
+
 ShapeC = Annotated[
-    Optional[Union[OneOf, IntRange]],
-    BeforeValidator(lambda v: v if v is None else shape_constraint(v), json_schema_input_type=Optional[SHAPE_INPUT]),
+    Optional[Union[OneOf, IntRange, Equals]],
+    BeforeValidator(_shape, json_schema_input_type=Optional[Union[SHAPE_INPUT, ShapeEqualsInput]]),
 ]
 
 
 class DTypes(StrictModel):
-    """Allowed dtypes per tensor role; the keys are the request fields they constrain."""
+    """Allowed dtypes per tensor role; the keys are the request fields they constrain.
+
+    A list (or one dtype) is a set of allowed values; ``{equals: q_dtype, or: [fp8_e4m3]}`` a relation.
+    """
 
     q_dtype: DTypes_ = Field(description="query dtype")
     kv_dtype: DTypes_ = Field(description="KV-cache (or K/V) dtype")
@@ -90,7 +139,8 @@ class DTypes(StrictModel):
 
 
 class Shapes(StrictModel):
-    """Shape constraints: a list is a set of allowed values, a mapping a range (min/max/multiple_of)."""
+    """Shape constraints: a list is a set of allowed values, a mapping a range (min/max/multiple_of)
+    or a relation (``{equals: head_dim_qk}``)."""
 
     head_dim_qk: ShapeC = Field(default=None, description="query/key head dim (MHA)")
     head_dim_vo: ShapeC = Field(default=None, description="value/output head dim (MHA)")
@@ -121,6 +171,14 @@ REQUEST_FIELDS: tuple[str, ...] = (
     ("arch",) + tuple(DTypes.model_fields) + tuple(Shapes.model_fields) + tuple(Features.model_fields)
 )
 """Every request field a constraint or an exclusion can name."""
+
+FIELD_KINDS: dict[str, str] = {
+    "arch": "arch",
+    **{f: "dtype" for f in DTypes.model_fields},
+    **{f: "shape" for f in Shapes.model_fields},
+    **{f: "feature" for f in Features.model_fields},
+}
+"""The kind of every request field: an equals constraint relates two fields of one kind."""
 
 _FIELD_VOCAB = {"arch": Arch, "q_dtype": DType, "kv_dtype": DType, "out_dtype": DType}
 
@@ -230,6 +288,17 @@ class KernelSpec(StrictModel):
         for field in Shapes.model_fields:
             if getattr(self.shapes, field) is not None and field not in shapes:
                 raise ValueError(f"shapes.{field} means nothing for op {self.op.value}; it takes: {', '.join(sorted(shapes))}")
+        for group, fields in (("dtypes", self.dtypes), ("shapes", self.shapes)):
+            for field in type(fields).model_fields:
+                c = getattr(fields, field)
+                if not isinstance(c, Equals):
+                    continue
+                if group == "shapes" and c.equals not in shapes:
+                    raise ValueError(f"{group}.{field}.equals names {c.equals}, which means nothing for op "
+                                     f"{self.op.value}; it takes: {', '.join(sorted(shapes))}")
+                if isinstance(getattr(fields, c.equals), Equals):
+                    raise ValueError(f"{group}.{field}.equals names {c.equals}, itself {{equals: "
+                                     f"{getattr(fields, c.equals).equals}}}; name that field instead")
         features = FEATURE_FIELDS_BY_OP[self.op]
         for field in Features.model_fields:
             if getattr(self.features, field) and field not in features:
@@ -249,11 +318,17 @@ class KernelSpec(StrictModel):
 
     @functools.cached_property
     def constraints(self) -> tuple[tuple[str, Any], ...]:
-        """(request field, constraint) pairs to check, arch first then dtypes, shapes."""
+        """(request field, constraint) pairs to check, arch first then dtypes, shapes.
+
+        An equals constraint comes bound to this kernel's constraint on the field it
+        equals, which it checks when a request leaves that field unset.
+        """
         pairs: list[tuple[str, Any]] = [("arch", self.arch)]
         for group in (self.dtypes, self.shapes):
             for field in type(group).model_fields:
                 c = getattr(group, field)
+                if isinstance(c, Equals):
+                    c = c.bound(getattr(group, c.equals))
                 if c is not None:
                     pairs.append((field, c))
         return tuple(pairs)

@@ -52,7 +52,7 @@ def reasons(
     for field, constraint in kernel.constraints:
         value = getattr(request, field)
         if value is not None:
-            problem = constraint.check(field, value)
+            problem = constraint.check(field, value, request)
             if problem:
                 out.append(problem)
     for feature in kernel.unsupported_features:

@@ -350,7 +350,7 @@ def show(name: str, manifest_path: Optional[str], as_json: bool) -> None:
     if spec is None:
         raise Failure(f"no kernel named {name!r}{did_you_mean(name, list(manifest.by_name))}; "
                       f"`kernelsel list` shows them all", EXIT_USAGE)
-    data = spec.model_dump(mode="json", exclude_defaults=True)
+    data = spec.model_dump(mode="json", exclude_defaults=True, by_alias=True)
     data["exclude"] = [{"when": {f: c.describe() for f, c in e.when.items()}, "reason": e.reason, "ref": e.ref}
                        for e in spec.exclude]
     data = {k: v for k, v in data.items() if v not in ([], {}, None)}

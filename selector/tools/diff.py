@@ -2,8 +2,8 @@
 
 A reviewer of a ``kernels.yaml`` pull request needs the consequences, not the
 text diff: which requests now get another kernel, which lose every kernel
-(the first seed's regression: moving a FlashInfer MHA gate from sm_90 to
-sm_100 silently left Hopper users restricted to FlashInfer with nothing),
+(the regression lightseekorg/tokenspeed#445 hit: moving a FlashInfer MHA gate
+from sm_90 to sm_100 silently left Hopper users restricted to FlashInfer with nothing),
 which gain one, and which kernel entries changed, field by field.
 
 How the request space is enumerated (exact for the values probed, no blind
@@ -16,13 +16,18 @@ cross product):
    defaults from another: ``arch``; ``q_dtype/kv_dtype/out_dtype``;
    ``num_qo_heads/num_kv_heads`` (with the derived ``gqa_group_size``);
    ``head_dim_qk/head_dim_vo``; then every other shape field and every
-   feature flag alone.  A group takes part only when some pooled kernel
-   constrains one of its fields (a declared constraint, an undeclared
-   feature, or an exclusion's ``when``); the others stay unset.
+   feature flag alone.  Groups joined by an equals constraint (``page_size:
+   {equals: topk}``) are one group, so the relation is checked on whole
+   assignments.  A group takes part only when some pooled kernel constrains
+   one of its fields (a declared constraint, the field an equals constraint
+   names, an undeclared feature, or an exclusion's ``when``); the others stay
+   unset.
 3. Candidate values come from the constraints: every arch and dtype of the
    vocabulary; for an int field, each listed value and its neighbours, each
    range's min-1/min/max/max+1, a multiple and a non-multiple of each step,
-   powers of two and a non-power.  Each candidate gets a *profile*: for every
+   powers of two and a non-power; a field related by an equals constraint
+   also takes the other field's values and each ``or`` value, so equal and
+   unequal combinations are both probed.  Each candidate gets a *profile*: for every
    pooled kernel, whether its constraints on the group's fields allow it, and
    for every exclusion, whether its ``when`` fields in the group match.
    Candidates with equal profiles are one equivalence class (one
@@ -60,7 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from registry.constraints import IntRange, OneOf
+from registry.constraints import Equals, IntRange, OneOf
 from registry.errors import KernelselError
 from registry.loader import load_manifest
 from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
@@ -119,10 +124,10 @@ _JOINT_GROUPS: tuple[tuple[str, ...], ...] = (
 
 @dataclass(frozen=True)
 class _Constraint:
-    """One pooled check on one request field: a kernel constraint, a feature flag, or an exclusion's clause."""
+    """One pooled check on one request field: a kernel constraint or a feature flag."""
 
     field: str
-    allows: Any  # value -> bool
+    allows: Any  # (value, request) -> bool; an equals constraint reads the request's other field
 
 
 @dataclass
@@ -140,7 +145,7 @@ class _Pool:
         features = FEATURE_FIELDS_BY_OP[op]
         checks = []
         for k in kernels:
-            cs = [_Constraint(f, c.allows) for f, c in k.constraints]
+            cs = [_Constraint(f, c.allows) for f, c in k.constraints]  # c.allows(value, request)
             cs += [_Constraint(f, _false) for f in k.unsupported_features if f in features]
             checks.append(cs)
         # an exclusion clause on a field this op cannot take is decided by the field's fixed default
@@ -156,17 +161,22 @@ class _Pool:
                     exclusions.append((i, when))
         return cls(op, kernels, checks, exclusions)
 
+    def relations(self) -> set[tuple[str, str]]:
+        """(field, the field it must equal) for every equals constraint of the pooled kernels."""
+        return {(f, c.equals) for k in self.kernels for f, c in k.constraints if isinstance(c, Equals)}
+
     def constrained(self) -> set[str]:
-        out = {c.field for cs in self.checks for c in cs}
+        out = {c.field for cs in self.checks for c in cs} | {b for _, b in self.relations()}
         return out | {f for _, when in self.exclusions for f in when}
 
     def values_for(self, name: str) -> list[Any]:
-        """The constraint objects (kernel and exclusion) that mention a field."""
-        found = [c for k in self.kernels for f, c in k.constraints if f == name]
+        """The constraint objects (kernel and exclusion) that mention a field or a field it is related to by equals."""
+        related = {name} | {b for a, b in self.relations() if a == name} | {a for a, b in self.relations() if b == name}
+        found = [c for k in self.kernels for f, c in k.constraints if f in related]
         return found + [when[name] for _, when in self.exclusions if name in when]
 
 
-def _false(value: Any) -> bool:  # an undeclared feature allows only "not needed"
+def _false(value: Any, request: Any = None) -> bool:  # an undeclared feature allows only "not needed"
     return not value
 
 
@@ -178,6 +188,11 @@ def _int_points(constraints: list[Any]) -> list[int]:
     for c in constraints:
         if isinstance(c, OneOf):
             ints = [v for v in c.values if isinstance(v, int) and not isinstance(v, bool)]
+            declared += ints
+            probes += [v + d for v in ints for d in (-1, 1)]
+            top = max([top, *ints])
+        elif isinstance(c, Equals):
+            ints = [v for v in c.alternatives if isinstance(v, int) and not isinstance(v, bool)]
             declared += ints
             probes += [v + d for v in ints for d in (-1, 1)]
             top = max([top, *ints])
@@ -249,10 +264,35 @@ def _candidates(pool: _Pool, group: tuple[str, ...], constrained: set[str]) -> l
     return [{name: v} for v in ints(name)]
 
 
-def _classes(pool: _Pool, group: tuple[str, ...], constrained: set[str]) -> list[_Class]:
-    """The group's candidates reduced to equivalence classes (equal profiles), none that no kernel allows."""
+_Unit = tuple[tuple[str, ...], ...]
+"""Field groups enumerated together: one group, or several joined by equals constraints."""
+
+_ARCH: _Unit = (("arch",),)
+
+
+def _units(groups: list[tuple[str, ...]], relations: set[tuple[str, str]]) -> list[_Unit]:
+    """Join the groups that an equals constraint relates (transitively), keeping their order."""
+    units: list[list[tuple[str, ...]]] = [[g] for g in groups]
+    for a, b in sorted(relations):
+        ua = next((u for u in units if any(a in g for g in u)), None)
+        ub = next((u for u in units if any(b in g for g in u)), None)
+        if ua is not None and ub is not None and ua is not ub:
+            ua += ub
+            units.remove(ub)
+    return [tuple(u) for u in units]
+
+
+def _unit_candidates(pool: _Pool, unit: _Unit, constrained: set[str]) -> list[dict[str, Any]]:
+    """Every combination of the unit's groups' candidates."""
+    per_group = [_candidates(pool, g, constrained) for g in unit]
+    return [dict(kv for part in combo for kv in part.items()) for combo in itertools.product(*per_group)]
+
+
+def _classes(pool: _Pool, unit: _Unit, constrained: set[str]) -> list[_Class]:
+    """The unit's candidates reduced to equivalence classes (equal profiles), none that no kernel allows."""
     found: dict[tuple, _Class] = {}
-    for assignment in _candidates(pool, group, constrained):
+    fields = [f for g in unit for f in g]
+    for assignment in _unit_candidates(pool, unit, constrained):
         assignment = {k: v for k, v in assignment.items() if v is not None}
         if not assignment:
             continue
@@ -260,9 +300,9 @@ def _classes(pool: _Pool, group: tuple[str, ...], constrained: set[str]) -> list
             request = KernelRequest(op=pool.op, **assignment)
         except KernelselError:
             continue  # not a valid request (e.g. head dim 0): nobody can send it
-        values = {f: getattr(request, f) for f in group}
+        values = {f: getattr(request, f) for f in fields}
         passes = tuple(
-            all(values[c.field] is None or c.allows(values[c.field]) for c in cs if c.field in values)
+            all(values[c.field] is None or c.allows(values[c.field], request) for c in cs if c.field in values)
             for cs in pool.checks
         )
         matches = tuple(
@@ -273,11 +313,11 @@ def _classes(pool: _Pool, group: tuple[str, ...], constrained: set[str]) -> list
             continue
         key = (passes, matches)
         if key in found:
-            if group == ("arch",):
+            if unit == _ARCH:
                 prev = found[key]
                 found[key] = _Class(prev.assignment, passes, matches, prev.members + (assignment["arch"],))
             continue
-        members = (assignment["arch"],) if group == ("arch",) else ()
+        members = (assignment["arch"],) if unit == _ARCH else ()
         found[key] = _Class(tuple(assignment.items()), passes, matches, members)
     return list(found.values())
 
@@ -306,6 +346,7 @@ def request_space(op: Op, base: Manifest, head: Manifest) -> list[Probe]:
     groups: list[tuple[str, ...]] = [g for g in _JOINT_GROUPS if constrained & set(g)]
     groups += [(f,) for f in Shapes.model_fields if f in constrained and f not in joint]
     groups += [(f,) for f in Features.model_fields if f in constrained]
+    units = _units(groups, pool.relations())
     n_excl = len(pool.exclusions)
 
     def owner(i: int) -> int:
@@ -313,11 +354,11 @@ def request_space(op: Op, base: Manifest, head: Manifest) -> list[Probe]:
 
     # arch classes seed the states; states never merge across arch classes
     states: dict[tuple, tuple[int, dict[str, Any]]] = {}
-    arch_classes = _classes(pool, ("arch",), constrained)
+    arch_classes = _classes(pool, _ARCH, constrained)
     for ai, cls in enumerate(arch_classes):
         states.setdefault((ai, cls.passes, cls.matches), (ai, dict(cls.assignment)))
-    for group in groups:
-        classes = _classes(pool, group, constrained)
+    for unit in units:
+        classes = _classes(pool, unit, constrained)
         merged: dict[tuple, tuple[int, dict[str, Any]]] = {}
         for (ai, passes, matches), (_, assignment) in states.items():
             for cls in classes:
@@ -632,7 +673,7 @@ def _render(value: Any) -> str:
 def _flatten(spec: KernelSpec) -> dict[str, Any]:
     """A kernel's model_dump as dotted fields (dtypes.q_dtype, shapes.page_size, features.sinks, ...)."""
     out: dict[str, Any] = {}
-    for key, value in spec.model_dump(mode="json").items():
+    for key, value in spec.model_dump(mode="json", by_alias=True).items():
         if isinstance(value, dict) and key in ("dtypes", "shapes", "features", "settings"):
             for sub, v in value.items():
                 out[f"{key}.{sub}"] = v

@@ -111,7 +111,7 @@ def _op_table(manifest: Manifest, op: Op) -> list[str]:
 
 def common_dtype(manifest: Manifest) -> DType:
     """The query dtype the most kernels declare (ties: vocabulary order)."""
-    counts = Counter(d for k in manifest.kernels if k.dtypes.q_dtype for d in k.dtypes.q_dtype.values)
+    counts = Counter(d for k in manifest.kernels for d in getattr(k.dtypes.q_dtype, "values", ()))
     order = list(DType)
     return max(order, key=lambda d: (counts[d], -order.index(d)))
 
@@ -166,6 +166,7 @@ def render_matrix(manifest: Manifest) -> str:
         f"{len(manifest.kernels)} kernels, manifest schema {manifest.schema_version}.  "
         f"{YES} supported, {NO} not supported, {NA} means nothing for the op.  "
         "Ranges are inclusive (`1..` has no maximum, `(x16)` a step, `(2^n)` powers of two); "
+        "`= FIELD` means equal to the request's FIELD (so limited to FIELD's values), `or` lists values allowed besides; "
         "rows are in selection order (priority, then name).  "
         "Reference kernels are never chosen automatically.",
         "",

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
 
-from registry.constraints import IntRange, OneOf
+from registry.constraints import Equals, IntRange, OneOf
 from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
 from registry.schema import Features, KernelSpec, Manifest, Shapes
 from registry.vocab import DType, Op, Solution
@@ -195,20 +195,29 @@ def _declared_values(field_name: str, c: Any) -> list[Any]:
     return list(c.values)  # DTypeSet
 
 
+def _field_values(spec: KernelSpec, field_name: str) -> list[Any]:
+    """The values to try for one field; a field that equals another takes that field's values, then its ``or``."""
+    group = spec.dtypes if field_name in type(spec.dtypes).model_fields else spec.shapes
+    c = getattr(group, field_name)
+    if isinstance(c, Equals):
+        return list(dict.fromkeys(_field_values(spec, c.equals) + list(c.alternatives)))
+    return _declared_values(field_name, c)
+
+
 def case_axes(spec: KernelSpec) -> dict[str, list[Any]]:
     """Request field -> the values to try, taken from the kernel's declared constraints."""
     op_fields = SHAPE_FIELDS_BY_OP[spec.op]
     is_mha = "gqa_group_size" in op_fields
     axes: dict[str, list[Any]] = {
-        "q_dtype": _declared_values("q_dtype", spec.dtypes.q_dtype),
-        "kv_dtype": _declared_values("kv_dtype", spec.dtypes.kv_dtype),
+        "q_dtype": _field_values(spec, "q_dtype"),
+        "kv_dtype": _field_values(spec, "kv_dtype"),
     }
     if spec.dtypes.out_dtype is not None:
-        axes["out_dtype"] = _declared_values("out_dtype", spec.dtypes.out_dtype)
+        axes["out_dtype"] = _field_values(spec, "out_dtype")
     for name in Shapes.model_fields:
         if name not in op_fields or name in _NOT_FROM_SAMPLES or (is_mha and name == "num_qo_heads"):
             continue
-        values = _declared_values(name, getattr(spec.shapes, name))
+        values = _field_values(spec, name)
         if values:
             axes[name] = values
     return axes

@@ -91,7 +91,7 @@ def test_kernels_whose_library_is_missing_are_skipped_with_the_reason():
     report = verify(MANIFEST, kernel="xqa-decode", quick=True, device="cpu", progress=False)
     assert report.results and all(r.status == "skip" for r in report.results)
     assert all("flashinfer-python, not installed" in r.message for r in report.results)
-    assert any(r.message.startswith("excluded: XQA KV must be") for r in report.results)
+    assert any("kv_dtype fp16 must equal q_dtype bf16 or be one of [fp8_e4m3]" in r.message for r in report.results)
 
 
 # --------------------------------------------------------------- broken adapters must fail
