@@ -235,8 +235,9 @@ def equals_constraint(raw: Mapping[str, Any], field: str, kinds: Mapping[str, st
     if target == field:
         raise ValueError(f"equals names {field} itself; name another {kind} field: {', '.join(same)}")
     if kinds[target] != kind:
-        raise ValueError(f"equals names {target}, a {kinds[target]} field; {field} is a {kind} field and can equal "
-                         f"only one of: {', '.join(same)}")
+        other = kinds[target]
+        raise ValueError(f"equals names {target}, {'an' if other[0] in 'aeiou' else 'a'} {other} field; {field} is a "
+                         f"{kind} field and can equal only one of: {', '.join(same)}")
     values = None
     if "or" in raw:
         try:

@@ -315,3 +315,62 @@ def test_the_enumeration_reaches_every_outcome_a_brute_force_sweep_finds(tmp_pat
         if any(eligible):
             swept.add((arch, eligible))
     assert swept <= reached, sorted((a.value, e) for a, e in swept - reached)
+
+
+# ------------------------------------------------------ equals constraints
+
+RELATED = PORTABLE | {"name": "r-related", "dtypes": {"q_dtype": ["bf16", "fp16"], "kv_dtype": {"equals": "q_dtype"}},
+                      "shapes": {"head_dim_qk": [64, 128, 256], "head_dim_vo": {"equals": "head_dim_qk"}}}
+
+
+def test_dropping_an_equals_constraint_is_seen_on_unequal_values(cli, tmp_path):
+    base = write(tmp_path, "base.yaml", synthetic([RELATED]))
+    loose = RELATED | {"shapes": {"head_dim_qk": [64, 128, 256], "head_dim_vo": [64, 128, 256]}}
+    code, out, _ = cli("diff", base, edited(tmp_path, "head.yaml", [loose]), "--json")
+    data = json.loads(out)
+    gained = [f["request"] for f in data["gained"]]
+    assert gained and all(set(r) == {"head_dim_qk", "head_dim_vo"} for r in gained), gained
+    assert all(not set(r["head_dim_qk"]) & set(r["head_dim_vo"]) for r in gained), "only unequal pairs gain"
+    assert {"field": "shapes.head_dim_vo", "base": "{equals: head_dim_qk}", "head": "[64, 128, 256]"} in \
+        data["kernels"]["changed"][0]["fields"]
+
+
+def test_widening_an_equals_constraint_with_or_is_seen_on_the_new_value(cli, tmp_path):
+    base = write(tmp_path, "base.yaml", synthetic([RELATED]))
+    wider = RELATED | {"dtypes": {"q_dtype": ["bf16", "fp16"], "kv_dtype": {"equals": "q_dtype", "or": ["fp8_e4m3"]}}}
+    code, out, _ = cli("diff", base, edited(tmp_path, "head.yaml", [wider]), "--json")
+    data = json.loads(out)
+    assert [f["request"] for f in data["gained"]] == [{"kv_dtype": ["fp8_e4m3"]}]
+    assert data["gained"][0]["because"] == ["now r-related (mha_decode): before: kv_dtype fp8_e4m3 must equal q_dtype bf16"]
+    assert {"field": "dtypes.kv_dtype", "base": "{equals: q_dtype}", "head": "{equals: q_dtype, or: [fp8_e4m3]}"} in \
+        data["kernels"]["changed"][0]["fields"]
+
+
+def test_the_enumeration_reaches_every_outcome_with_equals_across_field_groups(tmp_path):
+    """Brute force against the enumeration when equals relates fields of one group and of two groups."""
+    a = {"name": "a", "solution": "flashinfer", "backend": "fa2", "arch": {"min": "sm_80"},
+         "dtypes": {"q_dtype": ["bf16", "fp16"], "kv_dtype": {"equals": "q_dtype", "or": ["fp8_e4m3"]}},
+         "shapes": {"head_dim_qk": [8, 16], "head_dim_vo": {"equals": "head_dim_qk"},
+                    "q_len": {"max": 4}, "page_size": {"equals": "q_len", "or": [16]}},
+         "priority": 9}
+    b = {"name": "b", "solution": "triton", "backend": "triton", "arch": {"min": "sm_80"},
+         "dtypes": {"q_dtype": ["bf16"], "kv_dtype": ["bf16", "fp16"]},
+         "shapes": {"head_dim_qk": [8, 16, 24], "head_dim_vo": [8, 16, 24]}, "priority": 5}
+    a2 = a | {"dtypes": {"q_dtype": ["bf16", "fp16"], "kv_dtype": {"equals": "q_dtype"}},
+              "shapes": a["shapes"] | {"head_dim_vo": [8, 16], "page_size": {"equals": "q_len"}}}
+    base = load_manifest(write(tmp_path, "b.yaml", synthetic([a, b])))
+    head = load_manifest(write(tmp_path, "h.yaml", synthetic([a2, b])))
+    probes = request_space(Op.MHA_DECODE, base, head)
+    reached = {p.expected for p in probes if p.request.solution is None}
+
+    swept = set()
+    dtypes = (DType.BF16, DType.FP16, DType.FP8_E4M3)
+    dims, small = (None, 8, 16, 24, 32), (None, 1, 2, 4, 5, 16)
+    for q, kv, qk, vo, q_len, page in itertools.product(dtypes, dtypes, dims, dims, small[1:], small):
+        req = KernelRequest(op="mha_decode", arch="sm_90", q_dtype=q, kv_dtype=kv, head_dim_qk=qk, head_dim_vo=vo,
+                            q_len=q_len, page_size=page)
+        eligible = tuple(frozenset(k.name for k in solve(m, Platform.hypothetical("sm_90"), req).eligible)
+                         for m in (base, head))
+        if any(eligible):
+            swept.add(eligible)
+    assert len(swept) > 2 and swept <= reached, sorted(swept - reached)

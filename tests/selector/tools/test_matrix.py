@@ -91,3 +91,18 @@ def test_default_winner_table_is_what_the_solver_picks_for_the_stated_request():
 def test_most_common_dtype_is_counted_from_the_manifest():
     counts = {d: sum(d in k.dtypes.q_dtype.values for k in MANIFEST.kernels) for d in DType}
     assert counts[common_dtype(MANIFEST)] == max(counts.values())
+
+
+def test_equals_constraints_render_as_written_in_their_columns():
+    related = [k for k in MANIFEST.kernels if any(getattr(c, "equals", None) for _, c in k.constraints)]
+    assert related, "the bundled manifest states a relation with an equals constraint"
+    for k in related:
+        row = next(r for r in table_rows(TEXT, f"### {k.op.value}") if r[0] == f"`{k.name}`")
+        kv = k.dtypes.kv_dtype
+        assert row[4] == kv.describe().replace("|", "\\|")
+        vo = k.shapes.head_dim_vo
+        if getattr(vo, "equals", None):
+            assert f"head_dim_vo {vo.describe()}" in row[5]
+        out = k.dtypes.out_dtype
+        if getattr(out, "equals", None):
+            assert f"out_dtype {out.describe()}" in row[-2]

@@ -95,7 +95,21 @@ def _unknown_feature(data):
     data["kernels"][0].setdefault("features", {})["sink"] = True
 
 
+def _equals_a_field_of_another_kind(data):
+    data["kernels"][0]["dtypes"]["kv_dtype"] = {"equals": "head_dim_qk"}
+
+
+def _equals_with_an_unknown_key(data):
+    data["kernels"][0]["dtypes"]["kv_dtype"] = {"equals": "q_dtype", "orr": ["fp8_e4m3"]}
+
+
+def _equals_or_outside_the_vocabulary(data):
+    shapes = _first(data, "shapes")["shapes"]
+    shapes[next(iter(shapes))] = {"equals": "q_len", "or": ["sixty-four"]}
+
+
 @pytest.mark.parametrize("mutate", [
+    _equals_a_field_of_another_kind, _equals_with_an_unknown_key, _equals_or_outside_the_vocabulary,
     _unknown_kernel_key, _internal_shape_form, _dtype_outside_vocabulary, _arch_as_bare_text, _empty_arch_list,
     _unknown_exclusion_field, _unknown_top_level_key, _unknown_feature,
 ])
@@ -105,6 +119,21 @@ def test_schema_and_loader_agree_on_broken_manifests(validator, mutate):
     assert not validator.is_valid(data), "the schema accepts it"
     with pytest.raises(ManifestError):
         load_manifest("mutated.yaml", text=yaml.safe_dump(data))
+
+
+@pytest.mark.parametrize("relation", [
+    ("dtypes", "kv_dtype", {"equals": "q_dtype"}),
+    ("dtypes", "kv_dtype", {"equals": "q_dtype", "or": "fp8_e4m3"}),  # one value, no list
+    ("dtypes", "out_dtype", {"equals": "q_dtype", "or": ["bf16"]}),
+    ("shapes", "page_size", {"equals": "q_len", "or": [16, 32]}),
+])
+def test_schema_accepts_equals_constraints_the_loader_accepts(validator, relation):
+    group, field, value = relation
+    data = yaml.safe_load(BUNDLED.read_text())
+    kernel = next(k for k in data["kernels"] if k["op"] == "mha_decode")
+    kernel.setdefault(group, {})[field] = value
+    assert validator.is_valid(data)
+    load_manifest("related.yaml", text=yaml.safe_dump(data))
 
 
 @pytest.mark.parametrize("spelling", [

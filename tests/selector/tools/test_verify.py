@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from registry.adapters import reference as ref  # noqa: E402
-from registry.constraints import IntRange, OneOf  # noqa: E402
+from registry.constraints import Equals, IntRange, OneOf  # noqa: E402
 from registry.loader import load_manifest  # noqa: E402
 from registry.schema import Features  # noqa: E402
 from registry.vocab import DType  # noqa: E402
@@ -58,6 +58,15 @@ def test_quick_cases_cover_every_declared_value_and_feature(spec):
             assert set(constraint.values) == set(values)  # every declared value, nothing invented
     declared = {f for f in Features.model_fields if getattr(spec.features, f)}
     assert {c.feature for c in cases if c.feature} == declared
+
+
+@pytest.mark.parametrize("spec", [k for k in MANIFEST.kernels if isinstance(k.dtypes.kv_dtype, Equals)], ids=lambda k: k.name)
+def test_a_field_that_equals_another_tries_that_fields_values_then_its_or(spec):
+    kv = spec.dtypes.kv_dtype
+    assert case_axes(spec)["kv_dtype"] == list(dict.fromkeys([*spec.dtypes.q_dtype.values, *kv.alternatives]))
+    for case in plan_cases(spec, quick=False, device="cuda"):
+        if "head_dim_qk" in case.fields and isinstance(spec.shapes.head_dim_vo, Equals):
+            assert case.fields["head_dim_vo"] == case.fields["head_dim_qk"]
 
 
 @pytest.mark.parametrize(
