@@ -369,7 +369,7 @@ def print_summary(decode: list[dict], mla: list[dict]) -> None:
 
 
 def target(row: dict) -> str:
-    """The issue's target for a decode row: >= 0.8 at B >= 8, >= 0.6 at B = 1 with a long context."""
+    """The project's performance target for a decode row: >= 0.8 at B >= 8, >= 0.6 at B = 1 with a long context."""
     if row["batch"] >= 8:
         want = 0.8
     elif row["context"] >= 32768:

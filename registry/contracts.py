@@ -43,7 +43,7 @@ Semantics (what the torch reference computes; every kernel must match it):
 * FP8 inputs: the real value is ``stored * scale``; ``q_scale``, ``k_scale``,
   ``v_scale`` (MHA) and ``kv_scale`` (MLA) are Python floats or one-element
   fp32 tensors on the kernel's device, and both forms must give the same
-  result; ``scale_arg()`` below.
+  result (vllm-project/vllm#43827); ``scale_arg()`` below.
 * the output has ``out_dtype`` (default: the query dtype; bf16 when the
   query is FP8); ``output_dtype()`` below.
 
@@ -211,7 +211,7 @@ class SparseMLADecode(Protocol):
     ``topk_indices`` int32 ``[T, K]``: per query token, *logical* token
     positions ``0..seq_lens[b]-1`` of its request (translated through the
     block table by the adapter), ``-1`` for unused slots.  ``K`` is padded
-    to a multiple of 4 (16-byte aligned rows, second seed).  Causality and
+    to a multiple of 4 (16-byte aligned rows, vllm-project/vllm#43827).  Causality and
     windows are the indexer's business: only the listed positions are read.
     """
 

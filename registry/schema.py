@@ -209,7 +209,7 @@ class Exclusion(StrictModel):
         description="request field -> value, list of values, or {min, max} range", json_schema_extra={"minProperties": 1}
     )
     reason: str = Field(min_length=1)
-    ref: str = Field(min_length=1, description="issue, PR or source file that documents the problem")
+    ref: str = Field(min_length=1, description="pull request, library source file or committed result that documents the problem")
 
     @field_validator("when")
     @classmethod
@@ -262,7 +262,7 @@ class KernelSpec(StrictModel):
         default_factory=dict, description="settings the engine must adopt when this kernel is chosen (e.g. KV-cache layout)"
     )
     priority: int = Field(ge=0, le=PRIORITY_MAX, description="see registry.priority for the bands")
-    refs: tuple[str, ...] = Field(min_length=1, description="seed PRs or FlashInfer source files backing the facts")
+    refs: tuple[str, ...] = Field(min_length=1, description="pull requests, library source files or committed results backing the facts")
     notes: str = ""
 
     _origin: str = PrivateAttr(default="")
@@ -347,7 +347,7 @@ class SolutionInfo(StrictModel):
 
 
 class AttentionPlanRule(StrictModel):
-    """First seed's rule: postwrite only with a high-priority mha_prefill kernel and no FP8 attention."""
+    """TokenSpeed's rule (lightseekorg/tokenspeed#445): postwrite only with a high-priority mha_prefill kernel and no FP8 attention."""
 
     postwrite_min_priority: int = Field(ge=0, le=PRIORITY_MAX)
     refs: tuple[str, ...] = Field(min_length=1)

@@ -1,4 +1,4 @@
-"""Attention plan for a prefill step (first seed, TokenSpeed #445).
+"""Attention plan for a prefill step (TokenSpeed's rule, lightseekorg/tokenspeed#445).
 
 * **postwrite**: run an ``mha_prefill`` kernel on the fresh Q/K/V, then write the cache;
 * **prewrite**: write the cache first, then run an ``mha_extend`` kernel over it.

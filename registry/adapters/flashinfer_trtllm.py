@@ -6,7 +6,7 @@ These entry points are stateless functions that take the engine's own
 caller-owned workspace.  Every adapter passes the exact inner backend
 (``backend="xqa"`` / ``"trtllm-gen"``), never ``"auto"``: FlashInfer's
 ``auto`` picks XQA on every non-sm_100 GPU, including ones XQA-MLA rejects
-(second and third seeds).
+(vllm-project/vllm#43827, flashinfer-ai/flashinfer#2053).
 
 What ``plan()`` prepares so ``run()`` neither synchronises nor allocates:
 
@@ -349,14 +349,14 @@ class TrtllmGenMLADecode(_MLADecode):
 
     NOT executed in this project (no sm_100 GPU): written to FlashInfer
     0.7.2's source (mla/_core.py:3811-4856).  Sinks yes; no sliding window
-    (TensorRT-LLM review, fourth seed) and no soft cap; LSE requested in
+    (NVIDIA/TensorRT-LLM#12606) and no soft cap; LSE requested in
     natural log (``return_lse_base="basee"``).  Output is bf16.
     """
 
     backend = "trtllm-gen"
     workspace_tag = "trtllm-gen"
     drops = {
-        "sliding_window": "trtllm-gen MLA decode has no window (seed 003: TensorRT-LLM asks it to fail fast)",
+        "sliding_window": "trtllm-gen MLA decode has no window (NVIDIA/TensorRT-LLM#12606 asks it to fail fast)",
         "logits_soft_cap": "trtllm-gen MLA decode has no soft-cap parameter (mla/_core.py:4858-4893)",
     }
 
@@ -420,7 +420,7 @@ class TrtllmGenSparseMLADecode(_TrtllmAdapter):
     That ``-1`` top-k entries are skipped, as the contract requires, is
     FlashInfer's documented behaviour for its ``cake`` route; for the
     trtllm-gen cubin it is unverified.  ``K`` must be a multiple of 4
-    (16-byte rows, second seed).  Float and one-element-tensor scales take
+    (16-byte rows, vllm-project/vllm#43827).  Float and one-element-tensor scales take
     different FlashInfer code paths (tensor: a per-call scale kernel,
     mla/_core.py:2443-2456); both are passed through as the contract says.
     """

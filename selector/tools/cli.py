@@ -389,7 +389,7 @@ def validate(path: Optional[str]) -> None:
     click.echo(f"{manifest.path}: ok ({len(manifest.kernels)} kernels, schema {manifest.schema_version}, sha {manifest.digest})")
 
 
-# ------------------------------------------------------- manifest review (issue 5)
+# ------------------------------------------------------- manifest review
 
 
 def _write_or_check(text: str, out: Optional[str], check: bool, default: str, regenerate: str) -> None:

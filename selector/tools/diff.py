@@ -352,7 +352,7 @@ def request_space(op: Op, base: Manifest, head: Manifest) -> list[Probe]:
     def owner(i: int) -> int:
         return pool.exclusions[i][0]
 
-    # arch classes seed the states; states never merge across arch classes
+    # arch classes start the states; states never merge across arch classes
     states: dict[tuple, tuple[int, dict[str, Any]]] = {}
     arch_classes = _classes(pool, _ARCH, constrained)
     for ai, cls in enumerate(arch_classes):

@@ -37,11 +37,11 @@ def write(tmp_path: pathlib.Path, name: str, data: dict) -> pathlib.Path:
     return path
 
 
-# ------------------------------------------------------ the first seed's regression
+# ------------------------------------- the FlashInfer gate regression of lightseekorg/tokenspeed#445
 
 
 def move_flashinfer_mha_gate(data: dict) -> list[str]:
-    """The first seed's edit: every FlashInfer MHA decode/extend entry admitting sm_90 is gated at sm_100."""
+    """The edit lightseekorg/tokenspeed#445 describes: every FlashInfer MHA decode/extend entry admitting sm_90 is gated at sm_100."""
     manifest = load_manifest(BUNDLED)
     moved = []
     for raw in data["kernels"]:
@@ -60,7 +60,7 @@ def move_flashinfer_mha_gate(data: dict) -> list[str]:
 
 
 @pytest.fixture
-def seed_edit(tmp_path):
+def gate_edit(tmp_path):
     data = bundled_data()
     moved = move_flashinfer_mha_gate(data)
     ops = {load_manifest(BUNDLED).by_name[n].op for n in moved}
@@ -68,8 +68,8 @@ def seed_edit(tmp_path):
     return write(tmp_path, "kernels.yaml", data), moved
 
 
-def test_seed_regression_is_reported_as_a_loss_with_arch_ops_and_solution(cli, seed_edit):
-    head, _ = seed_edit
+def test_gate_regression_is_reported_as_a_loss_with_arch_ops_and_solution(cli, gate_edit):
+    head, _ = gate_edit
     code, out, err = cli("diff", BUNDLED, head)
     assert code == 1, err
     assert re.search(
@@ -79,8 +79,8 @@ def test_seed_regression_is_reported_as_a_loss_with_arch_ops_and_solution(cli, s
     assert "Traceback" not in out + err
 
 
-def test_seed_regression_json_names_the_lost_kernels_and_why(cli, seed_edit):
-    head, moved = seed_edit
+def test_gate_regression_json_names_the_lost_kernels_and_why(cli, gate_edit):
+    head, moved = gate_edit
     code, out, _ = cli("diff", BUNDLED, head, "--json")
     data = json.loads(out)
     assert code == 1 and data["exit_status"] == 1
@@ -93,8 +93,8 @@ def test_seed_regression_json_names_the_lost_kernels_and_why(cli, seed_edit):
     assert all([f["field"] for f in c["fields"]] == ["arch"] for c in data["kernels"]["changed"])
 
 
-def test_seed_regression_markdown_is_a_pr_comment(cli, seed_edit):
-    head, _ = seed_edit
+def test_gate_regression_markdown_is_a_pr_comment(cli, gate_edit):
+    head, _ = gate_edit
     code, out, _ = cli("diff", "--markdown", BUNDLED, head)
     assert code == 1
     assert out.startswith("### kernelsel diff:")
@@ -104,8 +104,8 @@ def test_seed_regression_markdown_is_a_pr_comment(cli, seed_edit):
     assert GATE_FROM.value in row.split("|")[1]
 
 
-def test_seed_regression_also_shows_who_now_serves_hopper(seed_edit):
-    head, moved = seed_edit
+def test_gate_regression_also_shows_who_now_serves_hopper(gate_edit):
+    head, moved = gate_edit
     report = diff_manifests(load_manifest(BUNDLED), load_manifest(head))
     hopper = [f for f in report.changed if GATE_FROM.value in f.archs and not f.fields]
     assert hopper, "the unrestricted sm_90 request changes kernel"
@@ -221,8 +221,8 @@ def test_an_added_exclusion_is_seen_through_the_fields_it_joins(cli, tmp_path, b
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
-def test_git_objects_are_read_with_git_show_and_named_by_their_ref(cli, tmp_path, monkeypatch, seed_edit):
-    head, _ = seed_edit
+def test_git_objects_are_read_with_git_show_and_named_by_their_ref(cli, tmp_path, monkeypatch, gate_edit):
+    head, _ = gate_edit
     repo = tmp_path / "repo"
     repo.mkdir()
     git = ["git", "-c", "user.name=kernelsel", "-c", "user.email=kernelsel@example.invalid", "-c", "commit.gpgsign=false"]
@@ -264,9 +264,9 @@ def test_bad_arguments_exit_2_with_a_message(cli, base):
 
 
 @pytest.mark.parametrize("op", [op for op in Op])
-def test_every_probe_is_solved_as_the_enumeration_expects(op, seed_edit):
+def test_every_probe_is_solved_as_the_enumeration_expects(op, gate_edit):
     """The enumeration's own view of eligibility agrees with the solver on every probe it makes."""
-    base, head = load_manifest(BUNDLED), load_manifest(seed_edit[0])
+    base, head = load_manifest(BUNDLED), load_manifest(gate_edit[0])
     for probe in request_space(op, base, head):
         for manifest, expected in zip((base, head), probe.expected):
             wanted = {n for n in expected if _restriction_admits(probe.request, manifest.by_name[n].solution)}
