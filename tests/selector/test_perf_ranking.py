@@ -9,6 +9,7 @@ import selector
 from registry.errors import ManifestError
 from registry.loader import load_perf_table
 from selector import KernelRequest, Platform, Selector
+from selector.platform import GPU_SOURCES, Gpu
 
 DECODE = dict(op="mha_decode", arch="sm_90", q_dtype="bf16", head_dim_qk=128, num_qo_heads=32, num_kv_heads=8,
               page_size=16, batch_size=64, kv_len=4096)
@@ -133,7 +134,7 @@ def test_the_default_selector_uses_the_committed_table_for_the_current_gpu(monke
     tables = sorted(bundled_perf_dir().glob("*.yaml"))
     assert tables, "a perf table is committed under perf/"
     table = load_perf_table(tables[0])
-    monkeypatch.setattr("selector.api._cuda_device", lambda: (table.arch, table.gpu))
+    monkeypatch.setitem(GPU_SOURCES, "torch", lambda: ((Gpu(table.gpu, "", table.arch),), ""))
     monkeypatch.setitem(sys.modules, "torch", sys.modules.get("torch") or object())
     entry = table.entries[0]
     fields = {k: v for k, v in entry.shape.items()}

@@ -12,6 +12,7 @@ import selector
 from registry.errors import RequestError
 from registry.vocab import Arch, DType, Op, Solution
 from selector import KernelRequest, NoKernelError, Platform, Selector, select_kernel
+from selector.platform import GPU_SOURCES
 
 
 def test_a_rejection_lists_every_failing_constraint(pick):
@@ -139,7 +140,7 @@ def test_cached_hit_returns_the_same_selection_object(monkeypatch):
 
 
 def test_missing_arch_without_a_gpu_is_a_request_error(monkeypatch):
-    monkeypatch.setattr("selector.api._cuda_device", lambda: (None, ""))
+    monkeypatch.setitem(GPU_SOURCES, "torch", lambda: ((), ""))
     with pytest.raises(RequestError, match=r"request\.arch: not given and no CUDA device was detected; pass arch='sm_90'"):
         select_kernel(op="mha_decode")
 
