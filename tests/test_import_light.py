@@ -40,3 +40,14 @@ def test_importing_every_adapter_module_pulls_in_no_heavy_library():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"heavy modules imported: {out}"
+
+
+def test_the_cli_finds_the_gpu_without_importing_torch():
+    """``kernelsel explain`` without ``--arch`` asks nvidia-smi (``detect_gpus``'s CLI source), never torch."""
+    probe = (
+        "import sys\nfrom selector.tools.cli import main\n"
+        "try:\n    main(['explain', '--op', 'mha_decode'])\nexcept SystemExit:\n    pass\n"
+        "print('|' + ','.join(m for m in ('torch', 'flashinfer', 'triton') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "|", f"heavy modules imported: {out}"
