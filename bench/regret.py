@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from registry.contracts import sm_scale  # noqa: E402
-from registry.loader import load_manifest, load_perf_table  # noqa: E402
+from registry.loader import load_manifest  # noqa: E402
 from selector.tools import bench  # noqa: E402
 from registry.perf_policy import choose_perf_table  # noqa: E402
 from selector.api import Selector  # noqa: E402

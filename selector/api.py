@@ -12,7 +12,10 @@ its own lock).  A miss takes the selector's lock, looks again, and only then
 detects the arch, finds the perf table and solves: so a request is solved
 once however many threads miss at the same time, every caller gets the same
 ``Selection`` object, and the platform and perf table change only under the
-lock.  A selection is stored only once complete.
+lock.  A selection is stored only once complete.  The record of unavailable
+kernels (``selector.availability.UnavailableKernels``) has its own lock; after
+a change it drops the cached selections under the selector's lock, so a miss
+that read the record before the change cannot leave a stale selection behind.
 """
 
 from __future__ import annotations

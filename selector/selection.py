@@ -147,10 +147,10 @@ class Selection:
         recorded in ``unavailable_kernels`` (later selections of the same
         Selector reject the kernel with it, and explain shows it), a warning
         goes to the ``kernelsel`` logger, and the next eligible kernel in rank
-        order is tried.  No fallback for a
-        forced kernel, for a kernel agreed by a process group (ranks would
-        diverge), or to a kernel that needs other ``settings`` than the chosen
-        one: those raise ``KernelUnavailableError``.
+        order is tried.  No fallback for a forced kernel, for a kernel agreed
+        by a process group (ranks would diverge), or to a kernel that needs
+        other ``settings`` than the chosen one: those raise
+        ``KernelUnavailableError``.
         """
         if self.kernel is None:
             raise NoKernelError(self)
