@@ -51,6 +51,12 @@ def toy_file() -> Path:
 
 
 @pytest.fixture
+def toy_allowlist() -> str:
+    """The toy adapters' module: what ``--allow-adapter`` / ``adapter_allowlist=`` must name to load the toy manifest."""
+    return TOY_ADAPTERS
+
+
+@pytest.fixture
 def toy_env(toy, monkeypatch):
     """The default selector (``select_kernel``) reads the toy manifest from the environment; returns it."""
     monkeypatch.setenv(ENV_MANIFEST, str(TOY_MANIFEST))

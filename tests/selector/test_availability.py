@@ -220,9 +220,9 @@ def test_default_selector_records_unavailability_for_later_calls(toy_env, break_
         select_kernel(req)
 
 
-def test_cli_explain_probe_shows_unavailable_kernels(cli, break_import, toy, toy_file):
+def test_cli_explain_probe_shows_unavailable_kernels(cli, break_import, toy, toy_file, toy_allowlist):
     break_import("toy_fast")
-    args = ["explain", "--manifest", toy_file, "--allow-adapter", toy.kernels[0].adapter.split(":")[0],
+    args = ["explain", "--manifest", toy_file, "--allow-adapter", toy_allowlist,
             "--op", "mha_decode", "--arch", "sm_90", "--head-dim", 128, "--num-qo-heads", 32, "--num-kv-heads", 8,
             "--page-size", 16]
     code, out, _ = cli(*args)

@@ -96,11 +96,11 @@ def test_kernelsel_perf_environment_variable(toy_env, tmp_path, monkeypatch):
     assert not selector.default_selector().solve(KernelRequest(**DECODE)).perf_source
 
 
-def test_cli_explain_with_perf(toy, toy_file, tmp_path, cli):
+def test_cli_explain_with_perf(toy, toy_file, toy_allowlist, tmp_path, cli):
     by_priority = _solve(toy, None, **DECODE)
     times = {k.name: 100.0 - i for i, k in enumerate(by_priority.eligible)}
     _table(tmp_path, times)
-    code, out, err = cli("explain", "--manifest", toy_file, "--allow-adapter", toy.kernels[0].adapter.split(":")[0],
+    code, out, err = cli("explain", "--manifest", toy_file, "--allow-adapter", toy_allowlist,
                          "--op", "mha_decode", "--arch", "sm_90", "--head-dim", "128", "--num-qo-heads", "32",
                          "--num-kv-heads", "8", "--page-size", "16", "--batch-size", "64", "--kv-len", "4096",
                          "--perf", tmp_path / "h200.yaml")

@@ -28,11 +28,6 @@ def solve(manifest, overrides=Overrides(), **fields):
     return Selector(manifest, Platform.hypothetical(fields["arch"]), overrides).solve(KernelRequest(**fields))
 
 
-def toy_module(toy) -> str:
-    """The toy adapters' module: the adapter allowlist an overlay of the toy manifest needs."""
-    return toy.kernels[0].adapter.split(":")[0]
-
-
 def verdict(selection, name):
     return next(v for v in selection.verdicts if v.kernel.name == name)
 
@@ -124,11 +119,11 @@ def test_bad_environment_overrides_are_named(monkeypatch):
         select_kernel(op="mha_decode", arch="sm_90")
 
 
-def test_manifest_env_var_loads_an_overlay(toy, toy_file, monkeypatch, tmp_path):
+def test_manifest_env_var_loads_an_overlay(toy, toy_file, toy_allowlist, monkeypatch, tmp_path):
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text(f"base: {toy_file}\ndisable: [fast-decode]\n")
     monkeypatch.setenv("KERNELSEL_MANIFEST", str(overlay))
-    monkeypatch.setenv("KERNELSEL_ADAPTER_ALLOWLIST", toy_module(toy))
+    monkeypatch.setenv("KERNELSEL_ADAPTER_ALLOWLIST", toy_allowlist)
     sel = selector.default_selector().solve(KernelRequest(**DECODE))
     assert [v.kernel.name for v in sel.verdicts] == [k.name for k in toy.by_op[Op.MHA_DECODE] if k.name != "fast-decode"]
     assert f"override  KERNELSEL_MANIFEST={overlay}" in sel.explain()
@@ -141,17 +136,17 @@ def test_missing_library_is_a_reason_with_the_install_hint(toy):
     assert verdict(sel, "fast-decode").reasons == ("needs pydantic, not installed: pip install toy-fast",)
 
 
-def test_priority_ties_break_by_name_the_same_way_every_time(toy, toy_file, tmp_path):
+def test_priority_ties_break_by_name_the_same_way_every_time(toy, toy_file, toy_allowlist, tmp_path):
     overlay = tmp_path / "tie.yaml"
     overlay.write_text(
         f"base: {toy_file}\nkernels:\n"
         + "".join(
-            f"  - {{name: {n}, op: mha_decode, solution: triton, backend: triton, adapter: '{toy_module(toy)}:PortableDecode',"
+            f"  - {{name: {n}, op: mha_decode, solution: triton, backend: triton, adapter: '{toy_allowlist}:PortableDecode',"
             f" arch: {{min: sm_80}}, dtypes: {{q_dtype: [bf16], kv_dtype: [bf16]}}, priority: 11, refs: [test]}}\n"
             for n in ("zz-tie", "aa-tie")
         )
     )
-    m = load_manifest(overlay, adapter_allowlist=(toy_module(toy),))
+    m = load_manifest(overlay, adapter_allowlist=(toy_allowlist,))
     sel = solve(m, **DECODE)
     assert [k.name for k in sel.eligible][:2] == ["aa-tie", "zz-tie"]
     assert sel.why.startswith("tied at priority 11 with zz-tie; the name breaks the tie")
