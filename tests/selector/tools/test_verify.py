@@ -79,9 +79,9 @@ def test_tolerance_is_the_loosest_dtype_of_the_case():
     from selector.request import KernelRequest
 
     r = KernelRequest(op="mha_decode", q_dtype="bf16", kv_dtype="fp8_e5m2")
-    assert verify_module._tolerance(r) is verify_module.TOLERANCES[r.kv_dtype]
+    assert verify_module.tolerance_for(r) is verify_module.TOLERANCES[r.kv_dtype]
     r = KernelRequest(op="mha_decode", q_dtype="fp16")
-    assert verify_module._tolerance(r) is verify_module.TOLERANCES[DType.FP16]
+    assert verify_module.tolerance_for(r) is verify_module.TOLERANCES[DType.FP16]
     assert verify_module.TOLERANCES[DType.FP16].atol < verify_module.TOLERANCES[DType.BF16].atol
 
 
