@@ -42,9 +42,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from registry.contracts import sm_scale  # noqa: E402
-from registry.loader import load_manifest, load_perf_table  # noqa: E402
+from registry.loader import load_manifest  # noqa: E402
 from selector.tools import bench  # noqa: E402
-from selector.api import Selector, find_perf_table  # noqa: E402
+from registry.perf_policy import choose_perf_table  # noqa: E402
+from selector.api import Selector  # noqa: E402
 from selector.overrides import Overrides  # noqa: E402
 
 SUITE = ROOT / "bench" / "regret_suite.yaml"
@@ -242,7 +243,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                           "kernel_timings": report.recorded, "errors": report.errors, "method": report.method}, indent=1))
         return 0 if report.table is not None else 1
 
-    table = load_perf_table(args.perf) if args.perf else find_perf_table(env.gpu, env.arch)
+    table = choose_perf_table(args.perf, env.gpu, env.arch, setting_name="--perf").table
     if table is None:
         print(f"regret: no perf table for {env.gpu} ({env.arch.value}); perf_table strategy not scored "
               "(record one with --record, or pass --perf)", file=sys.stderr)

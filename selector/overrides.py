@@ -57,14 +57,19 @@ class Overrides:
                 return name
         return None
 
+    def forced_by(self, op: Op) -> Optional[str]:
+        """``KERNELSEL_FORCE_<OP>=NAME`` when a kernel is forced for ``op`` by the environment, else None."""
+        name = self.forced(op)
+        return f"{PREFIX_FORCE}{op.value.upper()}={name}" if name is not None else None
+
     def applied(self, op: Op) -> list[str]:
         """The overrides that touch ``op``, as ``VAR=value`` lines for explain."""
         lines = []
         if self.manifest:
             lines.append(f"{ENV_MANIFEST}={self.manifest}")
-        name = self.forced(op)
-        if name:
-            lines.append(f"{PREFIX_FORCE}{op.value.upper()}={name}")
+        forced = self.forced_by(op)
+        if forced:
+            lines.append(forced)
         if self.disable:
             lines.append(f"{ENV_DISABLE}={','.join(sorted(self.disable))}")
         if self.perf:

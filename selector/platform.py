@@ -4,16 +4,24 @@
 metadata (no import of torch/flashinfer/triton) and the arch through torch
 only when asked to and torch is installed.  ``Platform.hypothetical(arch)``
 describes a machine with every library present, for ``explain --arch``.
+
+``detect_gpus(sources)`` is the one place this machine's GPU is found.  Its
+callers differ only in which sources they may use: the runtime asks torch
+(an engine has it loaded; the Selector asks only when torch is imported
+already or no arch was given), the CLI asks ``nvidia-smi`` (so that
+``kernelsel explain`` never imports torch), ``kernelsel doctor`` asks both.
 """
 
 from __future__ import annotations
 
-import functools
+import shutil
+import subprocess
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from registry.vocab import Arch, parse_arch
+from selector.availability import describe_exception
 
 EVERYTHING = "*"
 """Marker in ``libraries`` meaning 'assume every library is installed'."""
@@ -68,23 +76,100 @@ def installed_versions(distributions: Iterable[str]) -> tuple[tuple[str, str], .
     return tuple(found)
 
 
-@functools.lru_cache(maxsize=1)
-def _cuda_device() -> tuple[Optional[Arch], str]:
-    """The current CUDA device's arch and name, via torch if installed (imports torch)."""
-    try:
-        metadata.version("torch")
-    except metadata.PackageNotFoundError:
-        return None, ""
-    import torch
+TORCH = "torch"
+NVIDIA_SMI = "nvidia-smi"
 
-    if not torch.cuda.is_available():
-        return None, ""
-    major, minor = torch.cuda.get_device_capability()
+
+@dataclass(frozen=True)
+class Gpu:
+    """One GPU as a detection source reports it."""
+
+    name: str
+    compute_cap: str  # "9.0"
+    arch: Optional[Arch]  # None when kernelsel knows no SM of that compute capability
+    driver: str = ""  # nvidia-smi only
+
+
+@dataclass(frozen=True)
+class GpuDetection:
+    """What ``detect_gpus`` found: the GPUs of the first source that saw any, or why none."""
+
+    gpus: tuple[Gpu, ...] = ()  # the current device first
+    source: str = ""  # the source that found them
+    notes: tuple[str, ...] = ()  # why each source asked before it found none
+
+    @property
+    def current(self) -> Optional[Gpu]:
+        return self.gpus[0] if self.gpus else None
+
+
+def _gpu(name: str, cap: str, driver: str = "") -> Gpu:
     try:
-        arch = parse_arch(f"{major}.{minor}")
+        arch = parse_arch(cap) if cap else None
     except ValueError:
         arch = None
-    return arch, torch.cuda.get_device_name()
+    return Gpu(name=name, compute_cap=cap, arch=arch, driver=driver)
+
+
+def torch_gpus() -> tuple[tuple[Gpu, ...], str]:
+    """The CUDA devices torch sees, the current one first (imports torch if installed), or why none."""
+    try:
+        version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return (), ""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return (), f"torch {version} sees no CUDA device"
+        current = torch.cuda.current_device()
+        order = [current] + [i for i in range(torch.cuda.device_count()) if i != current]
+        gpus = []
+        for i in order:
+            major, minor = torch.cuda.get_device_capability(i)
+            gpus.append(_gpu(torch.cuda.get_device_name(i), f"{major}.{minor}"))
+        return tuple(gpus), ""
+    except Exception as exc:  # noqa: BLE001 - a broken torch or driver raises anything: reported, not raised
+        return (), f"torch: {describe_exception(exc)}"
+
+
+def nvidia_smi_gpus() -> tuple[tuple[Gpu, ...], str]:
+    """Every GPU ``nvidia-smi`` lists, with the driver (imports nothing), or why none."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return (), "nvidia-smi not found"
+    try:
+        proc = subprocess.run([smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return (), f"nvidia-smi failed: {describe_exception(exc)}"
+    if proc.returncode != 0:
+        first = ((proc.stderr or proc.stdout).strip().splitlines() or [""])[0]
+        return (), f"nvidia-smi failed: {first}".rstrip(": ")
+    gpus = []
+    for line in proc.stdout.strip().splitlines():
+        name, cap, driver = (part.strip() for part in (line.split(",") + ["", ""])[:3])
+        gpus.append(_gpu(name, cap, driver))
+    return tuple(gpus), "" if gpus else "nvidia-smi lists no GPU"
+
+
+GPU_SOURCES: dict[str, Callable[[], tuple[tuple[Gpu, ...], str]]] = {TORCH: torch_gpus, NVIDIA_SMI: nvidia_smi_gpus}
+"""Each way of finding the GPUs: name -> function returning (GPUs, why none)."""
+
+
+def detect_gpus(sources: Sequence[str] = (TORCH,)) -> GpuDetection:
+    """This machine's GPUs, from the first of ``sources`` (``"torch"``, ``"nvidia-smi"``) that finds any.
+
+    Never raises: a source that fails or sees nothing adds a note saying why.
+    """
+    notes = []
+    for source in sources:
+        gpus, note = GPU_SOURCES[source]()
+        if gpus:
+            return GpuDetection(gpus=gpus, source=source, notes=tuple(notes))
+        if note:
+            notes.append(note)
+    return GpuDetection(notes=tuple(notes))
 
 
 def detect_platform(distributions: Iterable[str], *, arch: Optional[Arch | str] = None) -> Platform:
@@ -92,8 +177,8 @@ def detect_platform(distributions: Iterable[str], *, arch: Optional[Arch | str] 
     libs = installed_versions(distributions)
     if arch is not None:
         return Platform(arch=parse_arch(arch), libraries=libs, detected=True)
-    dev_arch, name = _cuda_device()
-    return Platform(arch=dev_arch, libraries=libs, device_name=name, detected=True)
+    gpu = detect_gpus((TORCH,)).current
+    return Platform(arch=gpu.arch if gpu else None, libraries=libs, device_name=gpu.name if gpu else "", detected=True)
 
 
 def required_distributions(solutions: Mapping) -> list[str]:

@@ -6,20 +6,18 @@ object; the CLI, error messages and the Python API all go through them.
 
 from __future__ import annotations
 
-import functools
-import importlib
 import logging
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from registry.adapter_policy import ADAPTER_PACKAGE
 from registry.errors import KernelselError
 from registry.priority import band_name
 from registry.schema import KernelSpec
 from registry.variants import LaunchEnv, VariantChoice
-from selector.availability import UNAVAILABLE, build
+from selector.availability import UnavailableKernels, adapter_class
 from selector.platform import EVERYTHING
 
 if TYPE_CHECKING:
@@ -69,9 +67,28 @@ class Selection:
     measured: dict = field(default_factory=dict)  # kernel name -> median us, from the perf table
     perf_source: str = ""  # "perf/<file>.yaml, <GPU>" when measured times ranked the kernels
     group: str = ""  # "N ranks of a process group" when the ranks agreed on the kernel (selector.distributed)
+    unavailable_kernels: UnavailableKernels = field(default_factory=UnavailableKernels, repr=False)
+    """Where adapter failures are recorded: the record of the Selector that made this selection, so its later
+    selections reject the kernel.  Shared data, never the Selector itself."""
     _adapter: list = field(default_factory=list, repr=False)
-    _owner: Any = field(default=None, repr=False)  # the Selector that made it: records unavailable kernels
     _fallback: list = field(default_factory=list, repr=False)  # [(kernel, reason)..., used kernel] once one failed
+
+    @classmethod
+    def agreed(cls, local: "Selection", ranked: Sequence[KernelSpec], why: str, group: str, adapter: Any) -> "Selection":
+        """The selection a process group agreed on (``selector.distributed``), as this rank keeps it.
+
+        ``local`` is this rank's own selection (its verdicts, with the kernels
+        other ranks lack already rejected); ``ranked`` the kernels usable on
+        every rank in the group's order, the first one chosen; ``adapter`` that
+        kernel's adapter, already built on every rank.  Such a selection never
+        falls back to another kernel (the ranks would diverge).
+        """
+        return cls(
+            request=local.request, platform=local.platform, manifest=local.manifest, kernel=ranked[0],
+            eligible=tuple(ranked), verdicts=local.verdicts, why=why, forced_by=local.forced_by,
+            overrides=local.overrides, measured=local.measured, perf_source=local.perf_source, group=group,
+            unavailable_kernels=local.unavailable_kernels, _adapter=[adapter],
+        )
 
     # ------------------------------------------------------------------ access
     @property
@@ -97,7 +114,7 @@ class Selection:
         if not module.startswith(ADAPTER_PACKAGE + ".") and module not in sys.modules:
             return None
         try:
-            cls = _adapter_class(self.kernel.adapter)
+            cls = adapter_class(self.kernel.adapter)
         except (ImportError, AttributeError):  # explain --probe and doctor say why an adapter does not import
             return None
         decide = getattr(cls, "launch_variant", None)
@@ -127,12 +144,13 @@ class Selection:
 
         An adapter whose library does not import or whose constructor raises
         (a JIT or driver failure) makes its kernel *unavailable*: the reason is
-        recorded with the selector (later selections reject the kernel with it,
-        and explain shows it), a warning goes to the ``kernelsel`` logger, and
-        the next eligible kernel in rank order is tried.  No fallback for a
-        forced kernel, for a kernel agreed by a process group (ranks would
-        diverge), or to a kernel that needs other ``settings`` than the chosen
-        one: those raise ``KernelUnavailableError``.
+        recorded in ``unavailable_kernels`` (later selections of the same
+        Selector reject the kernel with it, and explain shows it), a warning
+        goes to the ``kernelsel`` logger, and the next eligible kernel in rank
+        order is tried.  No fallback for a forced kernel, for a kernel agreed
+        by a process group (ranks would diverge), or to a kernel that needs
+        other ``settings`` than the chosen one: those raise
+        ``KernelUnavailableError``.
         """
         if self.kernel is None:
             raise NoKernelError(self)
@@ -143,22 +161,15 @@ class Selection:
             if spec.settings != self.kernel.settings:  # the engine may have adopted the chosen kernel's already
                 other_settings.append(spec)
                 continue
-            known = self._owner.unavailable_reason(spec.name, self.request) if self._owner is not None else None
-            if known is not None:
-                failures.append((spec.name, known))
-                continue
             install = self.manifest.solutions[spec.solution].install
-            adapter, reason, per_request = build(spec, self.request, _adapter_class, install)
+            adapter, reason = self.unavailable_kernels.build_adapter(spec, self.request, install)
             if adapter is not None:
                 if failures:
                     self._fallback[:] = failures + [spec.name]
                     log.warning("kernelsel: %s for %s; using %s, the next eligible kernel",
                                 "; ".join(f"{n} {r}" for n, r in failures), self.request.op.value, spec.name)
                 return adapter
-            reason = UNAVAILABLE + reason
             failures.append((spec.name, reason))
-            if self._owner is not None:
-                self._owner.mark_unavailable(spec.name, reason, self.request if per_request else None)
         note = ""
         if other_settings:
             spec = other_settings[0]
@@ -254,12 +265,6 @@ def _launch_env(arch: Any, platform: "Platform") -> LaunchEnv:
         versions={name: version for name, version in platform.libraries if name != EVERYTHING},
         assumed=any(name == EVERYTHING for name, _ in platform.libraries),
     )
-
-
-@functools.lru_cache(maxsize=None)
-def _adapter_class(path: str) -> type:
-    module, attr = path.split(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 class NoKernelError(KernelselError, LookupError):

@@ -3,7 +3,9 @@
 ``solve(manifest, platform, request, overrides)`` is pure: it imports no
 torch, reads no environment and returns a ``Selection`` (winner or not)
 holding every verdict.  One function, ``reasons()``, decides eligibility;
-selection, errors and explain all read its output.
+selection, errors and explain all read its output, and ``platform_reasons()``
+(the part that holds for every request on a machine, which ``kernelsel
+doctor`` lists) is made of the same checks with the same words.
 """
 
 from __future__ import annotations
@@ -16,12 +18,19 @@ from registry.priority import band_name
 from registry.perf import PerfTable
 from registry.schema import KernelSpec, Manifest
 from registry.vocab import Solution, did_you_mean
-from selector.overrides import PREFIX_FORCE, Overrides
+from selector.availability import UnavailableKernels
+from selector.overrides import ENV_DISABLE, Overrides
 from selector.platform import Platform
 from selector.request import KernelRequest
 from selector.selection import Selection, Verdict
 
 _NONE: Mapping[str, str] = MappingProxyType({})
+
+DISABLED = f"disabled by {ENV_DISABLE}"
+"""The reason for a kernel named in ``KERNELSEL_DISABLE``."""
+
+REFERENCE_ONLY = "reference kernel: chosen only with solution=reference or kernel=<name>"
+"""The reason a reference (plain torch) kernel is not chosen automatically."""
 
 
 def reasons(
@@ -42,13 +51,13 @@ def reasons(
     """
     out: list[str] = []
     if kernel.name in overrides.disable:
-        out.append("disabled by KERNELSEL_DISABLE")
+        out.append(DISABLED)
     if request.solution is not None and kernel.solution is not request.solution:
         out.append(f"solution {kernel.solution.value}, request restricted to {request.solution.value}")
     if request.backend is not None and kernel.backend is not request.backend:
         out.append(f"backend {kernel.backend.value}, request restricted to {request.backend.value}")
     if kernel.solution is Solution.REFERENCE and request.solution is not Solution.REFERENCE and not forced:
-        out.append("reference kernel: chosen only with solution=reference or kernel=<name>")
+        out.append(REFERENCE_ONLY)
     for field, constraint in kernel.constraints:
         value = getattr(request, field)
         if value is not None:
@@ -61,6 +70,34 @@ def reasons(
     for exclusion in kernel.exclude:
         if exclusion.matches(request):
             out.append(f"excluded: {exclusion.reason} ({exclusion.ref})")
+    missing = library_reason(kernel, manifest, platform)
+    if missing:
+        out.append(missing)
+    if kernel.name in unavailable:
+        out.append(unavailable[kernel.name])
+    return tuple(out)
+
+
+def platform_reasons(
+    kernel: KernelSpec,
+    manifest: Manifest,
+    platform: Platform,
+    overrides: Overrides = Overrides(),
+    unavailable: Mapping[str, str] = _NONE,
+) -> tuple[str, ...]:
+    """The reasons of ``reasons()`` that hold for every request on ``platform``, worded the same.
+
+    Disabled, the arch outside the kernel's range (when the platform's arch is
+    known), a required distribution not installed, the adapter unavailable.
+    What ``kernelsel doctor`` shows per kernel, without a request.
+    """
+    out: list[str] = []
+    if kernel.name in overrides.disable:
+        out.append(DISABLED)
+    if platform.arch is not None:
+        problem = kernel.arch.check("arch", platform.arch)
+        if problem:
+            out.append(problem)
     missing = library_reason(kernel, manifest, platform)
     if missing:
         out.append(missing)
@@ -118,14 +155,21 @@ def solve(
     overrides: Overrides = Overrides(),
     perf: Optional[PerfTable] = None,
     unavailable: Mapping[str, str] = _NONE,
+    *,
+    unavailable_kernels: Optional[UnavailableKernels] = None,
 ) -> Selection:
     """Evaluate every kernel of ``request.op``; pick the forced or best-ranked eligible one.
 
     Eligible kernels rank by measured time when ``perf`` (for this arch) has
     the request's bucket, else by priority; ties by priority, then name.
-    ``unavailable`` (kernel name -> reason) rejects kernels whose adapter
-    cannot be used here (see ``reasons``).
+    ``unavailable_kernels`` is the record of kernels whose adapter cannot be
+    used here (a ``Selector``'s): its reasons for the request reject kernels,
+    and the selection records adapter failures there.  ``unavailable``
+    (kernel name -> reason) rejects more, overriding the record's reason for
+    the same kernel (a process group: why another rank cannot run it).
     """
+    record = unavailable_kernels if unavailable_kernels is not None else UnavailableKernels()
+    unavailable = {**record.reasons(request), **unavailable}
     if request.arch is None:
         raise RequestError(
             "request.arch: not given and no CUDA device was detected; pass arch='sm_90' (or 9.0, sm90)"
@@ -174,13 +218,11 @@ def solve(
         overrides=tuple(overrides.applied(request.op)),
         measured={k.name: times[k.name] for k in ranked if k.name in times},
         perf_source=source,
+        unavailable_kernels=record,
     )
 
 
 def _forced(request: KernelRequest, overrides: Overrides) -> tuple[Optional[str], Optional[str]]:
     if request.kernel is not None:
         return request.kernel, f"request kernel={request.kernel}"
-    name = overrides.forced(request.op)
-    if name is not None:
-        return name, f"{PREFIX_FORCE}{request.op.value.upper()}={name}"
-    return None, None
+    return overrides.forced(request.op), overrides.forced_by(request.op)

@@ -9,8 +9,6 @@ stderr, ``kernelsel COMMAND: --flag: message``, never a traceback or click's usa
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import sys
 from typing import Any, Optional
 
@@ -18,14 +16,15 @@ import click
 import yaml
 
 from registry.errors import KernelselError, ManifestError, RequestError, brief
-from registry.loader import load_manifest, load_perf_table
+from registry.loader import load_manifest
+from registry.perf_policy import choose_perf_table
 from registry.priority import band_name
 from registry.adapter_policy import adapter_allowlist_from_env, parse_adapter_allowlist
 from registry.schema import Manifest
-from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean, parse_arch, parse_dtype
-from selector.api import Selector, find_perf_table
-from selector.overrides import Overrides
-from selector.platform import Platform, installed_versions, required_distributions
+from registry.vocab import Backend, DType, Op, Solution, did_you_mean, parse_arch, parse_dtype
+from selector.api import Selector
+from selector.overrides import ENV_MANIFEST, ENV_PERF, Overrides
+from selector.platform import NVIDIA_SMI, Platform, detect_gpus, installed_versions, required_distributions
 from selector.request import KernelRequest
 from selector.selection import NoKernelError
 
@@ -177,22 +176,8 @@ def _manifest(path: Optional[str], overrides: Overrides) -> Manifest:
     try:
         return load_manifest(path or overrides.manifest, adapter_allowlist=_adapter_allowlist())
     except ManifestError as exc:
-        source = "--manifest" if path else ("KERNELSEL_MANIFEST" if overrides.manifest else "bundled manifest")
+        source = "--manifest" if path else (ENV_MANIFEST if overrides.manifest else "bundled manifest")
         raise _manifest_failure(exc, source) from None
-
-
-def _detected_gpu() -> tuple[Optional[Arch], str]:
-    """The local GPU's arch and name via nvidia-smi (no torch import), or (None, '')."""
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return None, ""
-    try:
-        out = subprocess.run([smi, "--query-gpu=compute_cap,name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10).stdout.split("\n")[0].strip()
-        cap, _, name = out.partition(",")
-        return (parse_arch(cap.strip()) if cap.strip() else None), name.strip()
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None, ""
 
 
 def _platform(manifest: Manifest, arch: Optional[str], installed_only: bool) -> Platform:
@@ -201,10 +186,10 @@ def _platform(manifest: Manifest, arch: Optional[str], installed_only: bool) -> 
     libs = installed_versions(required_distributions(manifest.solutions))
     if arch is not None:
         return Platform(arch=parse_arch(arch), libraries=libs, detected=True)
-    resolved, name = _detected_gpu()
-    if resolved is None:
+    gpu = detect_gpus((NVIDIA_SMI,)).current  # never torch: explain stays light
+    if gpu is None or gpu.arch is None:
         raise Failure("no --arch given and no NVIDIA GPU detected (nvidia-smi); pass --arch sm_90", EXIT_USAGE)
-    return Platform(arch=resolved, libraries=libs, device_name=name, detected=True)
+    return Platform(arch=gpu.arch, libraries=libs, device_name=gpu.name, detected=True)
 
 
 def _choice(values: list[str]) -> click.Choice:
@@ -262,16 +247,12 @@ def _build(op: Optional[str], kw: dict) -> tuple[Selector, KernelRequest]:
     fields["arch"] = platform.arch
     if op is not None:
         fields["op"] = op
-    perf_path = kw.get("perf_path") or (overrides.perf if overrides.perf and overrides.perf.lower() != "off" else None)
-    try:
-        if perf_path:
-            perf = load_perf_table(perf_path)
-        elif overrides.perf is None and platform.device_name:  # this GPU: its committed table, if any
-            perf = find_perf_table(platform.device_name, platform.arch)
-        else:
-            perf = None
+    flag = "--perf" if kw.get("perf_path") else ENV_PERF
+    try:  # the device name is known only for a detected GPU: a hypothetical --arch has no committed table
+        perf = choose_perf_table(kw.get("perf_path") or overrides.perf, platform.device_name, platform.arch,
+                                 setting_name=flag).table
     except ManifestError as exc:
-        raise _manifest_failure(exc, "--perf" if kw.get("perf_path") else "KERNELSEL_PERF") from None
+        raise _manifest_failure(exc, flag) from None
     return Selector(manifest, platform, overrides, perf), KernelRequest(**fields)
 
 

@@ -1,31 +1,32 @@
 """``kernelsel doctor``: what this machine is, which manifest and perf table are in use, what can run here.
 
-A diagnostic, so unlike the rest of kernelsel it probes: it runs ``nvidia-smi``, imports torch, and
-imports every adapter and the libraries its class names (``Adapter.libraries``) -- catching every
-error -- to find packages that are installed but broken (a CUDA or driver mismatch), which package
-metadata alone cannot show.  Per kernel of the manifest it then says *available* or each reason why
-not, from the same checks the solver makes (``KERNELSEL_DISABLE``, the arch range, the solution's
-required distributions) plus the import.  ``diagnose()`` returns one plain dict; ``render()`` is its
-text; the CLI prints either.
+A diagnostic, so unlike the rest of kernelsel it probes: it asks ``nvidia-smi`` and torch for the GPU
+(``selector.platform.detect_gpus``), imports torch, and imports every adapter and the libraries its
+class names (``Adapter.libraries``) -- catching every error -- to find packages that are installed but
+broken (a CUDA or driver mismatch), which package metadata alone cannot show.  Per kernel of the
+manifest it then says *available* or each reason why not, in the solver's own words
+(``selector.solver.platform_reasons``: ``KERNELSEL_DISABLE``, the arch range, the solution's required
+distributions, the import).  The perf table is the one ``registry.perf_policy`` picks for the runtime.
+``diagnose()`` returns one plain dict; ``render()`` is its text; the CLI prints either.
 """
 
 from __future__ import annotations
 
 import os
 import platform as host
-import shutil
-import subprocess
 import sys
 import time
 from importlib import metadata
 from typing import Any, Mapping, Optional
 
 from registry.errors import KernelselError, ManifestError
+from registry.loader import bundled_perf_dir, load_perf_table
+from registry.perf_policy import choose_perf_table
 from registry.vocab import Arch, Solution, parse_arch
-from selector.availability import describe_exception, probe
-from selector.overrides import ENV_MANIFEST, ENV_PERF, PREFIX_FORCE, Overrides
-from selector.platform import Platform, installed_versions, required_distributions
-from selector.solver import library_reason
+from selector.availability import UNAVAILABLE, adapter_class, describe_exception, probe
+from selector.overrides import ENV_MANIFEST, ENV_PERF, Overrides
+from selector.platform import NVIDIA_SMI, TORCH, GpuDetection, Platform, detect_gpus, installed_versions, required_distributions
+from selector.solver import REFERENCE_ONLY, library_reason, platform_reasons
 
 CORE = ("pydantic", "PyYAML", "click")
 """kernelsel's own dependencies, shown with their versions."""
@@ -36,29 +37,6 @@ def _version(distribution: str) -> Optional[str]:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return None
-
-
-def _nvidia_smi() -> dict[str, Any]:
-    """Every GPU nvidia-smi lists (name, arch, driver), or why none."""
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return {"gpus": [], "note": "nvidia-smi not found"}
-    try:
-        proc = subprocess.run([smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=15)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return {"gpus": [], "note": f"nvidia-smi failed: {describe_exception(exc)}"}
-    if proc.returncode != 0:
-        return {"gpus": [], "note": f"nvidia-smi failed: {(proc.stderr or proc.stdout).strip().splitlines()[:1]}"}
-    gpus = []
-    for line in proc.stdout.strip().splitlines():
-        name, cap, driver = (part.strip() for part in (line.split(",") + ["", ""])[:3])
-        try:
-            arch = parse_arch(cap).value if cap else None
-        except ValueError:
-            arch = None
-        gpus.append({"name": name, "compute_cap": cap, "arch": arch, "driver": driver})
-    return {"gpus": gpus, "note": "" if gpus else "nvidia-smi lists no GPU"}
 
 
 def _torch() -> dict[str, Any]:
@@ -76,52 +54,28 @@ def _torch() -> dict[str, Any]:
     out["cuda"] = torch.version.cuda
     try:
         out["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-        available = torch.cuda.is_available()
-        out["cuda_available"] = available
-        if available:
-            out["devices"] = []
-            for i in range(torch.cuda.device_count()):
-                major, minor = torch.cuda.get_device_capability(i)
-                out["devices"].append({"index": i, "name": torch.cuda.get_device_name(i), "compute_cap": f"{major}.{minor}"})
+        out["cuda_available"] = torch.cuda.is_available()
     except Exception as exc:  # noqa: BLE001 - a driver problem shows up here
         out["cuda_error"] = describe_exception(exc)
     return out
 
 
-def _gpu(smi: dict, torch_info: dict) -> tuple[Optional[Arch], str, dict]:
-    """The current GPU's arch and name (nvidia-smi first, else torch) and what was found."""
-    name, arch = "", None
-    if smi["gpus"]:
-        first = smi["gpus"][0]
-        name = first["name"]
-        arch = parse_arch(first["arch"]) if first["arch"] else None
-    elif torch_info.get("devices"):
-        first = torch_info["devices"][0]
-        name = first["name"]
-        try:
-            arch = parse_arch(first["compute_cap"])
-        except ValueError:
-            arch = None
-    info = {"name": name or None, "arch": arch.value if arch else None,
-            "driver": smi["gpus"][0]["driver"] if smi["gpus"] else None, "count": len(smi["gpus"]) or
-            len(torch_info.get("devices", []))}
-    if not name:
-        why = [smi["note"]]
-        if torch_info.get("version"):
-            why.append(f"torch {torch_info['version']} sees no CUDA device" if not torch_info.get("cuda_error")
-                       else f"torch: {torch_info['cuda_error']}")
-        info["note"] = "; ".join(w for w in why if w)
-    return arch, name, info
+def _gpu(found: GpuDetection) -> dict[str, Any]:
+    """The current GPU (nvidia-smi's first, else torch's current device) as the report shows it, or why none."""
+    gpu = found.current
+    info: dict[str, Any] = {"name": gpu.name if gpu else None, "arch": gpu.arch.value if gpu and gpu.arch else None,
+                            "driver": (gpu.driver or None) if gpu else None, "count": len(found.gpus)}
+    if gpu is None:
+        info["note"] = "; ".join(found.notes)
+    return info
 
 
 def _imports(manifest: Any) -> dict[str, str]:
     """module -> 'ok (time)' / 'fails: ...' for every library an adapter of the manifest imports."""
-    from selector.selection import _adapter_class
-
     modules: dict[str, None] = {}
     for k in manifest.kernels:
         try:
-            modules.update(dict.fromkeys(getattr(_adapter_class(k.adapter), "libraries", ())))
+            modules.update(dict.fromkeys(getattr(adapter_class(k.adapter), "libraries", ())))
         except Exception:  # noqa: BLE001 - reported per kernel below
             continue
     out = {}
@@ -137,10 +91,7 @@ def _imports(manifest: Any) -> dict[str, str]:
 
 
 def _perf(overrides: Overrides, gpu: str, arch: Optional[Arch]) -> dict[str, Any]:
-    """The perf table the default selector would use here, and the committed ones."""
-    from registry.loader import bundled_perf_dir, load_perf_table
-    from selector.api import find_perf_table
-
+    """The perf table the default selector would use here (``registry.perf_policy``), and the committed ones."""
     directory = bundled_perf_dir()
     committed = []
     for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else []:
@@ -150,53 +101,32 @@ def _perf(overrides: Overrides, gpu: str, arch: Optional[Arch]) -> dict[str, Any
         except ManifestError as exc:
             committed.append(f"{path}: invalid: {exc.problems[0]}")
     out: dict[str, Any] = {"committed": committed}
-    if overrides.perf and overrides.perf.lower() == "off":
-        return out | {"path": None, "source": f"{ENV_PERF}=off", "note": "eligible kernels rank by priority"}
-    if overrides.perf:
-        try:
-            t = load_perf_table(overrides.perf)
-        except ManifestError as exc:
-            return out | {"path": overrides.perf, "source": ENV_PERF, "error": str(exc)}
-        return out | {"path": t.path, "source": ENV_PERF, "gpu": t.gpu, "arch": t.arch.value, "buckets": len(t.entries)}
-    if not gpu:
-        return out | {"path": None, "source": "none", "note": "no GPU detected: eligible kernels rank by priority"}
-    t = find_perf_table(gpu, arch)
+    try:
+        choice = choose_perf_table(overrides.perf, gpu, arch, setting_name=ENV_PERF)
+    except ManifestError as exc:
+        return out | {"path": overrides.perf, "source": ENV_PERF, "error": str(exc)}
+    t = choice.table
     if t is None:
-        return out | {"path": None, "source": "none",
-                      "note": f"no committed table for {gpu} {arch.value if arch else ''}: eligible kernels rank by priority"}
-    return out | {"path": t.path, "source": f"committed table for {gpu}", "gpu": t.gpu, "arch": t.arch.value,
-                  "buckets": len(t.entries)}
+        return out | {"path": None, "source": choice.source, "note": choice.note}
+    return out | {"path": t.path, "source": choice.source, "gpu": t.gpu, "arch": t.arch.value, "buckets": len(t.entries)}
 
 
 def _kernels(manifest: Any, platform: Platform, overrides: Overrides) -> list[dict[str, Any]]:
-    """Per kernel: available here (on ``platform.arch`` if known) or every reason why not."""
-    from selector.selection import _adapter_class
-
+    """Per kernel: available here (on ``platform.arch`` if known) or every reason why not, in the solver's words."""
     out = []
     for k in manifest.kernels:
-        reasons = []
         notes = []
-        if k.name in overrides.disable:
-            reasons.append("disabled by KERNELSEL_DISABLE")
-        if platform.arch is not None:
-            problem = k.arch.check("arch", platform.arch)
-            if problem:
-                reasons.append(problem)
         missing = library_reason(k, manifest, platform)
-        install = manifest.solutions[k.solution].install
-        _, failed = probe(k.adapter, _adapter_class, install)
-        if missing:
-            reasons.append(missing)
-            if failed is None:
-                notes.append("its libraries import, but package metadata lacks a required distribution: "
-                             "the selector will not choose it")
-        elif failed:
-            reasons.append("unavailable: " + failed)
+        _, failed = probe(k.adapter, manifest.solutions[k.solution].install)
+        if missing and failed is None:
+            notes.append("its libraries import, but package metadata lacks a required distribution: "
+                         "the selector will not choose it")
+        unavailable = {k.name: UNAVAILABLE + failed} if failed and not missing else {}
+        reasons = list(platform_reasons(k, manifest, platform, overrides, unavailable))
         if k.solution is Solution.REFERENCE:
-            notes.append("reference: chosen only with solution=reference or kernel=<name>")
-        forced = overrides.forced(k.op)
-        if forced == k.name:
-            notes.append(f"forced by {PREFIX_FORCE}{k.op.value.upper()}")
+            notes.append(REFERENCE_ONLY)
+        if overrides.forced(k.op) == k.name:
+            notes.append(f"forced by {overrides.forced_by(k.op)}")
         out.append({"name": k.name, "op": k.op.value, "solution": k.solution.value, "backend": k.backend.value,
                     "arch": k.arch.describe(), "priority": k.priority, "origin": k.origin,
                     "available": not reasons, "reasons": reasons, "notes": notes})
@@ -217,9 +147,11 @@ def diagnose(*, arch: Optional[str] = None, manifest_path: Optional[str] = None,
         "host": f"{host.system()} {host.machine()}",
         "kernelsel": _version("kernelsel"),
     }
-    smi = _nvidia_smi()
-    torch_info = _torch()
-    gpu_arch, gpu_name, report["gpu"] = _gpu(smi, torch_info)
+    torch_info = _torch()  # first: it times the import
+    found = detect_gpus((NVIDIA_SMI, TORCH))
+    gpu_arch = found.current.arch if found.current else None
+    gpu_name = found.current.name if found.current else ""
+    report["gpu"] = _gpu(found)
     report["torch"] = torch_info
     if target is not None:
         report["arch"] = {"value": target.value, "source": "--arch: a hypothetical GPU with this machine's libraries"}

@@ -272,7 +272,8 @@ def _describe(fields: dict[str, Any], feature: Optional[str]) -> str:
     return " ".join(parts)
 
 
-def _tolerance(request: Any) -> Tolerance:
+def tolerance_for(request: Any) -> Tolerance:
+    """The tolerance verify holds a request to: that of its least precise dtype."""
     dtypes = {request.q_dtype, request.kv_dtype, request.out_dtype}
     return TOLERANCES[max(dtypes, key=_DTYPE_ORDER.index)]
 
@@ -338,7 +339,8 @@ def _max_err(got: Any, want: Any) -> float:
     return float((got.float() - want).abs().max()) if want.numel() else 0.0
 
 
-def _within(got: Any, want: Any, tol: Tolerance) -> bool:
+def within(got: Any, want: Any, tol: Tolerance) -> bool:
+    """Every element of ``got`` within ``tol`` of ``want`` (the check verify applies to an output)."""
     import torch
 
     return bool(torch.all((got.float() - want).abs() <= tol.atol + tol.rtol * want.abs()))
@@ -358,7 +360,7 @@ def _run_case(case: _Case, request: Any, select: Callable, device: str, seed: in
     from registry.workloads import make_workload
 
     result = CaseResult(case.spec.name, case.description, "error")
-    tol = _tolerance(request)
+    tol = tolerance_for(request)
     result.tolerance = tol.atol
     adapter = select(request).make_adapter()
     work = make_workload(request, device=device, seed=seed)
@@ -375,7 +377,7 @@ def _run_case(case: _Case, request: Any, select: Callable, device: str, seed: in
     if got.out.data_ptr() != out.data_ptr():
         problems.append("run() ignored out=")
     result.max_abs_err = _max_err(got.out, want_out)
-    if not _within(got.out, want_out, tol):
+    if not within(got.out, want_out, tol):
         problems.append("output differs from the reference")
 
     if request.return_lse:
@@ -394,12 +396,12 @@ def _run_case(case: _Case, request: Any, select: Callable, device: str, seed: in
                 f"case too weak: {case.feature} moves the reference by only {result.feature_effect:.3g}"
             )
             return result
-        if _within(got.out, want_without, tol):
+        if within(got.out, want_without, tol):
             problems.append(f"{case.feature} had no effect: output equals the reference without it (dropped?)")
 
     if work.scales:  # FP8: a one-element tensor scale must give the same answer as a float
         again = work.run(adapter, tensor_scales=True)
-        if not _within(again.out, want_out, tol):
+        if not within(again.out, want_out, tol):
             problems.append(f"tensor scales differ from float scales (max err {_max_err(again.out, want_out):.3g})")
 
     if case.feature == "cuda_graph":
@@ -432,7 +434,7 @@ def _graph_problem(adapter: Any, work: Any, want: Any, tol: Tolerance) -> Option
     out.zero_()
     graph.replay()
     torch.cuda.synchronize()
-    if not _within(out, want, tol):
+    if not within(out, want, tol):
         return f"CUDA-graph replay differs from the reference (max err {_max_err(out, want):.3g})"
     return None
 

@@ -1,21 +1,68 @@
-"""Selector test helpers: the bundled manifest, hypothetical platforms, the CLI in-process."""
+"""Selector test helpers: the bundled and the toy manifest, hypothetical platforms, broken imports.
+
+Solver tests use the toy manifest (``toy_manifest.yaml``, adapters in ``toy_adapters.py``): they test the
+solver, not the bundled data, and need neither torch nor a GPU library.  Facts of the bundled manifest are
+asserted in ``tests/registry/test_manifest.py`` and ``test_seeds.py`` only.
+"""
 
 from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import os
 import sys
+import types
+from pathlib import Path
 
 import pytest
 
 import selector
+from registry.adapter_policy import ENV_ADAPTER_ALLOWLIST
 from registry.loader import load_manifest
 from selector import Platform, Selector
+from selector.availability import adapter_class
+from selector.overrides import ENV_MANIFEST
+
+HERE = Path(__file__).resolve().parent
+TOY_MANIFEST = HERE / "toy_manifest.yaml"
+TOY_ADAPTERS = "toy_adapters"
 
 
 @pytest.fixture(scope="session")
 def manifest():
     return load_manifest()
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    """The toy manifest, its adapter module importable and every stand-in library it imports present."""
+    monkeypatch.syspath_prepend(str(HERE))
+    toy_manifest = load_manifest(TOY_MANIFEST, adapter_allowlist=(TOY_ADAPTERS,))
+    for k in toy_manifest.kernels:
+        for lib in adapter_class(k.adapter).libraries:
+            monkeypatch.setitem(sys.modules, lib, types.ModuleType(lib))
+    return toy_manifest
+
+
+@pytest.fixture
+def toy_file() -> Path:
+    """Where the toy manifest lives (an overlay's ``base:``)."""
+    return TOY_MANIFEST
+
+
+@pytest.fixture
+def toy_allowlist() -> str:
+    """The toy adapters' module: what ``--allow-adapter`` / ``adapter_allowlist=`` must name to load the toy manifest."""
+    return TOY_ADAPTERS
+
+
+@pytest.fixture
+def toy_env(toy, monkeypatch):
+    """The default selector (``select_kernel``) reads the toy manifest from the environment; returns it."""
+    monkeypatch.setenv(ENV_MANIFEST, str(TOY_MANIFEST))
+    monkeypatch.setenv(ENV_ADAPTER_ALLOWLIST, TOY_ADAPTERS)
+    selector.reset()
+    return toy
 
 
 @pytest.fixture
@@ -30,9 +77,9 @@ def pick(manifest):
 
 @pytest.fixture(autouse=True)
 def _fresh_default_selector(monkeypatch):
-    """Each test sees a default selector built from its own environment."""
-    for var in ("KERNELSEL_MANIFEST", "KERNELSEL_DISABLE"):
-        monkeypatch.delenv(var, raising=False)
+    """Each test sees a default selector built from its own environment, with no kernelsel variable set."""
+    for var in [v for v in os.environ if v.startswith("KERNELSEL_")]:
+        monkeypatch.delenv(var)
     selector.reset()
     yield
     selector.reset()

@@ -1,8 +1,9 @@
 """Concurrency and determinism: select_kernel under many threads, and the same answer in every process.
 
-* 32 threads hammer the default selector with mixed requests (every request class the manifest can tell
-  apart, some raising NoKernelError or RequestError); every result must equal a single-threaded run, and
-  every thread must get the *same* Selection object per request (no request solved twice).
+* 32 threads hammer the default selector (reading the toy manifest from the environment) with mixed
+  requests (every request class the manifest can tell apart, some raising NoKernelError or RequestError);
+  every result must equal a single-threaded run, and every thread must get the *same* Selection object per
+  request (no request solved twice).
 * Subprocesses with different PYTHONHASHSEED values and a reversed import order must select the same
   kernel and the same full ranking for every request of every op.
 """
@@ -49,8 +50,8 @@ def _outcome(call, request):
         return (type(exc).__name__, str(exc)), getattr(exc, "selection", None)
 
 
-def test_select_kernel_is_thread_safe_and_matches_a_single_threaded_run(manifest):
-    requests = _requests(manifest)
+def test_select_kernel_is_thread_safe_and_matches_a_single_threaded_run(toy_env):
+    requests = _requests(toy_env)
     reference = Selector.from_env()  # same environment as the default selector, its own cache
     expected = {r: _outcome(reference.select, r)[0] for r in requests}
     kinds = {o[0] for o in expected.values()}

@@ -34,6 +34,11 @@ dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_
                         timeout=datetime.timedelta(seconds=60))
 from registry.loader import load_manifest, bundled_perf_dir, load_perf_table
 from selector import KernelRequest, Overrides, Platform, Selector, select_kernel
+import selector.availability as availability
+
+built = []  # every adapter construction attempt, to tell a prebuilt adapter from one built on first use
+real_build = availability.build
+availability.build = lambda kernel, request, install="": built.append(kernel.name) or real_build(kernel, request, install)
 
 manifest = load_manifest()
 MHA = dict(op="mha_decode", arch="sm_90", q_dtype="bf16", head_dim_qk=128, num_qo_heads=32, num_kv_heads=8, page_size=16)
@@ -50,8 +55,10 @@ def outcome(fn):
         s = fn()
     except Exception as exc:
         return {"error": type(exc).__name__, "message": str(exc)}
+    attempts = len(built)
+    adapter = s.adapter.spec.name
     return {"kernel": s.kernel.name, "eligible": [k.name for k in s.eligible], "why": s.why, "group": s.group,
-            "explain": s.explain(), "adapter": s.adapter.spec.name, "prebuilt": bool(s._adapter)}
+            "explain": s.explain(), "adapter": adapter, "prebuilt": len(built) == attempts}
 
 
 def run(name, libraries, request, fi=True, overrides=Overrides(), perf=None):

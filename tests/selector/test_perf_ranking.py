@@ -1,4 +1,7 @@
-"""Measured selection: a perf table ranks eligible kernels; it never makes an ineligible one eligible."""
+"""Measured selection: a perf table ranks eligible kernels; it never makes an ineligible one eligible.
+
+Cases use the toy manifest; the last tests check the committed tables are found for the current GPU.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,9 @@ import pytest
 
 import selector
 from registry.errors import ManifestError
-from registry.loader import load_perf_table
+from registry.loader import bundled_perf_dir, load_perf_table
 from selector import KernelRequest, Platform, Selector
+from selector.platform import EVERYTHING, GPU_SOURCES, Gpu
 
 DECODE = dict(op="mha_decode", arch="sm_90", q_dtype="bf16", head_dim_qk=128, num_qo_heads=32, num_kv_heads=8,
               page_size=16, batch_size=64, kv_len=4096)
@@ -30,14 +34,14 @@ def _solve(manifest, perf, **fields):
     return Selector(manifest, Platform.hypothetical(fields["arch"]), perf=perf).solve(KernelRequest(**fields))
 
 
-def test_measured_times_rank_eligible_kernels(manifest, tmp_path):
-    by_priority = _solve(manifest, None, **DECODE)
+def test_measured_times_rank_eligible_kernels(toy, tmp_path):
+    by_priority = _solve(toy, None, **DECODE)
     slowest_first = {k.name: 100.0 + 10 * i for i, k in enumerate(by_priority.eligible)}
     perf = _table(tmp_path, slowest_first)
-    sel = _solve(manifest, perf, **DECODE)
+    sel = _solve(toy, perf, **DECODE)
     assert [k.name for k in sel.eligible] == [k.name for k in by_priority.eligible]  # same order: times agree
     reversed_times = {k.name: 100.0 - 10 * i for i, k in enumerate(by_priority.eligible)}
-    sel = _solve(manifest, _table(tmp_path, reversed_times), **DECODE)
+    sel = _solve(toy, _table(tmp_path, reversed_times), **DECODE)
     assert [k.name for k in sel.eligible] == [k.name for k in reversed(by_priority.eligible)]
     assert sel.why.startswith("fastest measured of")
     assert sel.perf_source.endswith("h200.yaml, NVIDIA H200") and sel.measured == reversed_times
@@ -46,43 +50,41 @@ def test_measured_times_rank_eligible_kernels(manifest, tmp_path):
     assert f"{reversed_times[sel.kernel.name]:.1f} us" in text
 
 
-def test_a_perf_entry_never_makes_an_ineligible_kernel_eligible(manifest, tmp_path):
-    perf = _table(tmp_path, {"trtllm-gen-decode": 1.0, "flashinfer-fa2-tc-decode": 500.0})
-    sel = _solve(manifest, perf, **DECODE)
-    assert sel.kernel.name == "flashinfer-fa2-tc-decode"
-    assert "trtllm-gen-decode" not in [k.name for k in sel.eligible]
+def test_a_perf_entry_never_makes_an_ineligible_kernel_eligible(toy, tmp_path):
+    perf = _table(tmp_path, {"layout-decode": 1.0, "portable-decode": 500.0})  # layout-decode: sm_100 only
+    sel = _solve(toy, perf, **DECODE)
+    assert sel.kernel.name == "portable-decode" and sel.why == "only eligible kernel measured (500.0 us) [" + sel.perf_source + "]"
+    assert "layout-decode" not in [k.name for k in sel.eligible]
 
 
-def test_unmeasured_kernels_rank_after_measured_ones_by_priority(manifest, tmp_path):
-    by_priority = _solve(manifest, None, **DECODE)
+def test_unmeasured_kernels_rank_after_measured_ones_by_priority(toy, tmp_path):
+    by_priority = _solve(toy, None, **DECODE)
     last = by_priority.eligible[-1]
-    sel = _solve(manifest, _table(tmp_path, {last.name: 50.0}), **DECODE)
+    sel = _solve(toy, _table(tmp_path, {last.name: 50.0}), **DECODE)
     assert sel.eligible[0] is last
     assert [k.name for k in sel.eligible[1:]] == [k.name for k in by_priority.eligible[:-1]]
 
 
-def test_other_buckets_and_archs_fall_back_to_priority(manifest, tmp_path):
-    by_priority = _solve(manifest, None, **DECODE)
+def test_other_buckets_and_archs_fall_back_to_priority(toy, tmp_path):
+    by_priority = _solve(toy, None, **DECODE)
     times = {k.name: 100.0 - i for i, k in enumerate(by_priority.eligible)}
     perf = _table(tmp_path, times)
-    other_bucket = _solve(manifest, perf, **{**DECODE, "batch_size": 8})
+    other_bucket = _solve(toy, perf, **{**DECODE, "batch_size": 8})
     assert other_bucket.eligible == by_priority.eligible and not other_bucket.perf_source
-    same_bucket = _solve(manifest, perf, **{**DECODE, "batch_size": 40, "kv_len": 3000})  # buckets to 64 / 4096
+    same_bucket = _solve(toy, perf, **{**DECODE, "batch_size": 40, "kv_len": 3000})  # buckets to 64 / 4096
     assert same_bucket.perf_source and same_bucket.kernel.name == by_priority.eligible[-1].name
-    other_arch = _solve(manifest, _table(tmp_path, times, arch="sm_80", name="a100.yaml"), **DECODE)
+    other_arch = _solve(toy, _table(tmp_path, times, arch="sm_80", name="a100.yaml"), **DECODE)
     assert not other_arch.perf_source
 
 
-def test_selection_with_a_perf_table_is_deterministic(manifest, tmp_path):
-    perf = _table(tmp_path, {"flashinfer-fa2-tc-decode": 10.0, "xqa-decode": 10.0, "triton-mha-decode": 10.0})
-    orders = {tuple(k.name for k in _solve(manifest, perf, **DECODE).eligible) for _ in range(5)}
-    assert len(orders) == 1
-    first = _solve(manifest, perf, **DECODE).eligible
-    assert [k.priority for k in first[:3]] == sorted([k.priority for k in first[:3]], reverse=True)
+def test_selection_with_a_perf_table_is_deterministic(toy, tmp_path):
+    perf = _table(tmp_path, {"fast-decode": 10.0, "portable-decode": 10.0})
+    orders = {tuple(k.name for k in _solve(toy, perf, **DECODE).eligible) for _ in range(5)}
+    assert orders == {("fast-decode", "portable-decode")}  # equal times: priority decides
 
 
-def test_kernelsel_perf_environment_variable(manifest, tmp_path, monkeypatch):
-    by_priority = _solve(manifest, None, **DECODE)
+def test_kernelsel_perf_environment_variable(toy_env, tmp_path, monkeypatch):
+    by_priority = _solve(toy_env, None, **DECODE)
     times = {k.name: 100.0 - i for i, k in enumerate(by_priority.eligible)}
     _table(tmp_path, times)
     monkeypatch.setenv("KERNELSEL_PERF", str(tmp_path / "h200.yaml"))
@@ -94,17 +96,16 @@ def test_kernelsel_perf_environment_variable(manifest, tmp_path, monkeypatch):
     assert not selector.default_selector().solve(KernelRequest(**DECODE)).perf_source
 
 
-def test_cli_explain_with_perf(manifest, tmp_path, capsys):
-    from selector.tools.cli import main
-
-    by_priority = _solve(manifest, None, **DECODE)
+def test_cli_explain_with_perf(toy, toy_file, toy_allowlist, tmp_path, cli):
+    by_priority = _solve(toy, None, **DECODE)
     times = {k.name: 100.0 - i for i, k in enumerate(by_priority.eligible)}
     _table(tmp_path, times)
-    main(["explain", "--op", "mha_decode", "--arch", "sm_90", "--head-dim", "128", "--num-qo-heads", "32",
-          "--num-kv-heads", "8", "--page-size", "16", "--batch-size", "64", "--kv-len", "4096",
-          "--perf", str(tmp_path / "h200.yaml")])
-    out = capsys.readouterr().out
-    assert "fastest measured of" in out and "us" in out
+    code, out, err = cli("explain", "--manifest", toy_file, "--allow-adapter", toy_allowlist,
+                         "--op", "mha_decode", "--arch", "sm_90", "--head-dim", "128", "--num-qo-heads", "32",
+                         "--num-kv-heads", "8", "--page-size", "16", "--batch-size", "64", "--kv-len", "4096",
+                         "--perf", tmp_path / "h200.yaml")
+    assert code == 0, err
+    assert "why       fastest measured of 2 eligible: 99.0 us vs fast-decode 100.0 us (1.01x)" in out
 
 
 @pytest.mark.parametrize(
@@ -125,20 +126,29 @@ def test_broken_perf_tables_are_located(tmp_path, edit, message):
         load_perf_table(path)
 
 
-def test_the_default_selector_uses_the_committed_table_for_the_current_gpu(monkeypatch):
-    import sys
-
-    from registry.loader import bundled_perf_dir
-
+def _committed():
     tables = sorted(bundled_perf_dir().glob("*.yaml"))
     assert tables, "a perf table is committed under perf/"
-    table = load_perf_table(tables[0])
-    monkeypatch.setattr("selector.api._cuda_device", lambda: (table.arch, table.gpu))
-    monkeypatch.setitem(sys.modules, "torch", sys.modules.get("torch") or object())
+    return tables[0], load_perf_table(tables[0])
+
+
+def test_a_selector_finds_the_committed_table_once_it_knows_the_gpu(manifest, monkeypatch):
+    path, table = _committed()
+    monkeypatch.setitem(GPU_SOURCES, "torch", lambda: ((Gpu(table.gpu, "", table.arch),), ""))
+    every_library = Platform(arch=None, libraries=((EVERYTHING, EVERYTHING),))
     entry = table.entries[0]
-    fields = {k: v for k, v in entry.shape.items()}
-    req = KernelRequest(op=entry.op, arch=table.arch, **fields)
-    sel = selector.default_selector().solve(req)
-    assert sel.perf_source.endswith(f"{tables[0].name}, {table.gpu}")
+    sel = Selector(manifest, every_library, auto_perf=True).solve(KernelRequest(op=entry.op, **entry.shape))
+    assert sel.request.arch is table.arch and sel.perf_source.endswith(f"{path.name}, {table.gpu}")
     fastest = min((k for k in sel.eligible if k.name in entry.median_us), key=lambda k: entry.median_us[k.name])
     assert sel.kernel is fastest
+
+
+def test_the_default_selector_uses_the_committed_table_for_the_current_gpu(toy_env, monkeypatch):
+    path, table = _committed()
+    monkeypatch.setitem(GPU_SOURCES, "torch", lambda: ((Gpu(table.gpu, "", table.arch),), ""))
+    entry = next(e for e in table.entries if e.op.value == "mha_decode")
+    sel = selector.default_selector().solve(KernelRequest(op=entry.op, **entry.shape))  # no arch: detected
+    assert sel.perf_source.endswith(f"{path.name}, {table.gpu}")
+    monkeypatch.setenv("KERNELSEL_PERF", "off")
+    selector.reset()
+    assert not selector.default_selector().solve(KernelRequest(op=entry.op, **entry.shape)).perf_source

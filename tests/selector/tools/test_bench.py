@@ -24,7 +24,7 @@ from registry.vocab import Op  # noqa: E402
 from selector import KernelRequest, Platform, Selector  # noqa: E402
 from selector.tools import bench  # noqa: E402
 from selector.tools.cli import main  # noqa: E402
-from selector.tools.verify import _tolerance, _within, plan_cases  # noqa: E402
+from selector.tools.verify import plan_cases, tolerance_for, within  # noqa: E402
 from registry.workloads import PREFIX_LENS, make_workload, sized_lengths  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
@@ -74,7 +74,7 @@ def test_sized_workload_has_the_sizes_asked_for_and_matches_the_reference(spec):
     adapter = Selector(MANIFEST, Platform.hypothetical(ARCH)).select(request).make_adapter()
     adapter.plan(work.metadata)
     want, _ = work.reference()
-    assert _within(work.run(adapter).out, want, _tolerance(request))
+    assert within(work.run(adapter).out, want, tolerance_for(request))
     double = make_workload(request, batch=6, kv_len=40, new_len=new_len(spec))
     assert double.kv_bytes == 2 * work.kv_bytes > 0
 

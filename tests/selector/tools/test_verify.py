@@ -19,7 +19,7 @@ from registry.constraints import Equals, IntRange, OneOf  # noqa: E402
 from registry.loader import load_manifest  # noqa: E402
 from registry.schema import Features  # noqa: E402
 from registry.vocab import DType  # noqa: E402
-from selector import selection as selection_module  # noqa: E402
+from selector import availability  # noqa: E402
 from selector.tools import verify as verify_module  # noqa: E402
 from selector.tools.verify import CaseResult, VerifyReport, case_axes, plan_cases, verify  # noqa: E402
 
@@ -88,9 +88,9 @@ def test_tolerance_is_the_loosest_dtype_of_the_case():
     from selector.request import KernelRequest
 
     r = KernelRequest(op="mha_decode", q_dtype="bf16", kv_dtype="fp8_e5m2")
-    assert verify_module._tolerance(r) is verify_module.TOLERANCES[r.kv_dtype]
+    assert verify_module.tolerance_for(r) is verify_module.TOLERANCES[r.kv_dtype]
     r = KernelRequest(op="mha_decode", q_dtype="fp16")
-    assert verify_module._tolerance(r) is verify_module.TOLERANCES[DType.FP16]
+    assert verify_module.tolerance_for(r) is verify_module.TOLERANCES[DType.FP16]
     assert verify_module.TOLERANCES[DType.FP16].atol < verify_module.TOLERANCES[DType.BF16].atol
 
 
@@ -138,12 +138,12 @@ class IgnoresTensorScale(ref.TorchMHADecode):
 
 
 def _verify_with(monkeypatch, broken):
-    original = selection_module._adapter_class
+    original = availability.adapter_class
 
     def resolve(path):
         return broken if path == "registry.adapters.reference:TorchMHADecode" else original(path)
 
-    monkeypatch.setattr(selection_module, "_adapter_class", resolve)
+    monkeypatch.setattr(availability, "adapter_class", resolve)
     return verify(MANIFEST, kernel="torch-mha-decode", quick=True, device="cpu", progress=False)
 
 
