@@ -26,7 +26,7 @@ import torch
 
 from registry.contracts import DecodeMetadata, ExtendMetadata, PrefillMetadata
 from registry.errors import KernelselError
-from selector.integrations.transformers import mla
+from selector.integrations.transformers import mla, paged
 from selector.integrations.transformers.kernels import BackendOptions, KernelResolver, dtype_name
 from selector.integrations.transformers.layers import LayerError, LayerSpec, call_spec, is_mla, layer_name, refuse_unsupported
 from selector.integrations.transformers.layout import LAYOUT_ATTRIBUTE, Paging, SequenceLayout
@@ -42,6 +42,7 @@ class Backend:
         self.calls: Counter = Counter()  # (layer label, op, kernel) -> attention calls
         self._planned: dict[int, tuple] = {}  # id(adapter) -> (token, options) it was last planned for
         self._unmasked: dict[tuple, SequenceLayout] = {}
+        self._packed: tuple = ()  # ((cu_seq_lens_q, cu_seq_lens_k, PackedBatch), ...) of the current forward
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ what ran
@@ -70,6 +71,8 @@ class Backend:
 
     def _attention(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: Any, kwargs: dict) -> torch.Tensor:
+        if paged.is_continuous_batching(kwargs):  # a packed batch must never be read as one sequence
+            return paged.continuous_batching_attention(self, module, query, key, value, kwargs)
         refuse_unsupported(module, kwargs)
         latent = False
         if is_mla(module):
@@ -128,10 +131,10 @@ class Backend:
                     value: torch.Tensor, paging: Paging, sinks: Optional[torch.Tensor]) -> torch.Tensor:
         sel = self._decode_selection(module, spec, query, paging)
         adapter = sel.adapter
-        self._plan(adapter, paging, DecodeMetadata(block_table=paging.block_table, seq_lens=paging.seq_lens, q_len=1,
+        self.plan_once(adapter, paging, DecodeMetadata(block_table=paging.block_table, seq_lens=paging.seq_lens, q_len=1,
                                                    **_options(spec)))
         out = adapter.run(paging.query_rows(query), paging.pages(key), paging.pages(value), **sinks_kw(sinks)).out
-        self._count(module, spec, "mha_decode", sel.name)
+        self.count(module, spec, "mha_decode", sel.name)
         return out
 
     def _mla_decode(self, module: Any, spec: LayerSpec, query: torch.Tensor, kv_nope: torch.Tensor,
@@ -144,10 +147,10 @@ class Backend:
         q_latent = torch.einsum("thd,hdr->thr", rows[..., :nope], w_uk)
         q_rope = rows[..., nope:].contiguous()
         cache = paging.pages(torch.cat([kv_nope, k_rot], dim=-1)).squeeze(2)  # [P, S, kv_lora_rank + rope]
-        self._plan(adapter, paging, DecodeMetadata(block_table=paging.block_table, seq_lens=paging.seq_lens, q_len=1,
+        self.plan_once(adapter, paging, DecodeMetadata(block_table=paging.block_table, seq_lens=paging.seq_lens, q_len=1,
                                                    **_options(spec)))
         out = adapter.run(q_latent, q_rope, cache, **sinks_kw(sinks)).out  # [T, H, kv_lora_rank]
-        self._count(module, spec, "mla_decode", sel.name)
+        self.count(module, spec, "mla_decode", sel.name)
         return torch.einsum("thr,hvr->thv", out, w_uv)
 
     def _prefill(self, module: Any, spec: LayerSpec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -156,14 +159,14 @@ class Backend:
         adapter = choice.selection.adapter
         rows = paging.query_rows(query)
         if choice.mode == "postwrite":
-            self._plan(adapter, paging, PrefillMetadata(cu_seqlens_q=paging.cu_seqlens_q, cu_seqlens_kv=paging.cu_seqlens_kv,
+            self.plan_once(adapter, paging, PrefillMetadata(cu_seqlens_q=paging.cu_seqlens_q, cu_seqlens_kv=paging.cu_seqlens_kv,
                                                         causal=spec.causal, **_options(spec)))
             out = adapter.run(rows, paging.ragged_keys(key), paging.ragged_keys(value), **sinks_kw(sinks)).out
         else:
-            self._plan(adapter, paging, ExtendMetadata(block_table=paging.block_table, seq_lens=paging.seq_lens,
+            self.plan_once(adapter, paging, ExtendMetadata(block_table=paging.block_table, seq_lens=paging.seq_lens,
                                                        cu_seqlens_q=paging.cu_seqlens_q, causal=spec.causal, **_options(spec)))
             out = adapter.run(rows, paging.pages(key), paging.pages(value), **sinks_kw(sinks)).out
-        self._count(module, spec, choice.selection.request.op.value, choice.selection.name)
+        self.count(module, spec, choice.selection.request.op.value, choice.selection.name)
         return out
 
     # ------------------------------------------------------------ shared plumbing
@@ -174,7 +177,7 @@ class Backend:
             perf = {"batch_size": paging.layout.batch, "kv_len": max(1, int(max(paging.layout.key_end)))}
         return self.kernels.decode(spec, dtype_name(query.dtype), self.options.page_size, on_cuda=on_cuda, **perf)
 
-    def _plan(self, adapter: Any, token: Any, metadata: Any) -> None:
+    def plan_once(self, adapter: Any, token: Any, metadata: Any) -> None:
         """``adapter.plan(metadata)`` unless it was last planned for this same batch (``token``) and options."""
         options = (type(metadata), metadata.sm_scale, metadata.window_left, metadata.logits_soft_cap,
                    getattr(metadata, "causal", True))
@@ -184,7 +187,17 @@ class Backend:
         adapter.plan(metadata)
         self._planned[id(adapter)] = (token, options)
 
-    def _count(self, module: Any, spec: LayerSpec, op: str, kernel: str) -> None:
+    def packed_batch(self, cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int) -> "paged.PackedBatch":
+        """The continuous-batching layout of this forward for one layer type, built once (keyed on the very
+        ``cu_seq_lens`` tensors transformers passes every layer of one forward)."""
+        for q_obj, k_obj, batch in self._packed:
+            if q_obj is cu_q and k_obj is cu_k:
+                return batch
+        batch = paged.PackedBatch(cu_q, cu_k, total_q)
+        self._packed = tuple(m for m in self._packed if m[0] is cu_q)[:3] + ((cu_q, cu_k, batch),)
+        return batch
+
+    def count(self, module: Any, spec: LayerSpec, op: str, kernel: str) -> None:
         label = type(module).__name__ + (f" sliding_window={spec.window}" if spec.window is not None else "")
         self.calls[(label, op, kernel)] += 1
 

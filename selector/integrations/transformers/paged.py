@@ -1,12 +1,160 @@
-"""Continuous batching (``generate_batch``): the ``paged|NAME`` attention function (filled in below)."""
+"""Continuous batching (``generate_batch``): attention over transformers' paged KV cache.
+
+transformers' continuous batching packs every scheduled request into one row: ``query [1, Hq, T, D]`` holds
+the new tokens of all requests, delimited by ``cu_seq_lens_q``; each request's keys (cached and new) are
+delimited by ``cu_seq_lens_k`` (a tensor, or a dict by layer type -- ``full_attention`` /
+``sliding_attention`` -- for models with both).  Two protocols reach an attention function:
+
+* **A** (transformers 5.17-5.18, ``paged|NAME`` registry entries): the attention function receives the
+  ``PagedAttentionCache`` as ``cache=`` with ``read_index``/``write_index`` and calls ``cache.update`` itself,
+  which writes the new keys and returns every key of every request, request after request
+  (``[sum k, Hkv, D]``; for a sliding layer only the keys inside the window).
+* **B** (transformers >= 5.19): the model calls ``cache.update`` before the attention function, which gets
+  those gathered keys as ``key [1, Hkv, sum k, D]`` and ``cu_seq_lens_k`` already chosen for its layer.
+  These releases' continuous batching only runs transformers' own implementations
+  (``ContinuousBatchingManager.switch_to_cb_friendly_attn`` raises for any other name), so this path is
+  reached only where that check is lifted; the dense ``kernelsel`` function sends such calls here rather
+  than mistaking a packed batch for one sequence.
+
+In both, the gathered keys are the cache kernelsel runs over, with one-token pages: request ``b``'s token
+``t`` is row ``cu_k[b] + t`` (``block_table[b, t]``, ``page_size = 1``, no copy).  A decode step (one new
+token per request) runs ``mha_decode``; anything else the attention plan (``mha_prefill`` on the ragged
+keys, or ``mha_extend`` over the one-token pages).  Causality is per request, bottom-right aligned, exactly
+the mask transformers' own paged implementations build; a sliding layer's keys are already cut to its
+window, and ``window_left = W - 1`` keeps the first prompt's queries to theirs.
+
+Not served (refused with the layer's name): the decode fast path that hands ``k_cache``/``block_table`` to
+the attention function to write itself (transformers enables it only for flash attention), and MLA layers
+(transformers' paged cache is sized ``head_dim = qk_rope_head_dim`` per KV head and cannot hold the latent).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
+
+import torch
+
+from registry.contracts import DecodeMetadata, ExtendMetadata, PrefillMetadata
+from registry.errors import KernelselError
+from selector.integrations.transformers.kernels import dtype_name
+from selector.integrations.transformers.layers import LayerError, call_spec, is_mla, layer_name, refuse_unsupported
+
+CONTINUOUS_BATCHING_KEYWORDS = ("cu_seq_lens_q", "read_index", "write_index")
+"""Keywords only transformers' continuous batching passes to an attention function."""
+
+
+def is_continuous_batching(kwargs: dict) -> bool:
+    return "cache" in kwargs or any(k in kwargs for k in CONTINUOUS_BATCHING_KEYWORDS)
+
+
+class PackedBatch:
+    """One forward's requests in the packed row (built once per forward and layer type; one host read).
+
+    Sequences with no new token (the padding of a static-shape batch) come last and are left out.
+    """
+
+    def __init__(self, cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int):
+        starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
+        counts_q = [b - a for a, b in zip(starts_q, starts_q[1:])]
+        counts_k = [b - a for a, b in zip(starts_k, starts_k[1:])]
+        batch = len(counts_q)
+        while batch and counts_q[batch - 1] == 0:
+            batch -= 1
+        if starts_k[0] != 0 or any(counts_q[i] == 0 or counts_k[i] < counts_q[i] for i in range(batch)):
+            raise KernelselError(f"continuous batching: cu_seq_lens_q {starts_q} / cu_seq_lens_k {starts_k} do not "
+                                 f"describe requests whose keys include their new tokens")
+        device = cu_q.device
+        self.batch, self.total_q, self.tokens = batch, total_q, starts_q[batch]
+        self.decode = all(n == 1 for n in counts_q[:batch])
+        self.max_keys = max(counts_k[:batch], default=1)
+        self.cu_seqlens_q = cu_q[: batch + 1].to(torch.int32)
+        self.cu_seqlens_kv = cu_k[: batch + 1].to(torch.int32)
+        self.seq_lens = torch.tensor(counts_k[:batch], dtype=torch.int32, device=device)
+        # one-token pages: request b's token t is gathered row cu_k[b] + t
+        self.block_table = self.cu_seqlens_kv[:batch, None] + torch.arange(self.max_keys, dtype=torch.int32, device=device)
 
 
 def paged_attention_function(backend: Any) -> Callable:
-    def paged_attention(module, query, key, value, attention_mask, **kwargs):
-        raise NotImplementedError
+    """The ``paged|NAME`` attention function of ``backend`` (``register()`` installs it)."""
 
+    def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        if not is_continuous_batching(kwargs):
+            raise LayerError(
+                f"kernelsel: {layer_name(module)}: 'paged|{backend.name}' was called without transformers' paged "
+                f"cache: it serves continuous batching (generate_batch); load the model with "
+                f"attn_implementation='{backend.name}' for forward and generate"
+            )
+        return continuous_batching_attention(backend, module, query, key, value, kwargs), None
+
+    paged_attention.__name__ = f"kernelsel_paged_attention_{backend.name}"
     return paged_attention
+
+
+def continuous_batching_attention(backend: Any, module: Any, query: torch.Tensor, key: torch.Tensor,
+                                  value: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """``[1, T, Hq, Dv]``: the attention of one packed continuous-batching forward for one layer."""
+    try:
+        return _attention(backend, module, query, key, value, kwargs)
+    except LayerError:
+        raise
+    except KernelselError as exc:
+        raise LayerError(f"kernelsel: {layer_name(module)}: {exc}") from exc
+
+
+def _attention(backend: Any, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               kwargs: dict) -> torch.Tensor:
+    where = f"kernelsel: {layer_name(module)}"
+    refuse_unsupported(module, kwargs)
+    if is_mla(module):
+        raise LayerError(
+            f"{where}: continuous batching of an MLA layer is not supported: transformers' paged cache is sized "
+            f"head_dim = qk_rope_head_dim ({getattr(module, 'qk_rope_head_dim', '?')}) per KV head and holds neither "
+            f"the latent kernelsel's mla_decode reads nor the expanded keys transformers' own paged functions write; "
+            f"use generate()"
+        )
+    if kwargs.get("k_cache") is not None or kwargs.get("block_table") is not None:
+        raise LayerError(f"{where}: continuous batching's decode fast path (block_table=, k_cache=: the attention "
+                         f"function writes the cache itself) is not supported; it is meant for flash attention")
+    spec = call_spec(module, query, key, value, kwargs, latent=False)
+    cache = kwargs.get("cache")
+    if cache is not None:  # protocol A: write the new keys, read every request's keys back
+        keys, values = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
+                                    read_index=kwargs["read_index"], write_index=kwargs["write_index"])
+    else:  # protocol B: the model did it
+        keys, values = key[0].transpose(0, 1), value[0].transpose(0, 1)
+    cu_k = kwargs["cu_seq_lens_k"]
+    if isinstance(cu_k, dict):
+        cu_k = cu_k["sliding_attention" if spec.window is not None else "full_attention"]
+    batch = backend.packed_batch(kwargs["cu_seq_lens_q"], cu_k, query.shape[2])
+    rows = query[0].transpose(0, 1)[: batch.tokens]  # [T, Hq, D]
+    sinks = None if kwargs.get("s_aux") is None else kwargs["s_aux"].detach().to(torch.float32).contiguous()
+    extra = {} if sinks is None else {"sinks": sinks}
+    options = {"sm_scale": spec.sm_scale, "window_left": spec.window_left, "logits_soft_cap": spec.soft_cap or 0.0}
+    dtype, on_cuda = dtype_name(query.dtype), query.is_cuda
+    paged_k, paged_v = keys.unsqueeze(1), values.unsqueeze(1)  # one-token pages: [sum k, 1, Hkv, D]
+    if batch.decode:
+        perf = {"batch_size": batch.batch, "kv_len": batch.max_keys} if on_cuda else {}
+        sel = backend.kernels.decode(spec, dtype, 1, on_cuda=on_cuda, **perf)
+        adapter = sel.adapter
+        backend.plan_once(adapter, batch, DecodeMetadata(block_table=batch.block_table,
+                                                     seq_lens=batch.seq_lens, q_len=1, **options))
+        out = adapter.run(rows.contiguous(), paged_k, paged_v, **extra).out
+        op, name = "mha_decode", sel.name
+    else:
+        choice = backend.kernels.prefill(spec, dtype, 1, on_cuda=on_cuda)
+        adapter = choice.selection.adapter
+        if choice.mode == "postwrite":
+            backend.plan_once(adapter, batch, PrefillMetadata(cu_seqlens_q=batch.cu_seqlens_q, cu_seqlens_kv=batch.cu_seqlens_kv,
+                                                          causal=spec.causal, **options))
+            out = adapter.run(rows.contiguous(), keys.contiguous(), values.contiguous(), **extra).out
+        else:
+            backend.plan_once(adapter, batch, ExtendMetadata(block_table=batch.block_table,
+                                                         seq_lens=batch.seq_lens, cu_seqlens_q=batch.cu_seqlens_q,
+                                                         causal=spec.causal, **options))
+            out = adapter.run(rows.contiguous(), paged_k, paged_v, **extra).out
+        op, name = choice.selection.request.op.value, choice.selection.name
+    backend.count(module, spec, op, name)
+    if batch.tokens != batch.total_q:  # padded query rows (static shapes): zeros
+        out = torch.cat([out, out.new_zeros(batch.total_q - batch.tokens, *out.shape[1:])])
+    return out.unsqueeze(0)
