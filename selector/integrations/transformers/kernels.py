@@ -89,11 +89,23 @@ class PrefillChoice:
 
 
 class KernelResolver:
-    """Requests per layer spec, selected and cached (a hit is one dict lookup)."""
+    """Requests per layer spec, selected and cached (a hit is one dict lookup).
 
-    def __init__(self, options: BackendOptions):
+    ``selector``: select against this ``Selector`` (a manifest and platform, e.g. a hypothetical GPU for
+    ``kernelsel model --arch``); default: the process's default selector, as ``select_kernel`` does.
+    """
+
+    def __init__(self, options: BackendOptions, selector: Any = None):
         self.options = options
+        self.selector = selector
         self._cache: dict[tuple, Any] = {}
+
+    def _select(self, fields: dict[str, Any]) -> Selection:
+        if self.selector is None:
+            return select_kernel(**fields)
+        from selector.request import KernelRequest
+
+        return self.selector.select(KernelRequest(**fields))
 
     def _fields(self, op: str, on_cuda: bool) -> dict[str, Any]:
         arch, solution = self.options.platform(on_cuda)
@@ -115,8 +127,8 @@ class KernelResolver:
         key = ("decode", spec, dtype, page_size, on_cuda, batch_size, kv_len)
         hit = self._cache.get(key)
         if hit is None:
-            hit = self._cache[key] = select_kernel(**self.decode_request(spec, dtype, page_size, on_cuda=on_cuda,
-                                                                         batch_size=batch_size, kv_len=kv_len))
+            hit = self._cache[key] = self._select(self.decode_request(spec, dtype, page_size, on_cuda=on_cuda,
+                                                                      batch_size=batch_size, kv_len=kv_len))
         return hit
 
     def decode_request(self, spec: Any, dtype: str, page_size: int, *, on_cuda: bool,
@@ -156,12 +168,12 @@ class KernelResolver:
             if self.options.forced(op):
                 if op == "mha_prefill":
                     fields.pop("page_size")
-                sel = select_kernel(op=op, **fields, **self._fields(op, on_cuda))
+                sel = self._select(dict(op=op, **fields, **self._fields(op, on_cuda)))
                 return PrefillChoice(mode, sel, f"{op} kernel {sel.name} forced")
         arch, solution = self.options.platform(on_cuda)
         if arch is not None:
             fields["arch"] = arch
         if solution:
             fields["solution"] = solution
-        plan = select_plan(**fields)
+        plan = select_plan(selector=self.selector, **fields)
         return PrefillChoice(plan.mode, plan.selection, plan.why)

@@ -149,8 +149,8 @@ def full_boolean_mask(**kwargs: Any) -> torch.Tensor:
     """transformers' own boolean mask ``[B, 1, Lq, Lk]`` for these mask-interface arguments, never skipped.
 
     ``sdpa_mask`` builds it from the mask functions the model combined (causal, sliding window, padding, any
-    overlay), so what kernelsel checks is exactly what eager and sdpa attend with.  Its shortcuts (returning
-    None for a plain causal mask, torch's fix that unmasks fully padded rows) are turned off.
+    overlay), so what kernelsel checks is exactly what eager and sdpa attend with.  Its shortcuts (None for a
+    plain causal or bidirectional mask) are turned off.
     """
     global _SDPA_KEYWORDS
     from transformers.masking_utils import sdpa_mask
@@ -159,8 +159,6 @@ def full_boolean_mask(**kwargs: Any) -> torch.Tensor:
         _SDPA_KEYWORDS = _sdpa_mask_keywords()
     call = {k: v for k, v in kwargs.items() if k in _SDPA_KEYWORDS or k in ("use_vmap", "device")}
     call.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
-    if "allow_torch_fix" in _SDPA_KEYWORDS:
-        call["allow_torch_fix"] = False
     mask = sdpa_mask(**call)
     if mask is None:  # not expected with both skips off; kept as an explicit error rather than a silent path
         raise RuntimeError("transformers' sdpa_mask returned no mask with allow_is_*_skip=False")
