@@ -28,7 +28,9 @@ from registry.contracts import DecodeMetadata, ExtendMetadata, PrefillMetadata
 from registry.errors import KernelselError
 from selector.integrations.transformers import mla, paged
 from selector.integrations.transformers.kernels import BackendOptions, KernelResolver, dtype_name
-from selector.integrations.transformers.layers import LayerError, LayerSpec, call_spec, is_mla, layer_name, refuse_unsupported
+from selector.integrations.transformers.layers import (
+    LayerError, LayerSpec, call_spec, is_mla, layer_name, mha_spec, refuse_unsupported,
+)
 from selector.integrations.transformers.layout import LAYOUT_ATTRIBUTE, Paging, SequenceLayout
 
 
@@ -155,7 +157,7 @@ class Backend:
 
     def _prefill(self, module: Any, spec: LayerSpec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  paging: Paging, sinks: Optional[torch.Tensor]) -> torch.Tensor:
-        choice = self.kernels.prefill(_mha(spec), dtype_name(query.dtype), self.options.page_size, on_cuda=query.is_cuda)
+        choice = self.kernels.prefill(mha_spec(spec), dtype_name(query.dtype), self.options.page_size, on_cuda=query.is_cuda)
         adapter = choice.selection.adapter
         rows = paging.query_rows(query)
         if choice.mode == "postwrite":
@@ -204,15 +206,6 @@ class Backend:
 
 def _options(spec: LayerSpec) -> dict[str, Any]:
     return {"sm_scale": spec.sm_scale, "window_left": spec.window_left, "logits_soft_cap": spec.soft_cap or 0.0}
-
-
-def _mha(spec: LayerSpec) -> LayerSpec:
-    """The un-absorbed MHA spec of a layer (an MLA prompt runs as MHA over expanded keys)."""
-    if not spec.mla:
-        return spec
-    from dataclasses import replace
-
-    return replace(spec, kv_lora_rank=None, qk_rope_head_dim=None, qk_nope_head_dim=None)
 
 
 def _sinks(kwargs: dict) -> Optional[torch.Tensor]:

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 
 from registry.errors import KernelselError
 from selector.integrations.transformers.kernels import BackendOptions, KernelResolver, PrefillChoice
-from selector.integrations.transformers.layers import LayerSpec, is_mla, module_spec
+from selector.integrations.transformers.layers import LayerSpec, is_mla, mha_spec, module_spec
 from selector.selection import NoKernelError, Selection
 
 
@@ -224,8 +224,6 @@ def explain_model(model_or_config: Any, *, arch: Optional[str] = None, solution:
 
 
 def _resolve(group: LayerGroup, resolver: KernelResolver, dtype: str, page_size: int, on_cuda: bool) -> None:
-    from dataclasses import replace
-
     spec = group.spec
     try:
         group.decode = resolver.decode(spec, dtype, page_size, on_cuda=on_cuda)
@@ -235,7 +233,7 @@ def _resolve(group: LayerGroup, resolver: KernelResolver, dtype: str, page_size:
         group.errors["decode_selection"] = exc.selection.explain()
     except KernelselError as exc:
         group.errors["decode"] = str(exc).splitlines()[0]
-    mha = replace(spec, kv_lora_rank=None, qk_rope_head_dim=None, qk_nope_head_dim=None) if spec.mla else spec
+    mha = mha_spec(spec)
     try:
         group.prompt = resolver.prefill(mha, dtype, page_size, on_cuda=on_cuda)
     except NoKernelError as exc:

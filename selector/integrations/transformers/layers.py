@@ -92,6 +92,13 @@ class LayerSpec:
         return text
 
 
+def mha_spec(spec: LayerSpec) -> LayerSpec:
+    """The un-absorbed MHA spec of a layer: an MLA prompt runs as MHA over keys expanded from the latent."""
+    from dataclasses import replace
+
+    return replace(spec, kv_lora_rank=None, qk_rope_head_dim=None, qk_nope_head_dim=None) if spec.mla else spec
+
+
 def _window(value: Any, module: Any) -> Optional[int]:
     if value is None:
         return None

@@ -23,9 +23,12 @@ keys, or ``mha_extend`` over the one-token pages).  Causality is per request, bo
 the mask transformers' own paged implementations build; a sliding layer's keys are already cut to its
 window, and ``window_left = W - 1`` keeps the first prompt's queries to theirs.
 
-Not served (refused with the layer's name): the decode fast path that hands ``k_cache``/``block_table`` to
-the attention function to write itself (transformers enables it only for flash attention), and MLA layers
-(transformers' paged cache is sized ``head_dim = qk_rope_head_dim`` per KV head and cannot hold the latent).
+MLA layers: under protocol B transformers' paged cache holds the latent (``MLACacheAllocator``), so decode
+runs absorbed ``mla_decode`` over one-token pages of it and prompts run un-absorbed (``mla.py``).  Under
+protocol A the paged cache is sized ``head_dim = qk_rope_head_dim`` per KV head and can hold neither the
+latent nor expanded keys: refused.  Also refused, with the layer's name: the decode fast path that hands
+``k_cache``/``block_table`` to the attention function to write itself (transformers enables it only for
+flash attention).
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ import torch
 
 from registry.contracts import DecodeMetadata, ExtendMetadata, PrefillMetadata
 from registry.errors import KernelselError
+from selector.integrations.transformers import mla
 from selector.integrations.transformers.kernels import dtype_name
-from selector.integrations.transformers.layers import LayerError, call_spec, is_mla, layer_name, refuse_unsupported
+from selector.integrations.transformers.layers import LayerError, call_spec, is_mla, layer_name, mha_spec, refuse_unsupported
 
 CONTINUOUS_BATCHING_KEYWORDS = ("cu_seq_lens_q", "read_index", "write_index")
 """Keywords only transformers' continuous batching passes to an attention function."""
@@ -106,22 +110,26 @@ def _attention(backend: Any, module: Any, query: torch.Tensor, key: torch.Tensor
                kwargs: dict) -> torch.Tensor:
     where = f"kernelsel: {layer_name(module)}"
     refuse_unsupported(module, kwargs)
-    if is_mla(module):
-        raise LayerError(
-            f"{where}: continuous batching of an MLA layer is not supported: transformers' paged cache is sized "
-            f"head_dim = qk_rope_head_dim ({getattr(module, 'qk_rope_head_dim', '?')}) per KV head and holds neither "
-            f"the latent kernelsel's mla_decode reads nor the expanded keys transformers' own paged functions write; "
-            f"use generate()"
-        )
+    cache = kwargs.get("cache")
     if kwargs.get("k_cache") is not None or kwargs.get("block_table") is not None:
         raise LayerError(f"{where}: continuous batching's decode fast path (block_table=, k_cache=: the attention "
                          f"function writes the cache itself) is not supported; it is meant for flash attention")
-    spec = call_spec(module, query, key, value, kwargs, latent=False)
-    cache = kwargs.get("cache")
+    latent = False
+    if is_mla(module):
+        if cache is not None:
+            raise LayerError(
+                f"{where}: continuous batching of an MLA layer is not supported with this transformers release: its "
+                f"paged cache is sized head_dim = qk_rope_head_dim ({getattr(module, 'qk_rope_head_dim', '?')}) per KV "
+                f"head and holds neither the latent kernelsel's mla_decode reads nor the expanded keys transformers' "
+                f"own paged functions write; use generate()"
+            )
+        mla.route_latent(module)
+        latent = mla.is_latent(module, key, value)
+    spec = call_spec(module, query, key, value, kwargs, latent=latent)
     if cache is not None:  # protocol A: write the new keys, read every request's keys back
         keys, values = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
                                     read_index=kwargs["read_index"], write_index=kwargs["write_index"])
-    else:  # protocol B: the model did it
+    else:  # protocol B: the model did it (for MLA: the latent, [sum k, 1, kv_lora_rank] and [sum k, 1, rope])
         keys, values = key[0].transpose(0, 1), value[0].transpose(0, 1)
     cu_k = kwargs["cu_seq_lens_k"]
     if isinstance(cu_k, dict):
@@ -132,27 +140,37 @@ def _attention(backend: Any, module: Any, query: torch.Tensor, key: torch.Tensor
     extra = {} if sinks is None else {"sinks": sinks}
     options = {"sm_scale": spec.sm_scale, "window_left": spec.window_left, "logits_soft_cap": spec.soft_cap or 0.0}
     dtype, on_cuda = dtype_name(query.dtype), query.is_cuda
-    paged_k, paged_v = keys.unsqueeze(1), values.unsqueeze(1)  # one-token pages: [sum k, 1, Hkv, D]
-    if batch.decode:
-        perf = {"batch_size": batch.batch, "kv_len": batch.max_keys} if on_cuda else {}
+    perf = {"batch_size": batch.batch, "kv_len": batch.max_keys} if on_cuda else {}
+    decode_meta = lambda: DecodeMetadata(block_table=batch.block_table, seq_lens=batch.seq_lens, q_len=1, **options)  # noqa: E731
+    if batch.decode and latent:  # absorbed MLA over one-token pages of the latent
         sel = backend.kernels.decode(spec, dtype, 1, on_cuda=on_cuda, **perf)
-        adapter = sel.adapter
-        backend.plan_once(adapter, batch, DecodeMetadata(block_table=batch.block_table,
-                                                     seq_lens=batch.seq_lens, q_len=1, **options))
-        out = adapter.run(rows.contiguous(), paged_k, paged_v, **extra).out
+        w_uk, w_uv = mla.up_projections(module, spec.num_qo_heads)
+        nope = spec.qk_nope_head_dim
+        q_latent = torch.einsum("thd,hdr->thr", rows[..., :nope], w_uk)
+        backend.plan_once(sel.adapter, batch, decode_meta())
+        out = sel.adapter.run(q_latent, rows[..., nope:].contiguous(), torch.cat([keys, values], dim=-1), **extra).out
+        out = torch.einsum("thr,hvr->thv", out, w_uv)
+        op, name = "mla_decode", sel.name
+    elif batch.decode and not is_mla(module):
+        sel = backend.kernels.decode(spec, dtype, 1, on_cuda=on_cuda, **perf)
+        backend.plan_once(sel.adapter, batch, decode_meta())
+        out = sel.adapter.run(rows.contiguous(), keys.unsqueeze(1), values.unsqueeze(1), **extra).out
         op, name = "mha_decode", sel.name
-    else:
+    else:  # prompts and chunks: the attention plan (an MLA layer un-absorbed)
+        if latent:
+            expanded_k, expanded_v = mla.expand(module, key, value)
+            keys, values = expanded_k[0].transpose(0, 1), expanded_v[0].transpose(0, 1)
+            spec = mha_spec(spec)
         choice = backend.kernels.prefill(spec, dtype, 1, on_cuda=on_cuda)
         adapter = choice.selection.adapter
         if choice.mode == "postwrite":
             backend.plan_once(adapter, batch, PrefillMetadata(cu_seqlens_q=batch.cu_seqlens_q, cu_seqlens_kv=batch.cu_seqlens_kv,
-                                                          causal=spec.causal, **options))
+                                                              causal=spec.causal, **options))
             out = adapter.run(rows.contiguous(), keys.contiguous(), values.contiguous(), **extra).out
         else:
-            backend.plan_once(adapter, batch, ExtendMetadata(block_table=batch.block_table,
-                                                         seq_lens=batch.seq_lens, cu_seqlens_q=batch.cu_seqlens_q,
-                                                         causal=spec.causal, **options))
-            out = adapter.run(rows.contiguous(), paged_k, paged_v, **extra).out
+            backend.plan_once(adapter, batch, ExtendMetadata(block_table=batch.block_table, seq_lens=batch.seq_lens,
+                                                             cu_seqlens_q=batch.cu_seqlens_q, causal=spec.causal, **options))
+            out = adapter.run(rows.contiguous(), keys.unsqueeze(1), values.unsqueeze(1), **extra).out
         op, name = choice.selection.request.op.value, choice.selection.name
     backend.count(module, spec, op, name)
     if batch.tokens != batch.total_q:  # padded query rows (static shapes): zeros
