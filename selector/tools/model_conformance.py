@@ -235,11 +235,22 @@ def greedy(model: Any, name: str, ids: Any, mask: Any, new_tokens: int) -> list[
     return rows
 
 
-def continuous_batching_name(name: str) -> str:
-    """The implementation name ``generate_batch`` needs: ``paged|NAME`` where transformers has ``paged|`` entries."""
+CONTINUOUS_BATCHING_REFUSAL = (
+    "transformers >= 5.19 runs continuous batching only with its own attention implementations: "
+    "ContinuousBatchingManager.switch_to_cb_friendly_attn raises for any other name"
+)
+
+
+def refuses_custom_continuous_batching() -> bool:
+    """transformers >= 5.19 (no ``paged|`` registry entries): continuous batching refuses kernelsel."""
     from transformers import AttentionInterface
 
-    return f"paged|{name}" if "paged|sdpa" in AttentionInterface._global_mapping else name
+    return "paged|sdpa" not in AttentionInterface._global_mapping
+
+
+def continuous_batching_name(name: str) -> str:
+    """The implementation name ``generate_batch`` needs: ``paged|NAME`` where transformers has ``paged|`` entries."""
+    return name if refuses_custom_continuous_batching() else f"paged|{name}"
 
 
 def generate_batch(model: Any, name: str, batch: list[list[int]], new_tokens: int, *, page_size: int = 16,
