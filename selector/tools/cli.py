@@ -1,4 +1,5 @@
-"""``kernelsel``: explain, plan, list, show, validate, doctor, diff, matrix, schema (and verify, bench on a GPU).
+"""``kernelsel``: explain, plan, list, show, validate, doctor, diff, matrix, schema, model (and verify, bench,
+verify-model on a GPU).
 
 Exit codes: 0 success; 1 an invalid manifest (validate), failed verification or nothing recorded (bench);
 2 bad input (unknown command or option, bad value, missing argument, conflicting flags, bad request,
@@ -477,6 +478,108 @@ def verify(op: Optional[str], kernel: Optional[str], solution: Optional[str], qu
     if not report.ok:
         sys.exit(EXIT_INVALID)
 
+
+
+def _transformers_failure(exc: ImportError) -> Failure:
+    return Failure(f"needs transformers and torch: {exc} (pip install 'kernelsel[transformers]' after installing torch)",
+                   EXIT_USAGE)
+
+
+def _forced_kernels(values: tuple) -> dict[str, str]:
+    forced = {}
+    for value in values:
+        op, sep, name = value.partition("=")
+        if not sep or not name or op not in Op.values():
+            raise Failure(f"--kernel: {value!r} is not OP=NAME with OP one of {', '.join(Op.values())}", EXIT_USAGE)
+        forced[op] = name
+    return forced
+
+
+@cli.command("model")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, readable=True))
+@click.option("--arch", type=ARCH, help="target SM: sm_90, sm90, 9.0 (default: this machine's GPU)")
+@click.option("--installed-only", is_flag=True, help="with --arch: only libraries installed here count")
+@click.option("--dtype", "dtype_", type=_choice(["bf16", "fp16", "fp32"]), help="default: the config's dtype (bf16)")
+@click.option("--page-size", type=click.IntRange(min=1), default=16, show_default=True, help="tokens per KV page")
+@click.option("--solution", type=_choice(Solution.values()), help="restrict every op to one solution")
+@click.option("--kernel", "kernels", multiple=True, metavar="OP=NAME", help="force a kernel for an op (repeat)")
+@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="manifest or overlay (default: bundled)")
+@click.option("--verbose", is_flag=True, help="also every kernel's verdict per op (the full explain)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def model(config_path: str, arch: Optional[str], installed_only: bool, dtype_: Optional[str], page_size: int,
+          solution: Optional[str], kernels: tuple, manifest_path: Optional[str], verbose: bool, as_json: bool) -> None:
+    """Per layer type of a Hugging Face model (its config.json, no weights), the kernel of each op and why."""
+    forced = _forced_kernels(kernels)
+    overrides = Overrides.from_env()
+    manifest = _manifest(manifest_path, overrides)
+    platform = _platform(manifest, arch, installed_only)
+    try:
+        from selector.integrations.transformers.explain import explain_model
+    except ImportError as exc:
+        raise _transformers_failure(exc) from None
+    try:
+        result = explain_model(config_path, selector=Selector(manifest, platform, overrides), device="cuda",
+                               dtype=dtype_, page_size=page_size, solution=solution, kernels=forced)
+    except ImportError as exc:
+        raise _transformers_failure(exc) from None
+    except (ValueError, TypeError, KeyError) as exc:  # transformers rejects the config itself
+        raise Failure(f"{config_path}: transformers cannot build this config: {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}", EXIT_USAGE) from None
+    if as_json:
+        _echo_json(result.to_dict())
+    else:
+        click.echo(result.explain(verbose=verbose))
+    if not result.ok:
+        sys.exit(EXIT_NO_KERNEL)
+
+
+@cli.command("verify-model")
+@click.option("--arch", "archs", default="all", show_default=True,
+              help="architectures (comma-separated): llama, qwen3, mistral, gemma2, gpt_oss, deepseek_v3")
+@click.option("--device", type=_choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--dtype", "dtype_", type=_choice(["bf16", "fp16", "fp32"]), help="default: fp32 on cpu, bf16 on cuda")
+@click.option("--solution", type=_choice(Solution.values()), help="restrict every op (default: reference on cpu, best on cuda)")
+@click.option("--size", type=_choice(["tiny", "real"]), default="tiny", show_default=True,
+              help="tiny models, or real-size attention shapes (hidden 2-4k, 4k-token prompts; for a GPU)")
+@click.option("--page-size", "page_sizes", default="16", show_default=True, help="page sizes (comma-separated)")
+@click.option("--each-kernel", is_flag=True, help="then force each eligible kernel of each op in turn")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=6, show_default=True, help="greedy tokens per prompt")
+@click.option("--prompt-lengths", help="prompt lengths (comma-separated; default 12,7,9 tiny, 4096,3072,2048 real)")
+@click.option("--no-generate-batch", is_flag=True, help="skip continuous batching")
+@click.option("--json", "as_json", is_flag=True, help="the full report as JSON")
+@click.option("--out", type=click.Path(dir_okay=False), help="also write the JSON report here")
+def verify_model(archs: str, device: str, dtype_: Optional[str], solution: Optional[str], size: str, page_sizes: str,
+                 each_kernel: bool, new_tokens: int, prompt_lengths: Optional[str], no_generate_batch: bool,
+                 as_json: bool, out: Optional[str]) -> None:
+    """Run real transformers architectures through kernelsel against eager attention (exit 1 on any failure)."""
+    try:
+        import torch
+
+        from selector.tools import model_conformance as mc
+    except ImportError as exc:
+        raise _transformers_failure(exc) from None
+    names = list(mc.ARCHITECTURES) if archs == "all" else _list(archs, "--arch")
+    unknown = [a for a in names if a not in mc.ARCHITECTURES]
+    if unknown:
+        raise Failure(f"--arch: {unknown[0]!r} is not one of {', '.join(mc.ARCHITECTURES)}"
+                      f"{did_you_mean(unknown[0], list(mc.ARCHITECTURES))}", EXIT_USAGE)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise Failure("--device cuda: torch sees no CUDA device here; use --device cpu", EXIT_USAGE)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(dtype_) if dtype_ else None
+    lengths = tuple(_list(prompt_lengths, "--prompt-lengths", int)) if prompt_lengths else None
+    report = mc.verify_models(names, device=device, dtype=dtype, solution=solution, size=size,
+                              page_sizes=tuple(_list(page_sizes, "--page-size", int)), each_kernel=each_kernel,
+                              new_tokens=new_tokens, prompt_lengths=lengths, continuous_batching=not no_generate_batch,
+                              log=lambda msg: click.echo(msg, err=True))
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, default=str)
+    if as_json:
+        _echo_json(report)
+    else:
+        click.echo(mc.render_report(report))
+    if report["failed"]:
+        sys.exit(EXIT_INVALID)
 
 
 def _list(text: Optional[str], flag: str, kind: type = str) -> list[Any]:

@@ -331,3 +331,91 @@ def verify(model32: Any, name: str, *, dtype: Any, backend: Any, new_tokens: int
 
 def finite(x: float) -> bool:
     return not (math.isnan(x) or math.isinf(x))
+
+
+# ------------------------------------------------------------------ kernelsel verify-model
+
+
+def verify_models(archs: Any = ARCHITECTURES, *, device: str = "cpu", dtype: Any = None, solution: Optional[str] = None,
+                  size: str = "tiny", page_sizes: tuple[int, ...] = (16,), each_kernel: bool = False,
+                  new_tokens: int = 6, prompt_lengths: Optional[tuple[int, ...]] = None,
+                  continuous_batching: bool = True, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """The conformance report of ``kernelsel verify-model``: per architecture and page size, the backend with
+    the kernels kernelsel selects, then (``each_kernel``) with each eligible kernel of each op forced in turn.
+
+    ``device="cpu"`` defaults to float32 and the torch reference; ``"cuda"`` to bf16 and the best kernels.
+    """
+    import torch
+    import transformers
+
+    import selector.integrations.transformers as ks
+    from selector.integrations.transformers.explain import explain_model
+    from selector.integrations.transformers.kernels import BackendOptions, KernelResolver
+    from selector.integrations.transformers.layers import mha_spec
+
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    lengths = prompt_lengths or ((4096, 3072, 2048) if size == "real" else (12, 7, 9))
+    vocab = 32000 if size == "real" else VOCAB
+    results = []
+    say = log or (lambda _msg: None)
+    for arch in archs:
+        config = real_config(arch) if size == "real" else tiny_config(arch)
+        model = build_model(config, device=device)
+        batch = prompts(lengths=lengths, vocab=vocab)
+        for page in page_sizes:
+            runs: list[Optional[dict]] = [None]
+            if each_kernel:
+                resolver = KernelResolver(BackendOptions.make(page_size=page))
+                explanation = explain_model(model, dtype=dtype, page_size=page, device=device)
+                ops = set()
+                for group in explanation.groups:
+                    name = "bf16" if dtype == torch.bfloat16 else ("fp16" if dtype == torch.float16 else "fp32")
+                    mha = mha_spec(group.spec)
+                    for op, spec in ((group.decode_op, group.spec), ("mha_prefill", mha), ("mha_extend", mha)):
+                        for kernel in resolver.eligible(op, spec, name, page, on_cuda=device == "cuda"):
+                            ops.add((op, kernel))
+                runs += [{op: kernel} for op, kernel in sorted(ops)]
+            for forced in runs:
+                backend = ks.register("kernelsel-verify", solution=solution if forced is None else None,
+                                      kernels=forced, page_size=page)
+                label = f"{arch} page_size={page} " + ("selected" if forced is None else f"forced {forced}")
+                say(f"verify-model: {label}")
+                try:
+                    report = verify(model, "kernelsel-verify", dtype=dtype, backend=backend, new_tokens=new_tokens,
+                                    batch_prompts=batch, check_generate_batch=continuous_batching and forced is None)
+                except Exception as exc:  # noqa: BLE001 - one failing kernel must not hide the others
+                    report = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", "passed": False}
+                finally:
+                    ks.unregister("kernelsel-verify")
+                results.append({"arch": arch, "page_size": page, "forced": forced, **report})
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    gpu = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else None
+    return {"transformers": transformers.__version__, "torch": torch.__version__, "device": device, "gpu": gpu,
+            "dtype": str(dtype).removeprefix("torch."), "size": size, "prompt_lengths": list(lengths),
+            "results": results, "passed": sum(r["passed"] for r in results), "failed": sum(not r["passed"] for r in results)}
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """One line per run: pass/FAIL, what ran, the prompt-logit errors against their bound."""
+    lines = [f"transformers {report['transformers']}, torch {report['torch']}, {report['device']}"
+             + (f" ({report['gpu']})" if report.get("gpu") else "") + f", {report['dtype']}, {report['size']} models"]
+    for r in report["results"]:
+        what = "selected" if r["forced"] is None else "forced " + ",".join(f"{k}={v}" for k, v in r["forced"].items())
+        head = f"{'pass' if r['passed'] else 'FAIL'}  {r['arch']:<12} page {r['page_size']:<3} {what}"
+        if "error" in r and "prompt_logits" not in r:
+            lines.append(f"{head}: {r['error']}")
+            continue
+        errs = ", ".join(f"{k} {v['error']:.2e}" for k, v in r["prompt_logits"].items())
+        kernels = "; ".join(f"{op}: {', '.join(sorted(names))}" for op, names in r["kernels"].items())
+        tail = [f"logits {errs} (bound {r['tolerance']['logits']:.2e})", kernels]
+        gen_bad = [k for k, v in r["generate"].items() if not v["ok"]]
+        if gen_bad:
+            tail.append(f"generate differs: {', '.join(gen_bad)}")
+        if "generate_batch" in r and not r["generate_batch"]["ok"]:
+            gb = r["generate_batch"]
+            tail.append("generate_batch: " + (gb.get("error") or f"empty {gb.get('empty_outputs')} / violations {gb.get('violations')}"))
+        lines.append(f"{head}: " + " | ".join(tail))
+    lines.append(f"{report['passed']} passed, {report['failed']} failed")
+    return "\n".join(lines)

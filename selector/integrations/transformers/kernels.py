@@ -162,6 +162,22 @@ class KernelResolver:
             non_causal=not spec.causal, **self._features(spec),
         )
 
+    def eligible(self, op: str, spec: Any, dtype: str, page_size: int, *, on_cuda: bool) -> list[str]:
+        """Every kernel of ``op`` that could serve this layer here, in rank order (no solution restriction, nothing
+        forced): what ``kernelsel verify-model --each-kernel`` forces in turn."""
+        from selector.api import default_selector
+        from selector.request import KernelRequest
+
+        if op in ("mha_decode", "mla_decode"):
+            fields = self.decode_request(spec, dtype, page_size, on_cuda=on_cuda)
+            fields = {k: v for k, v in fields.items() if k not in ("solution", "kernel")}
+        else:
+            fields = dict(op=op, **self.prefill_fields(spec, dtype, page_size), arch=self.options.platform(on_cuda)[0])
+            if op == "mha_prefill":
+                fields.pop("page_size")
+        selector = self.selector or default_selector()
+        return [k.name for k in selector.solve(KernelRequest(**fields)).eligible]
+
     def _prefill(self, spec: Any, dtype: str, page_size: int, on_cuda: bool) -> PrefillChoice:
         fields = self.prefill_fields(spec, dtype, page_size)
         for op, mode in (("mha_prefill", "postwrite"), ("mha_extend", "prewrite")):
