@@ -66,10 +66,7 @@ def test_generate_batch_runs_kernelsel_without_lifting_any_check(tiny_model, ref
     assert not mc.greedy_violations(model, seqs, [len(p) for p in batch], 1e-4)
 
 
-@pytest.mark.xfail(not mc.refuses_custom_continuous_batching(), strict=True, reason=(
-    "transformers 5.17-5.18 size the continuous-batching cache with head_dim = qk_rope_head_dim (cache.py "
-    "find_head_dim): it holds neither the expanded 192/128 keys nor the latent, so DeepSeek-V3 cannot run "
-    "there (paged|eager and paged|sdpa fail the same way); kernelsel refuses the layer with that reason"))
+@pytest.mark.xfail(not mc.refuses_custom_continuous_batching(), strict=True, reason=mc.MLA_CONTINUOUS_BATCHING_BROKEN)
 def test_generate_batch_deepseek_v3_runs_absorbed_mla(tiny_model, reference_backend, lift_continuous_batching_check):
     model = tiny_model("deepseek_v3")
     batch = mc.prompts()
