@@ -369,7 +369,8 @@ def verify_models(archs: Any = ARCHITECTURES, *, device: str = "cpu", dtype: Any
     from selector.integrations.transformers.kernels import BackendOptions, KernelResolver
     from selector.integrations.transformers.layers import mha_spec
 
-    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    default_dtype = {"cuda": torch.bfloat16, "cpu": torch.float32}  # what each device's kernels are checked in
+    dtype = dtype or default_dtype[device]
     lengths = prompt_lengths or ((4096, 3072, 2048) if size == "real" else (12, 7, 9))
     vocab = 32000 if size == "real" else VOCAB
     results = []

@@ -12,17 +12,17 @@ Conventions translated here, once:
   ``kv_idx > q_idx - W``); kernelsel's ``window_left`` is the distance to the oldest visible key, so
   ``window_left = W - 1``.
 * ``scaling`` is always passed on as ``sm_scale`` (Gemma's ``query_pre_attn_scalar``, DeepSeek's yarn mscale);
-  kernelsel's default ``1/sqrt(head_dim)`` is never relied on.
+  only a call without one gets ``registry.contracts.softmax_scale`` (sdpa's convention too).
 * the soft cap (Gemma 2 ``softcap``) is applied after scaling, before masking, in both.
 * sinks (GPT-OSS ``s_aux``, one logit per query head in the model's dtype) join the softmax denominator only.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from registry.contracts import softmax_scale
 from registry.errors import KernelselError
 
 
@@ -138,7 +138,7 @@ def module_spec(module: Any) -> LayerSpec:
     scale = getattr(module, "scaling", None)
     return LayerSpec(
         num_qo_heads=heads, num_kv_heads=kv_heads, head_dim_qk=d_qk, head_dim_vo=d_vo,
-        sm_scale=float(scale) if scale is not None else 1.0 / math.sqrt(d_qk),
+        sm_scale=float(scale) if scale is not None else softmax_scale(d_qk),
         causal=bool(getattr(module, "is_causal", True)),
         window=_window(window, module),
         soft_cap=_soft_cap(getattr(module, "attn_logit_softcapping", None)),
@@ -169,7 +169,7 @@ def call_spec(module: Any, query: Any, key: Any, value: Any, kwargs: Mapping[str
         causal = getattr(module, "is_causal", True)
     return LayerSpec(
         num_qo_heads=heads, num_kv_heads=kv_heads, head_dim_qk=d_qk, head_dim_vo=d_vo,
-        sm_scale=float(scale) if scale is not None else 1.0 / math.sqrt(d_qk),
+        sm_scale=float(scale) if scale is not None else softmax_scale(d_qk),
         causal=bool(causal), window=_window(window, module), soft_cap=_soft_cap(kwargs.get("softcap")),
         sinks=kwargs.get("s_aux") is not None, **dims,
     )
