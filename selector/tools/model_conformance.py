@@ -26,7 +26,6 @@ continuous batching logs a failing request and returns no tokens rather than rai
 from __future__ import annotations
 
 import copy
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -343,10 +342,6 @@ def verify(model32: Any, name: str, *, dtype: Any, backend: Any, new_tokens: int
         parts.append(report["generate_batch"])
     report["passed"] = all(p["ok"] for p in parts) and bool(report["kernels"])
     return report
-
-
-def finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))
 
 
 # ------------------------------------------------------------------ kernelsel verify-model
