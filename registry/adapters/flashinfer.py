@@ -1,8 +1,9 @@
 """FlashInfer's FlashAttention paths (FA2, FA2 on tensor cores, FA3) behind the op contracts.
 
 One class per (kernel, op).  Each calls the exact inner FlashInfer backend
-(``use_tensor_cores=False``, ``backend="fa2"``, ``backend="fa3"``), never
-``backend="auto"``, whose choice changes with the GPU and FlashInfer version.
+(``backend="fa2"`` with or without tensor cores, ``backend="fa3"``,
+``backend="cute-dsl"``), never ``backend="auto"``, whose choice changes with
+the GPU and FlashInfer version.
 
 Translation done here (the contract's layouts are in ``registry.contracts``):
 
@@ -97,9 +98,9 @@ class _PagedDecode(_WrapperAdapter):
     drops = {"sinks": _SINKS_DROPPED}
 
     def _make_wrapper(self, batch: int, max_pages: int) -> Any:
-        backend = {"backend": "fa2"} if self.use_tensor_cores else {}
+        # backend="fa2" with either kernel: "auto" may route a plan to cuDNN on sm_100 (decode.py:1433-1496)
         return self._new_wrapper(
-            self._fi.BatchDecodeWithPagedKVCacheWrapper, "NHD", use_tensor_cores=self.use_tensor_cores, **backend,
+            self._fi.BatchDecodeWithPagedKVCacheWrapper, "NHD", use_tensor_cores=self.use_tensor_cores, backend="fa2",
             graph_buffers=dict(
                 paged_kv_indptr_buffer=batch + 1,
                 paged_kv_indices_buffer=max(1, batch * max_pages),
@@ -158,10 +159,12 @@ class _PagedDecode(_WrapperAdapter):
 
 
 class FA2Decode(_PagedDecode):
-    """FlashInfer's CUDA-core decode kernel (``use_tensor_cores=False``): one token per request.
+    """FlashInfer's CUDA-core decode kernel (``use_tensor_cores=False, backend="fa2"``): one token per request.
 
-    GQA group sizes are a compile-time dispatch in FlashInfer
-    (``data/include/flashinfer/utils.cuh:142-168``).
+    ``backend="fa2"`` keeps FlashInfer from resolving the plan to cuDNN, as
+    ``"auto"`` may (decode.py:1433-1496); with ``use_tensor_cores=False`` it
+    runs the CUDA-core kernel (decode.py:2437-2468).  GQA group sizes are a
+    compile-time dispatch in FlashInfer (``data/include/flashinfer/utils.cuh:142-168``).
     """
 
     use_tensor_cores = False

@@ -329,19 +329,14 @@ class _MLADecode(_TrtllmAdapter):
             packed[..., rank:].copy_(q_pe)
         return packed.unflatten(0, (self._batch, self._q_len))
 
-    def _call(self, q_nope, q_pe, kv_cache, q_scale, kv_scale, sinks, out, lse, want, **extra):
+    def _mla_call(self, query, kv_cache, block_table, out, bmm1, bmm2, **extra) -> Any:
+        """``trtllm_batch_decode_with_kv_cache_mla`` with the planned state and ``self.backend``."""
         r = self.request
-        bmm1, bmm2 = self._bmm_scales(self._sm, (("q_scale", "kv_scale"), (q_scale, kv_scale)), (("kv_scale",), (kv_scale,)))
-        out_4d = None if out is None else out.unflatten(0, (self._batch, self._q_len))
-        lse_args = dict(lse=lse, return_lse=True, return_lse_base="basee") if want else {}
-        res = self._fi.mla.trtllm_batch_decode_with_kv_cache_mla(
-            self._packed_query(q_nope, q_pe), kv_cache, self._workspace, r.qk_nope_head_dim,
-            r.kv_lora_rank, r.qk_rope_head_dim, self._block_table, self._seq_lens, self._max_seq_len,
-            out=out_4d, bmm1_scale=bmm1, bmm2_scale=bmm2, sinks=sinks, enable_pdl=self._pdl,
-            backend=self.backend, **lse_args, **extra,
+        return self._fi.mla.trtllm_batch_decode_with_kv_cache_mla(
+            query, kv_cache, self._workspace, r.qk_nope_head_dim, r.kv_lora_rank, r.qk_rope_head_dim,
+            block_table, self._seq_lens, self._max_seq_len, out=out, bmm1_scale=bmm1, bmm2_scale=bmm2,
+            enable_pdl=self._pdl, backend=self.backend, **extra,
         )
-        out, lse = res if want else (res, None)
-        return AttentionResult(out.flatten(0, 1), lse)
 
 
 class TrtllmGenMLADecode(_MLADecode):
@@ -350,7 +345,11 @@ class TrtllmGenMLADecode(_MLADecode):
     NOT executed in this project (no sm_100 GPU): written to FlashInfer
     0.7.2's source (mla/_core.py:3811-4856).  Sinks yes; no sliding window
     (NVIDIA/TensorRT-LLM#12606) and no soft cap; LSE requested in
-    natural log (``return_lse_base="basee"``).  Output is bf16.
+    natural log (``return_lse_base="basee"``).  Output is bf16, shaped like
+    the query ``[B, q_len, H, R]`` (mla/_core.py:4661-4671).  Scales in
+    trtllm-gen's convention: ``bmm1 = sm_scale * q_scale * kv_scale`` on the
+    logits, ``bmm2 = kv_scale`` on the output (a tensor ``bmm1`` is turned
+    into log2 form by FlashInfer, mla/_core.py:4392-4393).
     """
 
     backend = "trtllm-gen"
@@ -365,38 +364,77 @@ class TrtllmGenMLADecode(_MLADecode):
 
     def run(self, q_nope, q_pe, kv_cache, *, q_scale=1.0, kv_scale=1.0, sinks=None, out=None, lse=None):
         want = self._check_inputs(q_nope, q_pe, kv_cache, sinks, out, lse)
-        return self._call(
-            q_nope, q_pe, kv_cache, q_scale, kv_scale, sinks, out, lse, want,
-            multi_ctas_kv_counter_buffer=self._buffers["counter"],
+        bmm1, bmm2 = self._bmm_scales(self._sm, (("q_scale", "kv_scale"), (q_scale, kv_scale)), (("kv_scale",), (kv_scale,)))
+        lse_args = dict(lse=lse, return_lse=True, return_lse_base="basee") if want else {}
+        res = self._mla_call(
+            self._packed_query(q_nope, q_pe), kv_cache, self._block_table,
+            None if out is None else out.unflatten(0, (self._batch, self._q_len)), bmm1, bmm2,
+            sinks=sinks, multi_ctas_kv_counter_buffer=self._buffers["counter"], **lse_args,
         )
+        out, lse = res if want else (res, None)
+        return AttentionResult(out.flatten(0, 1), lse)
 
 
 class XQAMLADecode(_MLADecode):
     """XQA MLA decode (``backend="xqa"``): sm_120/121 only, one token per request.
 
     NOT executed in this project (no sm_120 GPU): written to FlashInfer
-    0.7.2's source (mla/_core.py:4291-4345, xqa.py:543-659).  FlashInfer
-    accepts (fp8, fp8) or (bf16, bf16) query/cache there; 128 heads,
-    ranks 512/64, pages 16..128; no LSE, no sinks.  Output is bf16.
+    0.7.2's source (mla/_core.py:4291-4345 and 5310-5469, xqa.py:543-659,
+    csrc/xqa/mla_sm120.cu).  FlashInfer accepts (fp8, fp8) or (bf16, bf16)
+    query/cache there; 128 heads, ranks 512/64, pages 16..128; no LSE, no
+    sinks.  What differs from trtllm-gen MLA, and is translated here:
+
+    * scales: FlashInfer hands ``bmm1_scale`` to the kernel as its
+      ``q_scale`` and ``bmm2_scale`` as its ``kv_scale`` (mla/_core.py:5463-5464);
+      the kernel scales the logits by ``q_scale * kv_scale`` (no
+      ``1/sqrt(d)``, mla_sm120.cu:464) and the output by ``kv_scale``
+      (mla_sm120.cu:1319).  So ``bmm1 = sm_scale * q_scale`` (the KV scale
+      must not be folded in, or the logits get it twice) and ``bmm2 = kv_scale``;
+    * output: a caller's ``out`` must be ``[B, H, R]`` (mla/_core.py:5433-5445),
+      which is the contract's ``[T, H, R]`` at one token per request;
+    * block table: its width must be a multiple of ``128 / page_size``
+      (mla/_core.py:831-834, required on this path); ``plan()`` copies it
+      into a zero-padded table.  The kernel reads only the pages a sequence
+      covers (mla_sm120.cu:153-155), so the padding is never dereferenced.
     """
 
     backend = "xqa"
     workspace_tag = "xqa"
     workspace_bytes = XQA_WORKSPACE_BYTES
     drops = {
-        "return_lse": "XQA MLA raises for lse/return_lse (mla/_core.py:4336-4339)",
+        "return_lse": "XQA MLA raises for lse/return_lse (mla/_core.py:4330-4333)",
         "sinks": "XQA MLA raises for sinks (mla/_core.py:4314-4315)",
-        "sliding_window": "XQA MLA has no window parameter (mla/_core.py:4340-4355)",
-        "logits_soft_cap": "XQA MLA has no soft-cap parameter (mla/_core.py:4340-4355)",
+        "sliding_window": "XQA MLA has no window parameter (mla/_core.py:5310-5325)",
+        "logits_soft_cap": "XQA MLA has no soft-cap parameter (mla/_core.py:5310-5325)",
     }
+    _TABLE_TOKENS = 128
+    """The block table covers a multiple of 128 tokens (mla/_core.py:831-834)."""
 
     def _check_q_len(self, q_len: int) -> None:
         if q_len != 1:
             raise UnsupportedFeatureError(f"{self.spec.name}: q_len={q_len}; XQA MLA serves one token per request (mla/_core.py:4316-4319)")
 
+    def _plan_kernel_state(self, batch: int) -> None:
+        """The block table padded to a multiple of ``128 / page_size`` columns (zeros past the engine's)."""
+        import torch
+
+        table = self._block_table
+        step = max(1, self._TABLE_TOKENS // self.request.page_size)
+        width = -(-table.shape[1] // step) * step
+        if width == table.shape[1]:
+            self._padded_table = table
+            return
+        self._plan_buffer("padded_block_table", (table.shape[0], width), torch.int32)
+        padded = self._buffers["padded_block_table"]
+        padded[:, table.shape[1]:].zero_()
+        padded[:, :table.shape[1]].copy_(table)
+        self._padded_table = padded
+
     def run(self, q_nope, q_pe, kv_cache, *, q_scale=1.0, kv_scale=1.0, sinks=None, out=None, lse=None):
-        want = self._check_inputs(q_nope, q_pe, kv_cache, sinks, out, lse)
-        return self._call(q_nope, q_pe, kv_cache, q_scale, kv_scale, sinks, out, lse, want)
+        self._check_inputs(q_nope, q_pe, kv_cache, sinks, out, lse)
+        bmm1, bmm2 = self._bmm_scales(self._sm, (("q_scale",), (q_scale,)), (("kv_scale",), (kv_scale,)))
+        res = self._mla_call(self._packed_query(q_nope, q_pe), kv_cache, self._padded_table, out, bmm1, bmm2)
+        return new_tuple(AttentionResult, (res if out is not None else res.flatten(0, 1), None))
 
 
 # --------------------------------------------------------- sparse_mla_decode

@@ -271,7 +271,7 @@ def test_fa2_decode_plans_flashinfer_csr_and_the_planned_options(fake):
     req = make_request("mha_decode", sliding_window=True, logits_soft_cap=True)
     planned(fa.FA2Decode, req, window_left=3, logits_soft_cap=30.0)
     w = fake.wrappers[0]
-    assert w.init.args[1] == "NHD" and w.init.kwargs == {"use_tensor_cores": False}
+    assert w.init.args[1] == "NHD" and w.init.kwargs == {"use_tensor_cores": False, "backend": "fa2"}
     indptr, indices, last, hq, hkv, d, s = w.plans[0].args
     assert indptr.tolist() == [0, 2, 5] and indices.tolist() == [7, 2, 1, 6, 3] and last.tolist() == [1, 1]
     assert (hq, hkv, d, s) == (4, 2, 16, 4)
@@ -621,20 +621,47 @@ def test_trtllm_mla_packs_adjacent_query_halves_without_a_copy(fake):
     assert query.data_ptr() == ad._buffers["query"].data_ptr() and torch.equal(query.flatten(0, 1), row)
 
 
-def test_xqa_mla_derives_the_default_scale_and_passes_neither_lse_nor_counter(fake):
-    req = mla_request(kv_dtype="fp8_e4m3")
+def test_xqa_mla_passes_q_and_kv_scales_apart_and_no_lse_or_counter(fake):
+    # the XQA MLA kernel scales the logits by q_scale * kv_scale and the output by kv_scale
+    # (csrc/xqa/mla_sm120.cu:464, 1319): folding kv_scale into bmm1 would apply it twice
+    req = mla_request(q_dtype="fp8_e4m3", kv_dtype="fp8_e4m3")
     ad = trt.XQAMLADecode(make_spec(trt.XQAMLADecode), req)
     bt, sl = paged()
     ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl))
     q_nope, q_pe, kv = mla_inputs(req, 2)
-    res = ad.run(q_nope, q_pe, kv, kv_scale=0.5)
+    res = ad.run(q_nope, q_pe, kv, q_scale=2.0, kv_scale=0.5)
     name, call = fake.calls[0]
-    assert name == "mla" and call.args[1] is kv and call.args[3:6] == (16, 32, 8) and call.args[6] is bt
+    assert name == "mla" and call.args[1] is kv and call.args[3:6] == (16, 32, 8)
     assert call.kwargs == dict(
-        out=None, bmm1_scale=pytest.approx(0.5 / math.sqrt(16 + 8)), bmm2_scale=0.5, sinks=None,
-        enable_pdl=False, backend="xqa",
+        out=None, bmm1_scale=pytest.approx(2.0 / math.sqrt(16 + 8)), bmm2_scale=0.5, enable_pdl=False, backend="xqa",
     )
-    assert res.lse is None and res.out.shape[0] == 2
+    assert res.lse is None and res.out.shape == (2, 4, 16)
+
+
+def test_xqa_mla_pads_the_block_table_to_a_multiple_of_128_tokens(fake):
+    req = mla_request(q_dtype="fp8_e4m3", kv_dtype="fp8_e4m3")  # page_size 4: 32 columns per 128 tokens
+    ad = trt.XQAMLADecode(make_spec(trt.XQAMLADecode), req)
+    bt, sl = paged()
+    ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl))
+    ad.run(*mla_inputs(req, 2))
+    table = fake.calls[0][1].args[6]
+    assert table.shape == (2, 32) and torch.equal(table[:, :4], bt) and not table[:, 4:].any()
+    wide = torch.zeros(2, 64, dtype=torch.int32)
+    wide[:, :4] = bt
+    ad.plan(DecodeMetadata(block_table=wide, seq_lens=sl))
+    ad.run(*mla_inputs(req, 2))
+    assert fake.calls[1][1].args[6] is wide  # already a multiple: passed as it is
+
+
+def test_xqa_mla_hands_a_caller_out_over_as_batch_heads_rank(fake):
+    # xqa_batch_decode_with_kv_cache_mla checks a given out against [B, H, R] (mla/_core.py:5433-5445)
+    req = mla_request(q_dtype="fp8_e4m3", kv_dtype="fp8_e4m3")
+    ad = trt.XQAMLADecode(make_spec(trt.XQAMLADecode), req)
+    bt, sl = paged()
+    ad.plan(DecodeMetadata(block_table=bt, seq_lens=sl))
+    out = torch.empty(2, 4, 32, dtype=torch.bfloat16)
+    res = ad.run(*mla_inputs(req, 2), out=out)
+    assert fake.calls[0][1].kwargs["out"] is out and res.out is out
 
 
 def test_dsv4_sparse_mla_table_has_empty_window_columns_then_global_slots(fake):
