@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from registry.contracts import output_dtype
 from registry.errors import RequestError, brief
-from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
+from registry.ops import FEATURE_FIELDS_BY_OP, MLA_OPS, SHAPE_FIELDS_BY_OP, mla_dims_from_head_dims
 from registry.perf import bucket
 from registry.schema import Features, Shapes
 from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean, parse_arch, parse_dtype
@@ -101,6 +101,11 @@ class KernelRequest(BaseModel):
             object.__setattr__(self, "kv_dtype", self.q_dtype)
         if self.out_dtype is None:
             object.__setattr__(self, "out_dtype", output_dtype(self.q_dtype))
+        if self.op in MLA_OPS and (self.head_dim_qk is not None or self.head_dim_vo is not None):
+            # MLA head sizes given the vLLM way (576 / 512): kept as the latent dims they mean, one canonical request
+            rank, rope = mla_dims_from_head_dims(self.head_dim_qk, self.head_dim_vo, self.kv_lora_rank, self.qk_rope_head_dim)
+            for name, value in (("kv_lora_rank", rank), ("qk_rope_head_dim", rope), ("head_dim_qk", None), ("head_dim_vo", None)):
+                object.__setattr__(self, name, value)
         if self.head_dim_vo is None and self.head_dim_qk is not None:
             object.__setattr__(self, "head_dim_vo", self.head_dim_qk)
         if self.num_qo_heads and self.num_kv_heads and self.num_qo_heads % self.num_kv_heads:

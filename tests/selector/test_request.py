@@ -54,3 +54,39 @@ def test_bad_fields_are_named(fields, message):
 def test_unchecked_lists_unset_shape_fields_of_the_op():
     r = KernelRequest(op="mla_decode", arch="sm_120", kv_lora_rank=512)
     assert "page_size" in r.unchecked() and "kv_lora_rank" not in r.unchecked() and "head_dim_qk" not in r.unchecked()
+
+
+def test_mla_head_sizes_given_the_vllm_way_mean_the_latent_dims():
+    # vLLM passes an MLA layer's head size as 576 (kv_lora_rank 512 + rope 64) and its value head as 512
+    vllm = KernelRequest(op="mla_decode", arch="sm_120", head_dim_qk=576, head_dim_vo=512)
+    latent = KernelRequest(op="mla_decode", arch="sm_120", kv_lora_rank=512, qk_rope_head_dim=64)
+    assert vllm == latent and hash(vllm) == hash(latent)
+    assert (vllm.kv_lora_rank, vllm.qk_rope_head_dim, vllm.head_dim_qk, vllm.head_dim_vo) == (512, 64, None, None)
+    both = KernelRequest(op="mla_decode", head_dim_qk=576, kv_lora_rank=512, qk_rope_head_dim=64)
+    assert both == KernelRequest(op="mla_decode", kv_lora_rank=512, qk_rope_head_dim=64)
+    assert KernelRequest(op="sparse_mla_decode", head_dim_qk=512, head_dim_vo=512).qk_rope_head_dim == 0
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"head_dim_qk": 576}, r"request\.head_dim_qk: head_dim_qk 576 alone does not say how it splits into "
+                               r"kv_lora_rank \+ qk_rope_head_dim: give head_dim_vo"),
+        ({"head_dim_qk": 600, "kv_lora_rank": 512, "qk_rope_head_dim": 64},
+         r"request\.head_dim_qk: head_dim_qk 600 is not kv_lora_rank 512 \+ qk_rope_head_dim 64 = 576: absorbed MLA"),
+        ({"head_dim_vo": 500, "kv_lora_rank": 512}, r"request\.head_dim_vo: head_dim_vo 500 is not kv_lora_rank 512: "),
+        ({"head_dim_qk": 256, "head_dim_vo": 512}, r"request\.head_dim_qk: head_dim_qk 256 is below kv_lora_rank 512: "),
+    ],
+)
+def test_mla_head_sizes_that_disagree_with_the_latent_dims_name_the_rule(fields, message):
+    with pytest.raises(RequestError, match=message):
+        KernelRequest(op="mla_decode", **fields)
+
+
+def test_a_vllm_style_mla_request_selects_what_the_latent_one_does(pick):
+    # it used to be refused: "head_dim_qk means nothing for op mla_decode"
+    for arch, q in (("sm_120", "bf16"), ("sm_90", "bf16"), ("sm_100", "bf16")):
+        vllm = pick(op="mla_decode", arch=arch, q_dtype=q, head_dim_qk=576, head_dim_vo=512, num_qo_heads=128)
+        latent = pick(op="mla_decode", arch=arch, q_dtype=q, kv_lora_rank=512, qk_rope_head_dim=64, num_qo_heads=128)
+        assert vllm.kernel is not None and vllm.kernel is latent.kernel
+        assert "kv_lora_rank=512 qk_rope_head_dim=64" in vllm.explain()
