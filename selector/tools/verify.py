@@ -16,6 +16,7 @@ device='cuda', progress=None) -> VerifyReport``.  Imports torch when called.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import itertools
 import sys
 import time
@@ -318,7 +319,7 @@ def _environment(device: str, arch: Any, manifest: Manifest) -> dict[str, Any]:
     versions["torch"] = torch.__version__
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else ""
     return {"device": device, "gpu": gpu, "arch": getattr(arch, "value", arch), "versions": versions,
-            "manifest": f"{manifest.path} ({manifest.digest})"}
+            "manifest": f"{manifest.path} ({manifest.digest})", "date": datetime.date.today().isoformat()}
 
 
 def _progress_fn(progress: Union[bool, Callable, None]) -> Callable[[int, int, str], None]:
