@@ -38,6 +38,7 @@ class Solution(_Vocab):
     FLASHINFER = "flashinfer"
     XQA = "xqa"
     TRTLLM_GEN = "trtllm-gen"
+    FLASH_ATTN = "flash-attn"
     TRITON = "triton"
     REFERENCE = "reference"
 
@@ -51,6 +52,7 @@ class Backend(_Vocab):
     CUDNN = "cudnn"
     CUTLASS = "cutlass"
     CUTE_DSL = "cute-dsl"
+    FA4 = "fa4"
     TRITON = "triton"
     TORCH = "torch"
 

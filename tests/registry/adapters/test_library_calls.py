@@ -25,6 +25,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from registry.adapters import flash_attn as flash_attn_adapter  # noqa: E402
 from registry.adapters import flashinfer_common as common  # noqa: E402
 from registry.adapters.base import torch_dtype  # noqa: E402
 from registry.constraints import IntRange, OneOf  # noqa: E402
@@ -117,6 +118,8 @@ def library(monkeypatch):
         self._device, self._device_index, self._pdl = t.device, t.get_device(), False
 
     monkeypatch.setattr(common.FlashInferAdapter, "_bind_device", bind_cpu)
+    monkeypatch.setattr(flash_attn_adapter.FA4Prefill, "_bind_device",
+                        lambda self, t: setattr(self, "_device", t.device) or setattr(self, "_device_index", t.get_device()))
     monkeypatch.setattr(common, "workspace", lambda device, nbytes, tag="float": torch.zeros(8, dtype=torch.uint8))
     return log
 
