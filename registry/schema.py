@@ -242,6 +242,29 @@ class Exclusion(StrictModel):
 
 
 
+FACT_PATHS: tuple[str, ...] = (
+    ("arch",)
+    + tuple(f"dtypes.{f}" for f in DTypes.model_fields)
+    + tuple(f"shapes.{f}" for f in Shapes.model_fields)
+    + tuple(f"features.{f}" for f in Features.model_fields)
+)
+"""The facts of a kernel entry a ``sources`` key can name (``settings.<key>`` too, for a declared setting)."""
+
+
+def _fact_path(key: Any) -> str:
+    if not isinstance(key, str):
+        raise ValueError(f"expected a fact path like shapes.page_size, got {brief(key)}")
+    if key in FACT_PATHS or (key.startswith("settings.") and len(key) > len("settings.")):
+        return key
+    raise ValueError(
+        f"unknown fact {brief(key)}{did_you_mean(key, list(FACT_PATHS))}; expected arch, dtypes.<field>, "
+        f"shapes.<field>, features.<field> or settings.<key>"
+    )
+
+
+FactPath = Annotated[str, BeforeValidator(_fact_path)]
+
+
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 class KernelSpec(StrictModel):
     """One manifest entry: an implementation of one op with its declared capability and priority."""
@@ -263,6 +286,11 @@ class KernelSpec(StrictModel):
     )
     priority: int = Field(ge=0, le=PRIORITY_MAX, description="see registry.priority for the bands")
     refs: tuple[str, ...] = Field(min_length=1, description="pull requests, library source files or committed results backing the facts")
+    sources: dict[FactPath, Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description="fact path (arch, dtypes.q_dtype, shapes.page_size, features.sinks, settings.<key>) -> the "
+                    "source line or pull request that states it, e.g. flashinfer/jit/xqa.py:82-86",
+    )
     notes: str = ""
 
     _origin: str = PrivateAttr(default="")
@@ -273,6 +301,19 @@ class KernelSpec(StrictModel):
         if not _NAME.match(v):
             raise ValueError(f"{brief(v)} is not a kernel name (lower-case letters, digits, '-', '_', '.')")
         return v
+
+    @field_validator("sources")
+    @classmethod
+    def _sources_cite_declared_facts(cls, sources: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        """A source must back a fact the entry states: a declared dtype, shape or setting (features may be false)."""
+        for path in sources:
+            group, _, field = path.partition(".")
+            declared = info.data.get(group)
+            if group in ("dtypes", "shapes") and declared is not None and getattr(declared, field) is None:
+                raise ValueError(f"{path}: this kernel declares no {path} to cite a source for")
+            if group == "settings" and declared is not None and field not in declared:
+                raise ValueError(f"{path}: this kernel declares no setting {brief(field)}")
+        return sources
 
     @field_validator("adapter")
     @classmethod
