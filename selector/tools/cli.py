@@ -20,6 +20,7 @@ from registry.errors import KernelselError, ManifestError, RequestError, brief
 from registry.loader import load_manifest
 from registry.perf_policy import choose_perf_table
 from registry.priority import band_name
+from registry.provenance import provenance
 from registry.adapter_policy import adapter_allowlist_from_env, parse_adapter_allowlist
 from registry.schema import Manifest
 from registry.vocab import Backend, DType, Op, Solution, did_you_mean, parse_arch, parse_dtype
@@ -336,11 +337,13 @@ def show(name: str, manifest_path: Optional[str], as_json: bool) -> None:
     data["exclude"] = [{"when": {f: c.describe() for f, c in e.when.items()}, "reason": e.reason, "ref": e.ref}
                        for e in spec.exclude]
     data = {k: v for k, v in data.items() if v not in ([], {}, None)}
+    known = provenance(spec)
     if as_json:
-        _echo_json(data | {"origin": spec.origin})
+        _echo_json(data | {"origin": spec.origin, "provenance": known.to_dict() | {"summary": known.summary()}})
         return
     click.echo(f"# {spec.origin}")
     click.echo(yaml.safe_dump(_plain(data), sort_keys=False, width=100).rstrip())
+    click.echo(f"# provenance: {known.summary()}")
 
 
 def _plain(data: Any) -> Any:

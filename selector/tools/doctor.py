@@ -22,6 +22,7 @@ from typing import Any, Mapping, Optional
 from registry.errors import KernelselError, ManifestError
 from registry.loader import bundled_perf_dir, load_perf_table
 from registry.perf_policy import choose_perf_table
+from registry.provenance import provenance
 from registry.vocab import Arch, Solution, parse_arch
 from selector.availability import UNAVAILABLE, adapter_class, describe_exception, probe
 from selector.overrides import ENV_MANIFEST, ENV_PERF, Overrides
@@ -127,9 +128,13 @@ def _kernels(manifest: Any, platform: Platform, overrides: Overrides) -> list[di
             notes.append(REFERENCE_ONLY)
         if overrides.forced(k.op) == k.name:
             notes.append(f"forced by {overrides.forced_by(k.op)}")
+        known = provenance(k)
+        if not known.ran_on(platform.arch) and (platform.arch is None or k.arch.allows(platform.arch)):
+            notes.append(known.summary(platform.arch))
         out.append({"name": k.name, "op": k.op.value, "solution": k.solution.value, "backend": k.backend.value,
                     "arch": k.arch.describe(), "priority": k.priority, "origin": k.origin,
-                    "available": not reasons, "reasons": reasons, "notes": notes})
+                    "available": not reasons, "reasons": reasons, "notes": notes,
+                    "provenance": known.to_dict() | {"summary": known.summary(platform.arch)}})
     return out
 
 

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
 from registry.priority import band_name
+from registry.provenance import provenance
 from registry.schema import Features, KernelSpec, Manifest, Shapes
 from registry.vocab import Arch, DType, Op
 from selector.platform import Platform
@@ -74,6 +75,15 @@ def _feature(k: KernelSpec, name: str) -> str:
     return YES if getattr(k.features, name) else NO
 
 
+def _verified(k: KernelSpec) -> str:
+    """Where ``kernelsel verify`` ran the kernel (committed results), or that it never did."""
+    runs = provenance(k).ran_on(None)
+    if not runs:
+        return "never (facts from sources)"
+    where = dict.fromkeys(f"{r.gpu.removeprefix('NVIDIA ')} ({r.arch.value if r.arch else '?'})" for r in runs)
+    return ", ".join(where)
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -83,7 +93,7 @@ def _op_table(manifest: Manifest, op: Op) -> list[str]:
     if not kernels:
         return []
     header = ["kernel", "solution / backend", "arch", "q dtype", "kv dtype", "head dims", "page sizes",
-              *(label for _, label in _FEATURE_COLUMNS), "max query tokens", "other", "priority"]
+              *(label for _, label in _FEATURE_COLUMNS), "max query tokens", "other", "priority", "run by kernelsel"]
     lines = [f"### {op.value}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for k in kernels:
         row = [
@@ -98,6 +108,7 @@ def _op_table(manifest: Manifest, op: Op) -> list[str]:
             _max_q_len(k),
             _other(k),
             f"{k.priority} {band_name(k.priority)}",
+            _verified(k),
         ]
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     excluded = [k for k in kernels if k.exclude]
@@ -168,7 +179,9 @@ def render_matrix(manifest: Manifest) -> str:
         "Ranges are inclusive (`1..` has no maximum, `(x16)` a step, `(2^n)` powers of two); "
         "`= FIELD` means equal to the request's FIELD (so limited to FIELD's values), `or` lists values allowed besides; "
         "rows are in selection order (priority, then name).  "
-        "Reference kernels are never chosen automatically.",
+        "Reference kernels are never chosen automatically.  \"run by kernelsel\" names the GPUs whose committed "
+        "`kernelsel verify` results (bench/results/verify-*.json) ran the kernel; \"never\" means its facts were "
+        "read from the library's source and the pull requests it cites, not executed here.",
         "",
         "## Kernels per op",
         "",

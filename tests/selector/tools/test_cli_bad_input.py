@@ -40,7 +40,7 @@ BAD = [
     (E + ["--q-dtyp", "bf16"], r"kernelsel explain: no such option --q-dtyp \(did you mean --q-dtype\?\)"),
     (E + ["extra"], r"kernelsel explain: got unexpected extra argument \(extra\)"),
     (E + ["--solution", "flashinfr"], r"kernelsel explain: --solution: 'flashinfr' is not one of flashinfer, .* \(did you mean 'flashinfer'\?\)"),
-    (E + ["--backend", "fa4"], r"kernelsel explain: --backend: 'fa4' is not one of fa2, .*"),
+    (E + ["--backend", "fa9"], r"kernelsel explain: --backend: 'fa9' is not one of fa2, .*"),
     (E + ["--kernel", "nope"], r"kernelsel explain: .*no kernel named 'nope'; kernels for mha_decode: "),
     (E + ["--kernel", "triton-mla-decode"], r"kernelsel explain: .*'triton-mla-decode' implements mla_decode, not mha_decode"),
     (E + ["--num-qo-heads", "3", "--num-kv-heads", "2"], r"kernelsel explain: --num-qo-heads: num_qo_heads 3 is not a multiple of num_kv_heads 2"),
