@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from registry.adapter_policy import ADAPTER_PACKAGE
 from registry.errors import KernelselError
 from registry.priority import band_name
+from registry.provenance import provenance
 from registry.schema import KernelSpec
 from registry.variants import LaunchEnv, VariantChoice
 from selector.availability import UnavailableKernels, adapter_class
@@ -186,11 +187,13 @@ class Selection:
             "request": self.request.given(),
             "unchecked": self.request.unchecked(),
             "overrides": list(self.overrides),
-            "selected": _kernel_dict(self.kernel) | {"settings": self.settings} | _variant_dict(self.variant)
+            "selected": _kernel_dict(self.kernel) | {"settings": self.settings, "provenance": self._provenance(self.kernel)}
+            | _variant_dict(self.variant)
             if self.kernel else None,
             "why": self.why,
             "perf": {"source": self.perf_source, "median_us": dict(self.measured)} if self.perf_source else None,
-            "eligible": [_kernel_dict(k) | ({"median_us": self.measured[k.name]} if k.name in self.measured else {})
+            "eligible": [_kernel_dict(k) | {"provenance": self._provenance(k)}
+                         | ({"median_us": self.measured[k.name]} if k.name in self.measured else {})
                          for k in self.eligible],
             "rejected": [
                 {"name": v.kernel.name, "solution": v.kernel.solution.value, "backend": v.kernel.backend.value,
@@ -201,6 +204,11 @@ class Selection:
             "adapter_kernel": self._fallback[-1],
             "unavailable": [{"name": n, "reason": r} for n, r in self._fallback[:-1]],
         }} if self._fallback else {})
+
+    def _provenance(self, k: KernelSpec) -> dict[str, Any]:
+        """How ``k``'s claims are known (registry.provenance), for the request's arch."""
+        known = provenance(k)
+        return known.to_dict() | {"summary": known.summary(self.request.arch or self.platform.arch)}
 
     def explain(self) -> str:
         """The fixed-section text of ``kernelsel explain``."""
@@ -219,7 +227,9 @@ class Selection:
             lines.append(f"perf      {self.perf_source} (measured times rank the eligible kernels)")
         if self.kernel:
             k = self.kernel
-            lines.append(f"selected  {k.name} ({k.solution.value}/{k.backend.value}, priority {k.priority} {band_name(k.priority)})")
+            known = provenance(k).summary(self.request.arch or self.platform.arch)
+            lines.append(f"selected  {k.name} ({k.solution.value}/{k.backend.value}, priority {k.priority} "
+                         f"{band_name(k.priority)}) — {known}")
             if k.settings:
                 lines.append("settings  " + " ".join(f"{a}={b}" for a, b in k.settings.items()))
             variant = self.variant
