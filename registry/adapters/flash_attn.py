@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from registry.adapters.base import Adapter, check_tensor, import_library, torch_dtype
 from registry.adapters.paged import check_cu_seqlens
-from registry.contracts import AttentionResult
+from registry.contracts import AttentionResult, output_dtype, scale_arg, sm_scale
 from registry.errors import AdapterInputError, UnsupportedFeatureError
 
 if TYPE_CHECKING:
@@ -31,17 +31,10 @@ _UNTRANSLATED = ("sinks", "sliding_window", "logits_soft_cap", "return_lse")
 """Features FA4's API has and this adapter does not translate (so no FA4 entry may declare them)."""
 
 
-def _scale_parts(name: str, scale: Any, device_index: int) -> tuple[float, Any]:
-    """``(float part, tensor part or None)`` of a scale: a number, or a one-element fp32 tensor on the kernel's device."""
-    import torch
-
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        return float(scale), None
-    if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or scale.dtype != torch.float32:
-        raise AdapterInputError(f"{name}: expected a float or a one-element fp32 tensor, got {scale!r}")
-    if scale.get_device() != device_index:
-        raise AdapterInputError(f"{name}: on {scale.device}, expected cuda:{device_index}")
-    return 1.0, scale.view(1)
+def _scale_parts(name: str, scale: Any, device: Any) -> tuple[float, Any]:
+    """``(float part, tensor part or None)`` of a contract scale (``registry.contracts.scale_arg`` checks it)."""
+    value = scale_arg(name, scale, device=device, contract="mha_prefill")
+    return (value, None) if isinstance(value, float) else (1.0, value.view(1))
 
 
 class FA4Prefill(Adapter):
@@ -66,13 +59,10 @@ class FA4Prefill(Adapter):
         self._fa = import_library("flash_attn.cute", "flash-attn")
         self.q_dtype = torch_dtype(request.q_dtype)
         self.kv_dtype = torch_dtype(request.kv_dtype)
-        self.out_dtype = torch_dtype(request.out_dtype) if request.out_dtype is not None else self.q_dtype
+        self.out_dtype = torch_dtype(output_dtype(request.q_dtype, request.out_dtype).value)
         self._q_buffer = None
 
     def plan(self, metadata: Any) -> None:
-        import math
-
-        r = self.request
         self._check_options(metadata, causal=metadata.causal)
         cu_q, cu_k = metadata.cu_seqlens_q, metadata.cu_seqlens_kv
         self._bind_device(cu_q)
@@ -84,8 +74,7 @@ class FA4Prefill(Adapter):
         self._max_q = int(lens_q.max()) if batch else 0
         self._max_k = int(lens_k.max()) if batch else 0
         self._causal = bool(metadata.causal)
-        d = r.head_dim_qk
-        self._sm = metadata.sm_scale if metadata.sm_scale is not None else 1.0 / math.sqrt(d)
+        self._sm = sm_scale(metadata, self.request, kernel=self.spec.name)
         self._planned = True
 
     def _bind_device(self, t: Any) -> None:
@@ -107,9 +96,9 @@ class FA4Prefill(Adapter):
         if out is not None:
             check_tensor("out", out, shape=[self.tokens_q, r.num_qo_heads, dv], dtype=self.out_dtype, device=dev,
                          contract=self.op)
-        qf, qt = _scale_parts("q_scale", q_scale, self._device_index)
-        kf, kt = _scale_parts("k_scale", k_scale, self._device_index)
-        vf, vt = _scale_parts("v_scale", v_scale, self._device_index)
+        qf, qt = _scale_parts("q_scale", q_scale, dev)
+        kf, kt = _scale_parts("k_scale", k_scale, dev)
+        vf, vt = _scale_parts("v_scale", v_scale, dev)
         if qt is not None or kt is not None:
             q = self._scaled_query(q, [t for t in (qt, kt) if t is not None])
         res, _ = self._fa.flash_attn_varlen_func(
