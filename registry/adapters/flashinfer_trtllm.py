@@ -386,8 +386,8 @@ class XQAMLADecode(_MLADecode):
 
     * scales: FlashInfer hands ``bmm1_scale`` to the kernel as its
       ``q_scale`` and ``bmm2_scale`` as its ``kv_scale`` (mla/_core.py:5463-5464);
-      the kernel scales the logits by ``q_scale * kv_scale`` (no
-      ``1/sqrt(d)``, mla_sm120.cu:464) and the output by ``kv_scale``
+      the kernel scales the logits by ``q_scale * kv_scale`` and nothing
+      else (mla_sm120.cu:464) and the output by ``kv_scale``
       (mla_sm120.cu:1319).  So ``bmm1 = sm_scale * q_scale`` (the KV scale
       must not be folded in, or the logits get it twice) and ``bmm2 = kv_scale``;
     * output: a caller's ``out`` must be ``[B, H, R]`` (mla/_core.py:5433-5445),

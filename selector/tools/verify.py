@@ -70,7 +70,7 @@ OPEN_FIELD_SAMPLES: dict[str, tuple[int, ...]] = {
     "head_dim_qk": (64,),
     "num_qo_heads": (16,),
     "num_kv_heads": (2,),
-    "gqa_group_size": (1, 4),
+    "gqa_group_size": (1, 4, 48),  # 48: a multi-query model's group (StarCoder), past any dispatch table
     "page_size": (1, 16),
     "q_len": (1, 2),
     "kv_lora_rank": (64,),

@@ -51,9 +51,14 @@ def test_cute_dsl_extend_serves_a_sliding_window():
     assert verdict(sel, "flashinfer-cute-dsl-extend").eligible
 
 
-def test_the_fa4_numerics_exclusion_is_no_longer_on_flashinfers_cute_dsl_kernel():
-    sel = pick(op="mha_extend", arch="sm_100", q_dtype="bf16", head_dim_qk=256, page_size=16, noncontiguous_kv=True)
-    assert verdict(sel, "flashinfer-cute-dsl-extend").eligible
+def test_cute_dsl_extend_cannot_fit_head_dim_256_and_carries_no_fa4_exclusion():
+    # 2 Q + 3 K/V stages of 128 x 256 are 320 KiB of shared memory (cute_dsl/attention/mainloop_spec.py:57-58, 75);
+    # TokenSpeed's FA4 finding belongs to flash-attn's kernel, not this one
+    sel = pick(op="mha_extend", arch="sm_100", q_dtype="bf16", head_dim_qk=256, page_size=16)
+    rejected(sel, "flashinfer-cute-dsl-extend", "head_dim_qk 256 not in [64, 128]")
+    assert not any("tokenspeed#445" in e.ref for e in MANIFEST.by_name["flashinfer-cute-dsl-extend"].exclude)
+    ok = pick(op="mha_extend", arch="sm_100", q_dtype="bf16", head_dim_qk=128, page_size=16, noncontiguous_kv=True)
+    assert verdict(ok, "flashinfer-cute-dsl-extend").eligible
 
 
 # ------------------------------------------------------------------ FA3

@@ -102,8 +102,11 @@ def test_vllm_43827_dsv4_sparse_mla_records_both_block_sizes_and_carries_setting
     k = sparse[0]
     assert set(k.shapes.page_size.values) == {256, 512}
     assert k.shapes.topk.multiple_of == 4
-    sel = pick(op="sparse_mla_decode", arch="sm_100", q_dtype="bf16", kv_dtype="fp8_e4m3", page_size=256, topk=2048,
-               kv_lora_rank=512, qk_rope_head_dim=0)
+    # an fp8 cache comes with an fp8 query: FlashInfer needs both pools in the query's dtype (mla/_core.py:1170-1198)
+    sel = pick(op="sparse_mla_decode", arch="sm_100", q_dtype="fp8_e4m3", kv_dtype="fp8_e4m3", page_size=256,
+               topk=2048, kv_lora_rank=512, qk_rope_head_dim=0)
     assert sel.kernel is k and sel.settings == dict(k.settings)
+    assert pick(op="sparse_mla_decode", arch="sm_100", q_dtype="bf16", page_size=512, topk=2048,
+                kv_lora_rank=512, qk_rope_head_dim=0).kernel is k
     misaligned = pick(op="sparse_mla_decode", arch="sm_100", q_dtype="bf16", topk=2047)
     assert "topk 2047 not a multiple of 4" in next(v for v in misaligned.verdicts if v.kernel is k).reasons

@@ -162,7 +162,7 @@ def request_for(spec, variant: str = "16-bit"):
         if spec.op.value == "sparse_mla_decode":
             fields["topk"] = _first(s.topk, (8,), 8)
     if spec.op.value != "mha_prefill":
-        fields["page_size"] = _first(s.page_size, (16, 32, 64), 16)
+        fields["page_size"] = _first(s.page_size, (16, 64, 32), 16)
     selector = Selector(MANIFEST, Platform.hypothetical(fields["arch"]))
     for q, kv in DTYPE_PAIRS[variant]:
         request = KernelRequest(q_dtype=q, kv_dtype=kv, **fields)

@@ -528,6 +528,25 @@ def test_selected_through_the_selector():
     assert_matches(out.cpu(), None, ref_out, None, want_lse=False)
 
 
+# ----------------------------------------------------------------- any GQA group
+
+MQA_GROUPS = (1, 3, 48, 71)
+"""Query heads per KV head, including multi-query models' 48 (StarCoder) and 71 (Falcon-7B)."""
+
+
+@pytest.mark.parametrize("op", ["mha_decode", "mha_extend"])
+@pytest.mark.parametrize("group", MQA_GROUPS)
+def test_any_gqa_group_matches_reference(op, group):
+    # rows are (token, query head) pairs tiled by the plan, so no group is special; a group above a tile
+    # (64 rows) spans two tiles of one request
+    for spec in triton_kernels(op):
+        assert spec.shapes.gqa_group_size is None or spec.shapes.gqa_group_size.allows(group), (
+            f"{spec.name} does not declare GQA group {group}"
+        )
+        extra = {"q_len": 2} if op == "mha_decode" else {"new_tokens": 3, "context": 24}
+        run_mha(spec, Case(head_dim=64, head_dim_vo=64, group=group, batch=2, splits=2, **extra))
+
+
 # ----------------------------------------------------------------- real sizes on the GPU
 
 GPU_DECODE = [
@@ -558,6 +577,26 @@ def test_mha_extend_real_sizes(batch, context, new):
         feats = frozenset(f for f in ("sliding_window", "return_lse") if getattr(spec.features, f))
         case = Case(group=4, batch=batch, context=context, new_tokens=new, splits=None, features=feats)
         run_mha(spec, case, seed=new)
+
+
+GPU_MQA = [
+    # (op, batch, context, group, head_dim, kv dtype, q_len or new tokens): one KV head, Falcon-7B (71 x 64)
+    # and StarCoder (48 x 128) shapes; the plan picks tiles and splits
+    ("mha_decode", 16, 4096, 71, 64, "bf16", 1),
+    ("mha_decode", 8, 2048, 48, 128, "fp8_e4m3", 2),
+    ("mha_extend", 4, 3000, 71, 64, "bf16", 300),
+    ("mha_extend", 8, 1500, 48, 128, "fp8_e4m3", 64),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op, batch, context, group, head_dim, kv, new", GPU_MQA)
+def test_mqa_groups_real_sizes(op, batch, context, group, head_dim, kv, new):
+    for spec in triton_kernels(op):
+        feats = frozenset(f for f in ("sinks", "return_lse") if getattr(spec.features, f))
+        case = Case(kv_dtype=kv, head_dim=head_dim, head_dim_vo=head_dim, group=group, batch=batch, context=context,
+                    splits=None, features=feats, **({"q_len": new} if op == "mha_decode" else {"new_tokens": new}))
+        run_mha(spec, case, seed=group)
 
 
 FP8_SMALL_TILES = [

@@ -105,4 +105,4 @@ def test_equals_constraints_render_as_written_in_their_columns():
             assert f"head_dim_vo {vo.describe()}" in row[5]
         out = k.dtypes.out_dtype
         if getattr(out, "equals", None):
-            assert f"out_dtype {out.describe()}" in row[-2]
+            assert f"out_dtype {out.describe()}" in row[-3]  # "other" (then priority, run by kernelsel)
