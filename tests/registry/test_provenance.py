@@ -85,3 +85,49 @@ def test_an_unreadable_results_file_is_skipped_not_fatal(tmp_path):
 )
 def test_source_of_a_ref_is_the_document_it_points_at(ref, source):
     assert source_of(ref) == source
+
+
+# ------------------------------------------------------------ where users see it
+
+RAN = next(k for k in MANIFEST.kernels if provenance(k).ran_on(Arch.SM_90))
+NEVER = next(k for k in MANIFEST.kernels if not provenance(k).ran)
+
+
+def test_show_prints_the_provenance(cli):
+    for spec in (RAN, NEVER):
+        code, out, _ = cli("show", spec.name)
+        assert code == 0 and out.rstrip().splitlines()[-1] == f"# provenance: {provenance(spec).summary()}"
+        code, out, _ = cli("show", spec.name, "--json")
+        data = json.loads(out)["provenance"]
+        assert data["ran"] is provenance(spec).ran and data["summary"] == provenance(spec).summary()
+
+
+def test_explain_puts_it_on_the_selected_line_and_in_the_json(cli):
+    arch = NEVER.arch.members()[0]
+    fields = ["--op", NEVER.op.value, "--arch", arch.value, "--kernel", NEVER.name]
+    code, out, _ = cli("explain", *fields)
+    selected = next(line for line in out.splitlines() if line.startswith("selected  "))
+    assert code == 0 and selected.endswith(" — " + provenance(NEVER).summary(arch)) and "never run by kernelsel" in selected
+    code, out, _ = cli("explain", *fields, "--json")
+    assert json.loads(out)["selected"]["provenance"]["ran"] is False
+
+
+def test_matrix_has_a_run_by_kernelsel_column():
+    from selector.tools.matrix import render_matrix
+
+    text = render_matrix(MANIFEST)
+    for spec in (RAN, NEVER):
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{spec.name}` |"))
+        last = row.rstrip(" |").rsplit(" | ", 1)[1]
+        assert last == ("never (facts from sources)" if spec is NEVER else "H200 (sm_90)")
+
+
+def test_doctor_notes_each_kernel_of_the_arch_that_kernelsel_never_ran_there():
+    import selector.tools.doctor as doctor
+
+    arch = NEVER.arch.members()[0]
+    report = doctor.diagnose(arch=arch.value, environ={})
+    entry = next(k for k in report["kernels"] if k["name"] == NEVER.name)
+    assert entry["provenance"]["ran"] is False and provenance(NEVER).summary(arch) in entry["notes"]
+    ran_here = next(k for k in doctor.diagnose(arch="sm_90", environ={})["kernels"] if k["name"] == RAN.name)
+    assert not any(n.startswith("never run") for n in ran_here["notes"])
