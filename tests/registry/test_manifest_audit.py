@@ -109,9 +109,14 @@ def test_a_16_bit_query_gets_no_trtllm_gen_kernel_with_another_output_dtype(op):
 
 
 @pytest.mark.parametrize("op", ["mha_decode", "mha_extend"])
-def test_trtllm_gen_pages_are_the_published_16_32_64(op):
-    sel = pick(op=op, arch="sm_100", q_dtype="fp8_e4m3", kv_dtype="fp8_e4m3", head_dim_qk=128, page_size=128)
-    rejected(sel, f"trtllm-gen-{op.split('_')[1]}", "page_size 128 not in")
+def test_trtllm_gen_pages_are_powers_of_two_from_16(op):
+    # 16/32/64: TensorRT-LLM's SUPPORTED_TOKENS_PER_BLOCK; >= 128: the dynamic-page kernels (fmhaKernels.cuh:538-560)
+    name = f"trtllm-gen-{op.split('_')[1]}"
+    for page in (16, 64, 128, 1024):
+        sel = pick(op=op, arch="sm_100", q_dtype="fp8_e4m3", kv_dtype="fp8_e4m3", head_dim_qk=128, page_size=page)
+        assert sel.kernel.name == name
+    rejected(pick(op=op, arch="sm_100", q_dtype="fp8_e4m3", kv_dtype="fp8_e4m3", head_dim_qk=128, page_size=48),
+             name, "page_size 48 not a power of two")
 
 
 def test_trtllm_gen_decode_groups_stop_at_32():
