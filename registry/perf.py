@@ -3,9 +3,14 @@
 A perf table lives in ``perf/<gpu>-<arch>.yaml`` and is validated like the
 manifest (strict pydantic models, ``file:line:col`` errors through
 ``registry.loader``).  Each entry is one request bucket -- the op plus the
-request fields in ``PERF_KEY`` (``batch_size`` and ``kv_len`` are bucketed to
-powers of two by the request) -- and the median time of every kernel that
-was eligible and measured there.  Lookups are one dict hit.
+request fields in ``PERF_KEY`` (``batch_size``, ``kv_len`` and ``new_len`` are
+bucketed to powers of two by the request) -- and the median time of every
+kernel that was eligible and measured there.  Lookups are one dict hit.
+
+``new_len`` (new tokens per request) is part of an ``mha_extend`` /
+``mha_prefill`` bucket: a few new tokens over a long cache and a long chunk
+over a short one read the same cache but favour different kernels (FA2 against
+FA3 by up to 4x on an H200).  Decode ops carry theirs as ``q_len``.
 
 Measured times only *rank* eligible kernels: a perf entry never makes an
 ineligible kernel eligible (the solver checks eligibility first).
@@ -20,14 +25,18 @@ from typing import Any, Optional
 from pydantic import Field, field_validator, model_validator
 
 from registry.errors import brief
+from registry.ops import RAGGED_OPS
 from registry.schema import StrictModel
 from registry.vocab import Arch, DType, Op, did_you_mean, parse_arch
 
 PERF_KEY: tuple[str, ...] = (
     "q_dtype", "kv_dtype", "head_dim_qk", "head_dim_vo", "num_qo_heads", "num_kv_heads",
-    "page_size", "q_len", "kv_lora_rank", "qk_rope_head_dim", "topk", "batch_size", "kv_len",
+    "page_size", "q_len", "kv_lora_rank", "qk_rope_head_dim", "topk", "batch_size", "kv_len", "new_len",
 )
 """Request fields that identify a perf bucket (features are not part of it: they decide eligibility)."""
+
+BUCKETED = ("batch_size", "kv_len", "new_len")
+"""Sizes a request rounds up to a power of two, so nearby shapes share a bucket."""
 
 _DTYPE_KEYS = ("q_dtype", "kv_dtype")
 
@@ -73,9 +82,23 @@ class PerfEntry(StrictModel):
                                      f"{did_you_mean(str(value), DType.values()) if isinstance(value, str) else ''}")
             elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{key}: {brief(value)} is not a non-negative integer")
-            elif key in ("batch_size", "kv_len") and bucket(value) != value:
+            elif key in BUCKETED and bucket(value) != value:
                 raise ValueError(f"{key} {value} is not a bucket (a power of two); use {bucket(value)}")
         return shape
+
+    @model_validator(mode="after")
+    def _new_tokens(self) -> "PerfEntry":
+        """Ragged ops' buckets carry their new tokens per request; decode ops carry them as q_len."""
+        given = self.shape.get("new_len") is not None
+        if self.op in RAGGED_OPS and not given:
+            raise ValueError(
+                f"shape: an {self.op.value} bucket needs new_len (new tokens per request, a power of two), which "
+                "decides between kernels; a table recorded before new_len was part of the bucket must be "
+                "re-recorded (kernelsel bench, or bench/regret.py --record)"
+            )
+        if self.op not in RAGGED_OPS and given:
+            raise ValueError(f"shape.new_len: means nothing for {self.op.value} (its new tokens per request are q_len)")
+        return self
 
     @field_validator("median_us")
     @classmethod

@@ -30,6 +30,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from registry.errors import KernelselError, ManifestError, RequestError
+from registry.ops import RAGGED_OPS
 from registry.loader import bundled_perf_dir, load_perf_table
 from registry.yaml_reader import read_yaml, validation_problems
 from registry.perf import PERF_KEY, PerfTable, request_key
@@ -61,7 +62,7 @@ class BenchCase:
 
     @property
     def key(self) -> tuple:
-        """The perf-table bucket this case is recorded under."""
+        """The perf-table bucket this case is recorded under (its request's key: sizes bucketed)."""
         return request_key(self.request.op, self.request)
 
     @property
@@ -90,9 +91,11 @@ def make_case(op: Any, arch: Any, fields: Mapping[str, Any]) -> BenchCase:
     kv_len = sizes["kv_len"]
     if kv_len is None and str(getattr(op, "value", op)) == Op.MHA_PREFILL.value:
         kv_len = sizes["new_len"]  # prefill: every token is new
-    request = KernelRequest(op=op, arch=arch, **fields, batch_size=batch, kv_len=kv_len)
+    ragged = str(getattr(op, "value", op)) in {o.value for o in RAGGED_OPS}
+    bucket_new = {"new_len": sizes["new_len"]} if ragged and sizes["new_len"] is not None else {}
+    request = KernelRequest(op=op, arch=arch, **fields, batch_size=batch, kv_len=kv_len, **bucket_new)
     new, kv = sized_lengths(request, batch, sizes["kv_len"], sizes["new_len"])
-    new_len = new[0] if request.op in (Op.MHA_EXTEND, Op.MHA_PREFILL) else None
+    new_len = new[0] if request.op in RAGGED_OPS else None
     return BenchCase(request, batch, kv[0], new_len)
 
 
@@ -113,8 +116,8 @@ def check_buckets(cases: Sequence[BenchCase]) -> None:
             clashes.append(f"{other.label} and {c.label}")
     if clashes:
         raise RequestError(
-            "these cases fall into one perf bucket (batch_size and kv_len are bucketed to powers of two; "
-            "mha_extend's new tokens are not part of the bucket), so a table would keep only the last:\n  "
+            "these cases fall into one perf bucket (batch_size, kv_len and new_len are bucketed to powers of two), "
+            "so a table would keep only the last:\n  "
             + "\n  ".join(clashes)
         )
 

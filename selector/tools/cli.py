@@ -217,6 +217,8 @@ def request_options(f):
         click.option("--topk", type=int, help="sparse MLA: positions per query token"),
         click.option("--batch-size", type=int, help="batch size (bucketed to a power of two; perf lookup)"),
         click.option("--kv-len", type=int, help="longest KV length (bucketed to a power of two; perf lookup)"),
+        click.option("--new-len", type=int,
+                     help="new tokens per request, mha_extend/mha_prefill (bucketed to a power of two; perf lookup)"),
         click.option("--sinks", is_flag=True, help="needs attention sinks"),
         click.option("--sliding-window", is_flag=True, help="needs a sliding window"),
         click.option("--soft-cap", "logits_soft_cap", is_flag=True, help="needs a logits soft cap"),

@@ -152,3 +152,68 @@ def test_the_default_selector_uses_the_committed_table_for_the_current_gpu(toy_e
     monkeypatch.setenv("KERNELSEL_PERF", "off")
     selector.reset()
     assert not selector.default_selector().solve(KernelRequest(op=entry.op, **entry.shape)).perf_source
+
+
+EXTEND = dict(op="mha_extend", arch="sm_90", q_dtype="bf16", head_dim_qk=128, num_qo_heads=32, num_kv_heads=8,
+              page_size=16, batch_size=1, kv_len=32768)
+EXTEND_SHAPE = {"q_dtype": "bf16", "kv_dtype": "bf16", "head_dim_qk": 128, "head_dim_vo": 128, "num_qo_heads": 32,
+                "num_kv_heads": 8, "page_size": 16, "q_len": 1, "batch_size": 1, "kv_len": 32768}
+
+
+def _extend_table(tmp_path, buckets: dict[int, dict[str, float]]):
+    """One mha_extend entry per new_len bucket."""
+    lines = ["gpu: NVIDIA H200", "arch: sm_90", "method: test", "entries:"]
+    for new_len, times in buckets.items():
+        lines += ["  - op: mha_extend", "    shape:"]
+        lines += [f"      {k}: {v}" for k, v in {**EXTEND_SHAPE, "new_len": new_len}.items()]
+        lines += ["    median_us:"] + [f"      {k}: {v}" for k, v in times.items()]
+    path = tmp_path / "extend.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return load_perf_table(path)
+
+
+def test_the_new_tokens_per_request_decide_the_extend_bucket(toy, tmp_path):
+    few = {"fast-extend": 877.0, "portable-extend": 218.0}  # a few new tokens over a long cache
+    many = {"fast-extend": 890.0, "portable-extend": 1530.0}  # a long chunk
+    perf = _extend_table(tmp_path, {64: few, 2048: many})
+    assert _solve(toy, perf, **EXTEND, new_len=50).kernel.name == "portable-extend"
+    assert _solve(toy, perf, **EXTEND, new_len=2000).kernel.name == "fast-extend"
+    sel = _solve(toy, perf, **EXTEND, new_len=50)
+    assert sel.measured == few and sel.perf_source
+
+
+def test_extend_buckets_without_new_len_ask_for_a_re_recording(tmp_path):
+    path = tmp_path / "old.yaml"
+    lines = ["gpu: NVIDIA H200", "arch: sm_90", "entries:", "  - op: mha_extend", "    shape:"]
+    lines += [f"      {k}: {v}" for k, v in EXTEND_SHAPE.items()]
+    lines += ["    median_us: {fast-extend: 10.0}"]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ManifestError, match=r"old\.yaml:4:\d+: entries\[0\]: .*an mha_extend bucket needs new_len \(new "
+                                            r"tokens per request, a power of two\).* must be re-recorded"):
+        load_perf_table(path)
+    decode = tmp_path / "decode.yaml"
+    _table(tmp_path, {"fast-decode": 10.0}, name="decode.yaml")
+    decode.write_text(decode.read_text().replace("kv_len: 4096", "kv_len: 4096\n      new_len: 4"))
+    with pytest.raises(ManifestError, match=r"shape\.new_len: means nothing for mha_decode \(its new tokens per request are q_len\)"):
+        load_perf_table(decode)
+    bad = tmp_path / "bad.yaml"
+    _extend_table(tmp_path, {64: {"fast-extend": 1.0}})
+    bad.write_text((tmp_path / "extend.yaml").read_text().replace("new_len: 64", "new_len: 48"))
+    with pytest.raises(ManifestError, match=r"new_len 48 is not a bucket \(a power of two\); use 64"):
+        load_perf_table(bad)
+
+
+def test_cli_new_len_reaches_the_request(toy, toy_file, toy_allowlist, tmp_path, capsys):
+    import json
+
+    from selector.tools.cli import main
+
+    _extend_table(tmp_path, {64: {"fast-extend": 877.0, "portable-extend": 218.0}})
+    args = ["explain", "--op", "mha_extend", "--arch", "sm_90", "--head-dim", "128", "--num-qo-heads", "32",
+            "--num-kv-heads", "8", "--page-size", "16", "--batch-size", "1", "--kv-len", "30000",
+            "--manifest", str(toy_file), "--allow-adapter", toy_allowlist, "--perf", str(tmp_path / "extend.yaml"),
+            "--json"]
+    main(args + ["--new-len", "50"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["request"]["new_len"] == 64 and out["selected"]["name"] == "portable-extend"
+    assert out["perf"]["median_us"]["fast-extend"] == 877.0

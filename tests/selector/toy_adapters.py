@@ -42,3 +42,13 @@ class PortableMLA(Adapter):
 class ReferenceMLA(Adapter):
     op = "mla_decode"
     libraries = ("toy_reference",)
+
+
+class FastExtend(Adapter):
+    op = "mha_extend"
+    libraries = ("toy_fast",)
+
+
+class PortableExtend(Adapter):
+    op = "mha_extend"
+    libraries = ("toy_portable",)
