@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional
+import threading
+from typing import Any, Callable, Optional, TypeVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from registry.errors import brief
 from registry.ops import RAGGED_OPS
@@ -39,6 +40,8 @@ BUCKETED = ("batch_size", "kv_len", "new_len")
 """Sizes a request rounds up to a power of two, so nearby shapes share a bucket."""
 
 _DTYPE_KEYS = ("q_dtype", "kv_dtype")
+_DERIVED_LOCK = threading.Lock()
+T = TypeVar("T")
 
 
 def bucket(n: Optional[int]) -> Optional[int]:
@@ -133,6 +136,7 @@ class PerfTable(StrictModel):
     entries: tuple[PerfEntry, ...] = ()
 
     _path: str = ""
+    _derived: dict = PrivateAttr(default_factory=dict)
 
     @field_validator("arch", mode="before")
     @classmethod
@@ -159,6 +163,16 @@ class PerfTable(StrictModel):
     @property
     def path(self) -> str:
         return self._path
+
+    def derived(self, name: str, build: Callable[["PerfTable"], T]) -> T:
+        """``build(self)``, computed once per table and kept with it (e.g. a model fitted to its entries).
+
+        A table is immutable, so what is derived from it never goes stale.  Thread-safe.
+        """
+        with _DERIVED_LOCK:
+            if name not in self._derived:
+                self._derived[name] = build(self)
+            return self._derived[name]
 
     def matches(self, gpu: str, arch: Optional[Arch]) -> bool:
         return self.arch is arch and (not gpu or gpu == self.gpu)
