@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from registry.loader import load_manifest, load_perf_table  # noqa: E402
-from registry.perf import PerfEntry, PerfTable  # noqa: E402
+from registry.perf import PERF_KEY, PerfEntry, PerfTable  # noqa: E402
 from selector import prediction  # noqa: E402
 from selector.platform import Platform  # noqa: E402
 from selector.request import KernelRequest  # noqa: E402
@@ -78,7 +78,7 @@ def leave_one_out(train: PerfTable, truth: Sequence[dict[str, float]], manifest:
         measured = truth[i]
         predicted, missing = model.predict(request, sorted(measured))
         best = min(measured.values())
-        row = {"op": entry.op.value, "bucket": {k: v for k, v in entry.shape.items() if k in bench.PERF_KEY},
+        row = {"op": entry.op.value, "bucket": {k: v for k, v in entry.shape.items() if k in PERF_KEY},
                "measured_us": {k: round(v, 3) for k, v in measured.items()},
                "predicted_us": {k: round(p.us, 3) for k, p in predicted.items()}, "no_prediction": missing}
         if predicted:
@@ -121,15 +121,19 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def regret_run_table(path: Path, suite: Path, arch: Any) -> tuple[PerfTable, list[dict[str, float]]]:
     """A regret report's measurements as a perf table (one entry per case), with each case's times."""
     data = json.loads(path.read_text())
-    cases = {c.label: c for c in bench.load_suite(suite, arch)}
+    cases = {name: c for c in bench.load_suite(suite, arch) for name in (c.name, c.label)}
     entries, truth = [], []
     for row in data["cases"]:
-        case = cases.get(row["request"])
         times = {k["kernel"]: k["median_us"] for k in row["kernels"] if k.get("median_us")}
-        if case is None or not times:
+        if "fields" in row:  # the request itself (reports since requests carry their fields)
+            r = KernelRequest(**row["fields"])
+        elif row["request"] in cases:  # older reports: the label of a case of the suite they ran
+            r = cases[row["request"]].request
+        else:
             continue
-        r = case.request
-        shape = {f: getattr(getattr(r, f), "value", getattr(r, f)) for f in bench.PERF_KEY if getattr(r, f) is not None}
+        if not times:
+            continue
+        shape = {f: getattr(getattr(r, f), "value", getattr(r, f)) for f in PERF_KEY if getattr(r, f) is not None}
         entries.append(PerfEntry(op=r.op, shape=shape, median_us=times))
         truth.append(times)
     return PerfTable(gpu=data["meta"]["gpu"], arch=data["meta"]["arch"], entries=tuple(entries)), truth

@@ -176,3 +176,87 @@ class PerfTable(StrictModel):
 
     def matches(self, gpu: str, arch: Optional[Arch]) -> bool:
         return self.arch is arch and (not gpu or gpu == self.gpu)
+
+
+# ------------------------------------------------------------------ writing tables
+
+
+HEADER = """\
+# kernelsel perf table: median time per request bucket of every eligible kernel on one GPU model.
+# Written by `kernelsel bench` (merged bucket by bucket, kernel by kernel); review diffs like code.
+# Times only rank kernels the manifest already declares eligible (registry/perf.py).
+"""
+
+
+def entry_data(request: Any, times: dict[str, float], tbps: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    """One entry as plain data: the request's bucket (``PERF_KEY`` fields it sets) and its kernels' medians."""
+    shape = {f: _plain(getattr(request, f)) for f in PERF_KEY if getattr(request, f, None) is not None}
+    return {"op": _plain(request.op), "shape": shape,
+            "median_us": {k: round(float(v), 3) for k, v in times.items()},
+            "tbps": {k: float(f"{v:.4g}") for k, v in (tbps or {}).items()}}
+
+
+def merge_entries(existing: Optional["PerfTable"], new: Any) -> list[dict[str, Any]]:
+    """``existing``'s entries updated kernel by kernel with ``new`` ones (``entry_data``), new buckets added.
+
+    Sorted by op and shape, so a re-recorded table diffs bucket by bucket.
+    """
+    by_key: dict[tuple, dict[str, Any]] = {}
+    for e in existing.entries if existing is not None else ():
+        data = e.model_dump(mode="json")
+        by_key[e.key] = {"op": data["op"], "shape": data["shape"], "median_us": dict(data["median_us"]),
+                         "tbps": dict(data["tbps"])}
+    for item in new:
+        key = request_key(item["op"], item["shape"])
+        old = by_key.setdefault(key, {"op": item["op"], "shape": item["shape"], "median_us": {}, "tbps": {}})
+        old["median_us"].update(item["median_us"])
+        for name in item["median_us"]:
+            old["tbps"].pop(name, None)
+        old["tbps"].update(item.get("tbps") or {})
+
+    def order(pair: tuple[tuple, dict]) -> tuple:
+        return tuple((v is not None, v if v is not None else 0) for v in pair[0])
+
+    out = []
+    for _, e in sorted(by_key.items(), key=order):
+        e = dict(e, median_us=dict(sorted(e["median_us"].items())), tbps=dict(sorted(e["tbps"].items())))
+        if not e["tbps"]:
+            del e["tbps"]
+        out.append(e)
+    return out
+
+
+def table_text(*, gpu: str, arch: Any, software: dict[str, str], method: str, recorded: str,
+               entries: list[dict[str, Any]], header: str = HEADER) -> str:
+    """A perf table's YAML text (``header`` comment first)."""
+    import yaml
+
+    data = {"schema_version": 1, "gpu": gpu, "arch": _plain(arch),
+            "software": {str(k): str(v) for k, v in sorted(software.items())}, "method": method,
+            "recorded": recorded, "entries": entries}
+    return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120, allow_unicode=True)
+
+
+def gpu_slug(gpu: str) -> str:
+    """A file-name form of a GPU name: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
+    words = "".join(c if c.isalnum() else " " for c in gpu.lower()).split()
+    return "-".join(words) or "gpu"
+
+
+def overlay(base: Optional[PerfTable], top: Optional[PerfTable]) -> Optional[PerfTable]:
+    """One table: ``base``'s buckets with ``top``'s times over them kernel by kernel, and ``top``'s new buckets.
+
+    For a committed table plus what this machine tuned (``selector.tuning``);
+    its path names both.  Either may be None.
+    """
+    if top is None or not top.entries:
+        return base
+    if base is None:
+        return top
+    entries = tuple(PerfEntry.model_validate(e) for e in merge_entries(base, [
+        {"op": e.op.value, "shape": e.shape, "median_us": e.median_us, "tbps": e.tbps} for e in top.entries]))
+    table = PerfTable(gpu=base.gpu, arch=base.arch, software=base.software, method=base.method,
+                      recorded=base.recorded, entries=entries)
+    table._path = f"{base.path} + {top.path}"
+    return table
+

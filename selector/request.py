@@ -149,6 +149,10 @@ class KernelRequest(BaseModel):
     def __hash__(self) -> int:  # cached: a cache hit must cost about a dict lookup
         return self._hash
 
+    def forcing(self, kernel: str) -> "KernelRequest":
+        """This request with ``kernel`` forced (what bench and tuning time each eligible kernel with)."""
+        return KernelRequest(**{**self.model_dump(exclude_defaults=True), "kernel": kernel})
+
     @property
     def gqa_group_size(self) -> Optional[int]:
         if self.num_qo_heads and self.num_kv_heads:
