@@ -9,7 +9,7 @@ import sys
 def test_import_selector_and_registry_pull_in_no_heavy_library():
     probe = (
         "import sys, selector, registry, registry.adapters, selector.tools.cli\n"
-        "print(','.join(m for m in ('torch', 'flashinfer', 'triton') if m in sys.modules))\n"
+        "print(','.join(m for m in ('torch', 'flashinfer', 'triton', 'matplotlib', 'numpy') if m in sys.modules))\n"
         "import selector.api as a; print(a._DEFAULT is None)\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")

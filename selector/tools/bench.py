@@ -441,6 +441,8 @@ class BenchReport:
     method: str
     table: Optional[PerfTable] = None
     path: Optional[str] = None
+    copy_tbps: Optional[float] = None  # device-copy bandwidth measured in the run (for plots)
+    selected: dict[int, str] = field(default_factory=dict)  # case index -> kernel kernelsel selects with the table
 
     @property
     def errors(self) -> int:
@@ -451,8 +453,10 @@ class BenchReport:
         return sum(t.ok for r in self.results for t in r.kernels)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "out": self.path, "recorded": self.recorded, "errors": self.errors,
-                "cases": [r.to_dict() for r in self.results]}
+        cases = [r.to_dict() | ({"selected": self.selected[i]} if i in self.selected else {})
+                 for i, r in enumerate(self.results)]
+        return {"meta": {"method": self.method, "copy_tbps": self.copy_tbps}, "method": self.method, "out": self.path,
+                "recorded": self.recorded, "errors": self.errors, "cases": cases}
 
 
 def run_bench(

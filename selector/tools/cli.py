@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import click
@@ -633,19 +634,29 @@ def _list(text: Optional[str], flag: str, kind: type = str) -> list[Any]:
 @allow_adapter_option
 @click.option("--out", type=click.Path(dir_okay=False), help="perf table to merge into (default: perf/<gpu>-<arch>.yaml)")
 @click.option("--json", "as_json", is_flag=True, help="also print every timing as JSON")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="also draw achieved bandwidth per op and context length into this PNG (pip install 'kernelsel[plot]')")
+@click.option("--from", "from_path", type=click.Path(dir_okay=False),
+              help="with --plot: draw this results JSON (bench --json, bench/regret.py) instead of timing; no GPU")
 def bench(op: Optional[str], suite_path: Optional[str], kernels: tuple, repeats: int, warmup: int, device: str,
           arch: Optional[str], seed: int, manifest_path: Optional[str], out: Optional[str], as_json: bool,
-          **kw: Any) -> None:
+          plot_path: Optional[str], from_path: Optional[str], **kw: Any) -> None:
     """Time every eligible kernel per request on this GPU; merge the medians into a perf table.
 
     The grid is the cartesian product of the comma-separated options; each
-    request carries its batch_size and kv_len buckets.  A kernel that fails is
-    reported and skipped.  Progress goes to stderr, one line per request.
+    request carries its batch_size, kv_len and new_len buckets.  A kernel that
+    fails is reported and skipped.  Progress goes to stderr, one line per
+    request.  --plot draws the run (or, with --from, a results file).
     """
     import importlib.util
 
     from selector.tools import bench as bench_module
 
+    if from_path is not None:
+        _plot_results(from_path, plot_path, op, suite_path)
+        return
+    if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
+        raise Failure("--plot needs matplotlib: pip install 'kernelsel[plot]'", EXIT_USAGE)
     if (op is None) == (suite_path is None):
         raise Failure("give --op (and the grid options) or --suite, not both", EXIT_USAGE)
     axes: dict[str, list[Any]] = {}
@@ -678,12 +689,41 @@ def bench(op: Optional[str], suite_path: Optional[str], kernels: tuple, repeats:
     path = out or str(bench_module.default_table_path(env.gpu, env.arch))
     report = bench_module.run_bench(cases, selector, env, timer=bench_module.default_timer(device, repeats, warmup),
                                     out=path, kernels=names or None, seed=seed)
+    if plot_path is not None and report.table is not None:
+        report.copy_tbps = bench_module.copy_bandwidth(device, bench_module.default_timer(device, repeats, warmup))
+        ranked = Selector(manifest, env.platform, overrides, report.table)
+        report.selected = {i: sel.kernel.name for i, r in enumerate(report.results)
+                           if (sel := ranked.solve(r.case.request)).kernel is not None}
     if as_json:
         _echo_json(report.to_dict())
     if report.table is None:
         raise Failure(f"nothing recorded ({report.errors} kernel errors); {path} not written", EXIT_INVALID)
     click.echo(f"wrote {path}: {len(report.table.entries)} buckets ({report.recorded} kernel timings from this run, "
                f"{report.errors} errors); {report.method}", err=True)
+    if plot_path is not None:
+        from selector.tools import plot
+
+        plot.plot(report.to_dict(), Path(plot_path), title=f"{env.gpu} ({env.arch.value})")
+        click.echo(f"wrote {plot_path}", err=True)
+
+
+def _plot_results(from_path: str, plot_path: Optional[str], op: Optional[str], suite_path: Optional[str]) -> None:
+    """``bench --plot PNG --from RESULTS.json``: draw a results file; nothing is timed."""
+    from selector.tools import plot
+
+    if plot_path is None:
+        raise Failure("--from draws a results file: give --plot PATH.png too", EXIT_USAGE)
+    if op is not None or suite_path is not None:
+        raise Failure("--from draws an existing results file; --op and --suite time new ones (give one or the other)",
+                      EXIT_USAGE)
+    try:
+        data = plot.load_results(Path(from_path))
+        meta = data.get("meta") or {}
+        title = " ".join(str(meta[k]) for k in ("gpu", "arch") if meta.get(k))
+        plot.plot(data, Path(plot_path), title=title)
+    except KernelselError as exc:
+        raise Failure(f"--from: {exc}" if str(exc).startswith(str(from_path)) else f"--plot: {exc}", EXIT_USAGE) from None
+    click.echo(f"wrote {plot_path} ({len(data['cases'])} requests from {from_path})", err=True)
 
 
 @cli.command()
