@@ -149,6 +149,10 @@ class KernelRequest(BaseModel):
     def __hash__(self) -> int:  # cached: a cache hit must cost about a dict lookup
         return self._hash
 
+    def restricted(self, solution: Any) -> "KernelRequest":
+        """This request restricted to one solution."""
+        return KernelRequest(**{**self.model_dump(exclude_defaults=True), "solution": solution})
+
     def forcing(self, kernel: str) -> "KernelRequest":
         """This request with ``kernel`` forced (what bench and tuning time each eligible kernel with)."""
         return KernelRequest(**{**self.model_dump(exclude_defaults=True), "kernel": kernel})

@@ -5,7 +5,7 @@ Opt-in (``select_kernel(..., tune=True)``, ``Selector(..., tune=True)`` or
 measured, every eligible kernel runs on synthetic inputs of the bucket's
 shape (``registry.workloads``, sized like ``kernelsel bench``) and is timed
 the way perf tables are (``selector.timing``: CUDA graph, L2 flushed, CUDA
-events, median) within a budget per bucket (``TuneBudget``: 200 ms of timing
+events, median; without a sliding window, which buckets do not carry) within a budget per bucket (``TuneBudget``: 200 ms of timing
 shared by the kernels, 3 to 20 timed runs each).  A kernel's first call (a
 FlashInfer JIT build, Triton compilation) is outside the budget: a JIT build
 happens once per library variant and machine, whatever selects the kernel.
@@ -148,7 +148,7 @@ def tune(
                           f"{budget.max_bytes / 2**30:.1f} GiB tuning limit")
     result = TuneResult(request)
     t0 = time.perf_counter()
-    work = make_workload(request, device=device, seed=seed, **size)
+    work = make_workload(_timed(request), device=device, seed=seed, **size)
     result.workload_s = time.perf_counter() - t0
     share = budget.seconds / max(len(kernels), 1)
     try:
@@ -183,6 +183,14 @@ def tune(
 
             torch.cuda.synchronize()
     return result
+
+
+def _timed(request: Any) -> Any:
+    """The request a bucket is timed with: without a sliding window (buckets carry none; full attention over the
+    bucket's context is the work a window can only cut, and the bench workload's window is a few tokens)."""
+    if not request.sliding_window:
+        return request
+    return type(request)(**{**request.model_dump(exclude_defaults=True), "sliding_window": False})
 
 
 _FLUSH_S = 1e-4
@@ -291,5 +299,17 @@ class TuneCache:
 
 
 def eligible_to_tune(selection: Any) -> list[str]:
-    """The kernels a selection ranks that tuning times: the eligible ones, no reference kernel."""
-    return [k.name for k in selection.eligible if k.solution is not Solution.REFERENCE]
+    """The kernels tuning times: the eligible ones, reference kernels only where the request restricts to them."""
+    reference = selection.request.solution is Solution.REFERENCE
+    return [k.name for k in selection.eligible if reference or k.solution is not Solution.REFERENCE]
+
+
+def software_key(platform: Any) -> dict[str, str]:
+    """The library versions a tuned table belongs to: the platform's libraries and kernelsel's own version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("kernelsel")
+    except PackageNotFoundError:
+        own = "source"
+    return {**{n: v for n, v in platform.libraries if n != "*"}, "kernelsel": own}
