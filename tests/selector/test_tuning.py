@@ -68,10 +68,11 @@ def test_a_failing_kernel_is_skipped_and_reported():
 def test_tuning_with_the_reference_kernel_through_the_selector():
     manifest = load_manifest()
     selector = Selector(manifest, Platform.hypothetical("sm_90"))
-    request = KernelRequest(**DECODE, solution="reference")
+    assert "torch-mha-decode" not in eligible_to_tune(selector.solve(KernelRequest(**DECODE)))
+    request = KernelRequest(**DECODE, solution="reference")  # reference kernels are tuned only when asked for
     names = eligible_to_tune(selector.solve(request))
-    assert names == []  # reference kernels are never tuned
-    result = tune(request, ["torch-mha-decode"], lambda n: selector.select(request.forcing(n)).make_adapter(),
+    assert names == ["torch-mha-decode"]
+    result = tune(request, names, lambda n: selector.select(request.forcing(n)).make_adapter(),
                   device="cpu", budget=TuneBudget(seconds=0.02))
     assert result.times["torch-mha-decode"] > 0 and result.workload_s > 0
 
