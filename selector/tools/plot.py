@@ -135,5 +135,5 @@ def plot(data: dict[str, Any], out: Path, title: str = "") -> Any:
     fig = figure(data, title)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
+    fig.savefig(out, dpi=100)
     return fig
