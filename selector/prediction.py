@@ -55,7 +55,7 @@ TERM_FUNCTIONS = {
     "launch": lambda c: 1.0,
     "bytes": lambda c: c.bytes,
     "flops": lambda c: c.flops,
-    "ramp": lambda c: math.sqrt(c.bytes),
+    "ramp": lambda c: c.bytes ** 0.5,
     "unit_bytes": lambda c: c.kv_bytes / max(c.units, 1),
 }
 """Every term the cost model can use: a function of the request's cost, times a non-negative coefficient."""
