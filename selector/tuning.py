@@ -46,7 +46,6 @@ from selector.timing import CudaTimer, Timer, WallTimer
 
 log = logging.getLogger("kernelsel")
 
-ENV_TUNE = "KERNELSEL_TUNE"
 ENV_TUNE_CACHE = "KERNELSEL_TUNE_CACHE"
 """A folder for the tuned tables instead of the user's cache directory (e.g. one shared by a deployment)."""
 
@@ -57,7 +56,15 @@ TUNED_HEADER = """\
 
 
 class TuningError(KernelselError):
-    """A bucket cannot be tuned here (no sizes, too large, inside CUDA-graph capture, no GPU)."""
+    """A bucket cannot be tuned here (no sizes, too large, inside CUDA-graph capture, no GPU).
+
+    ``retry``: the bucket can be tuned later (outside capture), so the selection made without tuning must not
+    be cached.
+    """
+
+    def __init__(self, message: str, *, retry: bool = False):
+        super().__init__(message)
+        self.retry = retry
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,15 @@ class TuneBudget:
         warmup = min(self.warmup, max(fit - self.min_repeats, 0))
         repeats = max(self.min_repeats, min(self.max_repeats, fit - warmup))
         return repeats, warmup
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """How a selector tunes: the budget, the device it times on, where the tuned tables live."""
+
+    budget: TuneBudget = TuneBudget()
+    device: str = "cuda"  # "cpu": wall-clock timing of CPU kernels (tests, the reference kernels)
+    cache_dir: Optional[Path] = None  # None: KERNELSEL_TUNE_CACHE, else the user's cache directory
 
 
 @dataclass
@@ -125,7 +141,7 @@ def tune(
     device: str = "cuda",
     budget: TuneBudget = TuneBudget(),
     seed: int = 0,
-    capturing: Callable[[], bool] = _capturing,
+    capturing: Optional[Callable[[], bool]] = None,
 ) -> TuneResult:
     """Time ``kernels`` (eligible for ``request``; ``build(name)`` gives each one's adapter) on one workload.
 
@@ -135,9 +151,9 @@ def tune(
     """
     from registry.workloads import make_workload
 
-    if str(device).startswith("cuda") and capturing():
+    if str(device).startswith("cuda") and (capturing or _capturing)():
         raise TuningError("cannot tune inside CUDA-graph capture (timing synchronises and allocates); "
-                          "select once before capturing, or pre-tune with `kernelsel tune`")
+                          "select once before capturing, or pre-tune with `kernelsel tune`", retry=True)
     size = sizes(request)
     try:
         cost = request_cost(request)
@@ -313,3 +329,17 @@ def software_key(platform: Any) -> dict[str, str]:
     except PackageNotFoundError:
         own = "source"
     return {**{n: v for n, v in platform.libraries if n != "*"}, "kernelsel": own}
+
+
+def share_first_rank(value: Any, group: Any) -> Any:
+    """``value`` of the group's first rank, on every rank (a collective: call it on every rank of ``group``).
+
+    How a process group agrees on one measurement: the first rank tunes,
+    the others take its times, so no two ranks rank by different timings.
+    """
+    import torch.distributed as dist
+
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
+    return out[0]
+

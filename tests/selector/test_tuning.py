@@ -11,7 +11,18 @@ import pytest
 from registry.loader import load_manifest, load_perf_table
 from registry.vocab import Arch
 from selector import KernelRequest, Platform, Selector
-from selector.tuning import TuneBudget, TuneCache, TuneResult, TuningError, eligible_to_tune, software_digest, tune
+import selector.api as api
+from selector.tuning import (
+    TuneBudget,
+    TuneCache,
+    TuneResult,
+    TuneSettings,
+    TuningError,
+    eligible_to_tune,
+    software_digest,
+    software_key,
+    tune,
+)
 
 pytest.importorskip("torch")
 
@@ -164,3 +175,165 @@ def test_concurrent_writers_keep_every_bucket_and_never_tear_the_file(tmp_path):
     table = load_perf_table(_cache(tmp_path).path)
     assert {e.shape["batch_size"]: e.median_us["xqa-decode"] for e in table.entries} == {
         b: float(b * 100 + 4) for b in batches}
+
+
+# ------------------------------------------------------------------ a selector that tunes
+
+
+TOY_DECODE = dict(op="mha_decode", arch="sm_90", q_dtype="bf16", head_dim_qk=64, num_qo_heads=4, num_kv_heads=2,
+                  page_size=16, batch_size=2, kv_len=64)
+
+
+@pytest.fixture
+def toy_delays(toy, monkeypatch):
+    """The toy decode kernels' run() times: the low-priority portable kernel is the faster one."""
+    import toy_adapters
+
+    monkeypatch.setattr(toy_adapters.PortableDecode, "delay", 0.002)
+    monkeypatch.setattr(toy_adapters.FastDecode, "delay", 0.006)
+    return toy
+
+
+def _tuning_selector(manifest, tmp_path, **kw):
+    settings = TuneSettings(device="cpu", budget=TuneBudget(seconds=0.05), cache_dir=tmp_path)
+    return Selector(manifest, Platform.hypothetical("sm_90"), tune_settings=settings, **kw)
+
+
+def test_a_selector_that_tunes_times_an_unmeasured_bucket_once_and_ranks_by_it(toy_delays, tmp_path, monkeypatch):
+    calls = []
+    real = api.tune_bucket
+    monkeypatch.setattr(api, "tune_bucket", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    tuner = _tuning_selector(toy_delays, tmp_path, tune=True)
+    request = KernelRequest(**TOY_DECODE)
+    by_priority = Selector(toy_delays, Platform.hypothetical("sm_90")).solve(request)
+    assert by_priority.kernel.name == "fast-decode"
+    sel = tuner.select(request)
+    assert sel.kernel.name == "portable-decode" and set(sel.measured) == {"fast-decode", "portable-decode"}
+    assert sel.measured["portable-decode"] < sel.measured["fast-decode"] and len(calls) == 1
+    (table_file,) = tmp_path.glob("cpu-sm_90-*.yaml")
+    assert str(table_file) in sel.explain().split("\nperf      ")[1].splitlines()[0]
+    assert tuner.select(request) is sel and tuner.select(KernelRequest(**{**TOY_DECODE, "kv_len": 50})) is sel
+    assert len(calls) == 1  # one bucket, timed once
+    # a later process loads the tuned table without tuning
+    later = _tuning_selector(toy_delays, tmp_path, tuned_tables=True)
+    again = later.select(request)
+    assert again.kernel.name == "portable-decode" and again.measured == sel.measured and len(calls) == 1
+    assert later.tune is False
+
+
+def test_a_measured_bucket_is_not_tuned(toy_delays, tmp_path, monkeypatch):
+    monkeypatch.setattr(api, "tune_bucket", lambda *a, **k: pytest.fail("timed a measured bucket"))
+    tuner = _tuning_selector(toy_delays, tmp_path, tune=True)
+    request = KernelRequest(**TOY_DECODE)
+    TuneCache.for_machine("cpu", Arch.SM_90, software_key(Platform.hypothetical("sm_90")), tmp_path).add(
+        [TuneResult(request, times={"fast-decode": 1.0, "portable-decode": 2.0})], "earlier")
+    assert tuner.select(request).kernel.name == "fast-decode"
+
+
+def test_tuning_waits_until_cuda_graph_capture_is_over(toy_delays, tmp_path, monkeypatch):
+    import selector.tuning as tuning_module
+    from selector.platform import GPU_SOURCES, Gpu
+
+    monkeypatch.setitem(GPU_SOURCES, "torch", lambda: ((Gpu("NVIDIA H200", "", Arch.SM_90),), ""))
+    capturing = [True]
+    monkeypatch.setattr(tuning_module, "_capturing", lambda: capturing[0])
+    settings = TuneSettings(device="cuda", cache_dir=tmp_path)
+    tuner = Selector(toy_delays, Platform.hypothetical("sm_90"), tune=True, tune_settings=settings)
+    request = KernelRequest(**TOY_DECODE)
+    first = tuner.solve(request)
+    assert first.kernel.name == "fast-decode" and not first.measured  # by priority, not timed
+    assert tuner.solve(request) is not first  # not cached: the next miss tries again
+    capturing[0] = False
+    monkeypatch.setattr(api, "tune_bucket", lambda req, names, build, **k: TuneResult(
+        req, times={"fast-decode": 9.0, "portable-decode": 3.0}, method="fake"))
+    after = tuner.solve(request)
+    assert after.kernel.name == "portable-decode" and after.measured == {"fast-decode": 9.0, "portable-decode": 3.0}
+    assert tuner.solve(request) is after
+
+
+def test_tune_keyword_and_environment(toy_env, tmp_path, monkeypatch):
+    import selector
+    from selector.platform import GPU_SOURCES, Gpu
+
+    monkeypatch.setenv("KERNELSEL_TUNE", "1")
+    monkeypatch.setenv("KERNELSEL_TUNE_CACHE", str(tmp_path))
+    selector.reset()
+    assert selector.default_selector().tune is True
+    sel = selector.select_kernel(**TOY_DECODE)  # no GPU here: selected without tuning (the log says why)
+    assert not sel.measured and "override  KERNELSEL_TUNE=on" in sel.explain()
+    monkeypatch.setenv("KERNELSEL_TUNE", "0")
+    selector.reset()
+    assert selector.default_selector().tune is False
+    monkeypatch.setitem(GPU_SOURCES, "torch", lambda: ((Gpu("NVIDIA H200", "", Arch.SM_90),), ""))
+    monkeypatch.setattr(api, "tune_bucket", lambda req, names, build, **k: TuneResult(
+        req, times={n: 5.0 + i for i, n in enumerate(reversed(names))}, method="fake"))
+    plain = selector.select_kernel(**{**TOY_DECODE, "kv_len": 512})
+    assert not plain.measured  # tuning off: a miss is not timed
+    tuned = selector.select_kernel(**{**TOY_DECODE, "kv_len": 1024}, tune=True)  # per call: this miss is timed
+    assert tuned.measured and tuned.kernel.name == "portable-decode"
+    assert list(tmp_path.glob("nvidia-h200-sm_90-*.yaml"))
+
+
+GROUP_WORKER = r"""
+import datetime, json, sys, types
+from pathlib import Path
+rank, world, store, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+import torch.distributed as dist
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                        timeout=datetime.timedelta(seconds=60))
+sys.path.insert(0, str(Path("tests/selector").resolve()))
+for lib in ("toy_fast", "toy_layout", "toy_portable", "toy_reference"):
+    sys.modules[lib] = types.ModuleType(lib)
+import toy_adapters
+from registry.loader import load_manifest
+from selector import KernelRequest, Platform, Selector
+import selector.api as api
+from selector.tuning import TuneBudget, TuneSettings
+# on the first rank the portable kernel is faster; on the others slower: tuned alone they would disagree
+toy_adapters.PortableDecode.delay = 0.001 if rank == 0 else 0.03
+toy_adapters.FastDecode.delay = 0.01
+calls = []
+real = api.tune_bucket
+api.tune_bucket = lambda *a, **k: calls.append(1) or real(*a, **k)
+manifest = load_manifest(Path("tests/selector/toy_manifest.yaml"), adapter_allowlist=("toy_adapters",))
+settings = TuneSettings(device="cpu", budget=TuneBudget(seconds=0.06), cache_dir=root / f"rank{rank}")
+sel = Selector(manifest, Platform.hypothetical("sm_90"), tune=True, tune_settings=settings)
+request = KernelRequest(op="mha_decode", arch="sm_90", q_dtype="bf16", head_dim_qk=64, num_qo_heads=4,
+                        num_kv_heads=2, page_size=16, batch_size=2, kv_len=64)
+s = sel.select(request, group=dist.group.WORLD)
+local = sel.solve(request, tune=False)
+print(json.dumps({"kernel": s.kernel.name, "group": s.group, "calls": len(calls), "measured": local.measured}))
+"""
+
+
+def test_ranks_of_a_group_agree_on_one_measurement(tmp_path):
+    """The first rank tunes; every rank keeps its times, so the ranks' rankings cannot diverge."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    root = Path(__file__).resolve().parents[2]
+    world = 3
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KERNELSEL_")}
+    procs = [subprocess.Popen([sys.executable, "-c", GROUP_WORKER, str(r), str(world), str(tmp_path / "store"),
+                               str(tmp_path)], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in range(world)]
+    outs = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a rank hung in the tuning collective")
+        assert p.returncode == 0, stderr[-3000:]
+        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert [o["calls"] for o in outs] == [1, 0, 0], outs  # only the first rank timed
+    assert all(o["kernel"] == "portable-decode" and o["group"] == "the 3 ranks of its process group" for o in outs), outs
+    assert all(o["measured"] == outs[0]["measured"] for o in outs) and len(outs[0]["measured"]) == 2, outs
+    assert all(list((tmp_path / f"rank{r}").glob("cpu-sm_90-*.yaml")) for r in range(world))  # each rank kept them
