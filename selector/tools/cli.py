@@ -19,7 +19,7 @@ import yaml
 
 from registry.errors import KernelselError, ManifestError, RequestError, brief
 from registry.loader import load_manifest
-from registry.perf_policy import choose_perf_table
+from registry.perf_policy import PERF_OFF, choose_perf_table
 from registry.priority import band_name
 from registry.provenance import provenance
 from registry.adapter_policy import adapter_allowlist_from_env, parse_adapter_allowlist
@@ -28,7 +28,7 @@ from registry.vocab import Backend, DType, Op, Solution, did_you_mean, parse_arc
 from selector.api import Selector
 from selector.overrides import ENV_MANIFEST, ENV_PERF, Overrides
 from selector.platform import NVIDIA_SMI, Platform, detect_gpus, installed_versions, required_distributions
-from registry.perf import PerfTable
+from registry.perf import PerfTable, overlay
 from selector.tools.tune import DEFAULT_BATCHES, DEFAULT_KV_LENS, DEFAULT_NEW_LENS
 from selector.request import KernelRequest
 from selector.selection import NoKernelError
@@ -260,6 +260,12 @@ def _build(op: Optional[str], kw: dict) -> tuple[Selector, KernelRequest]:
                                  setting_name=flag).table
     except ManifestError as exc:
         raise _manifest_failure(exc, flag) from None
+    off = (kw.get("perf_path") or overrides.perf or "").strip().lower() == PERF_OFF
+    if platform.device_name and not off:  # this GPU: what it tuned ranks too, as in the runtime
+        from selector.tuning import TuneCache, cache_dir, software_key
+
+        tuned = TuneCache.for_machine(platform.device_name, platform.arch, software_key(platform), cache_dir()).load()
+        perf = overlay(perf, tuned)
     return Selector(manifest, platform, overrides, perf), KernelRequest(**fields)
 
 

@@ -161,3 +161,27 @@ def test_cli_tune_bad_input_is_one_line(tmp_path, capsys, extra, message):
         main(["tune", "--model", str(config), "--device", "cpu", "--arch", "sm_90", *extra])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
+
+
+def test_explain_on_this_gpu_ranks_by_what_it_tuned(tmp_path, monkeypatch, capsys):
+    """What ``kernelsel tune`` (or tuning on first use) measured here is what explain shows, as the runtime ranks."""
+    from selector import KernelRequest
+    from selector.platform import GPU_SOURCES, NVIDIA_SMI, Gpu, installed_versions, required_distributions
+    from selector.tuning import software_key
+
+    manifest = load_manifest()
+    monkeypatch.setitem(GPU_SOURCES, NVIDIA_SMI, lambda: ((Gpu("NVIDIA H200", "", Arch.SM_90),), ""))
+    monkeypatch.setenv("KERNELSEL_TUNE_CACHE", str(tmp_path))
+    here = Platform(arch=Arch.SM_90, libraries=installed_versions(required_distributions(manifest.solutions)))
+    request = KernelRequest(op="mha_decode", arch="sm_90", head_dim_qk=128, num_qo_heads=32, num_kv_heads=8,
+                            page_size=16, batch_size=8, kv_len=3000)
+    eligible = [k.name for k in Selector(manifest, here).solve(request).eligible]
+    last = eligible[-1]
+    TuneCache.for_machine("NVIDIA H200", Arch.SM_90, software_key(here), tmp_path).add(
+        [TuneResult(request, times={n: (1.0 if n == last else 50.0) for n in eligible})], "tuned here")
+    main(["explain", "--op", "mha_decode", "--head-dim", "128", "--num-qo-heads", "32", "--num-kv-heads", "8",
+          "--page-size", "16", "--batch-size", "8", "--kv-len", "3000"])
+    out = capsys.readouterr().out
+    assert re.search(rf"^selected  {re.escape(last)} ", out, re.M)
+    assert re.search(rf"^  ok  {re.escape(last)} .* 1\.0 us$", out, re.M)  # the tuned time, not the committed one
+    assert re.search(r"^perf      .*nvidia-h200-sm_90\.yaml \+ .*nvidia-h200-sm_90-\w+\.yaml, NVIDIA H200 \(measured", out, re.M)
