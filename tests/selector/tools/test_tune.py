@@ -185,3 +185,34 @@ def test_explain_on_this_gpu_ranks_by_what_it_tuned(tmp_path, monkeypatch, capsy
     assert re.search(rf"^selected  {re.escape(last)} ", out, re.M)
     assert re.search(rf"^  ok  {re.escape(last)} .* 1\.0 us$", out, re.M)  # the tuned time, not the committed one
     assert re.search(r"^perf      .*nvidia-h200-sm_90\.yaml \+ .*nvidia-h200-sm_90-\w+\.yaml, NVIDIA H200 \(measured", out, re.M)
+
+
+@pytest.mark.gpu
+def test_tuning_on_first_use_on_the_gpu(tmp_path):
+    """On a GPU: a miss times every eligible kernel within the budget, the selection ranks by those times, the
+    tuned table holds them, and a second selector (a later process) ranks by them without timing."""
+    import time
+
+    import torch
+
+    from registry.perf_policy import choose_perf_table
+    from selector import KernelRequest
+    from selector.platform import detect_platform, required_distributions
+    from selector.tuning import TuneSettings
+
+    manifest = load_manifest()
+    platform = detect_platform(required_distributions(manifest.solutions))
+    settings = TuneSettings(cache_dir=tmp_path)
+    request = KernelRequest(op="mha_decode", q_dtype="bf16", head_dim_qk=128, num_qo_heads=24, num_kv_heads=3,
+                            page_size=16, batch_size=8, kv_len=4096)  # a head configuration no table holds
+    tuner = Selector(manifest, platform, tune=True, tune_settings=settings,
+                     perf=choose_perf_table(None, torch.cuda.get_device_name(), platform.arch).table)
+    started = time.perf_counter()
+    sel = tuner.select(request)
+    assert set(sel.measured) == {k.name for k in sel.eligible}, sel.explain()
+    assert sel.kernel.name == min(sel.measured, key=sel.measured.get)
+    (table_file,) = tmp_path.glob("*.yaml")
+    assert load_perf_table(table_file).entries[0].median_us == sel.measured
+    later = Selector(manifest, platform, tuned_tables=True, tune_settings=settings)
+    assert later.select(request).measured == sel.measured
+    print(f"tuned {len(sel.measured)} kernels in {time.perf_counter() - started:.2f} s (first calls included)")
