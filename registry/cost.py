@@ -27,10 +27,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from registry.errors import RequestError
-from registry.ops import RAGGED_OPS
+from registry.ops import MLA_OPS, RAGGED_OPS
 from registry.vocab import DType, Op
-
-_MLA_OPS = frozenset({Op.MLA_DECODE, Op.SPARSE_MLA_DECODE})
 
 
 @dataclass(frozen=True)
@@ -61,7 +59,7 @@ def _need(request: Any, *fields: str) -> list[int]:
 def kv_bytes_per_token(request: Any) -> int:
     """Cache bytes of one token of one request (all KV heads; K and V, or the latent row)."""
     itemsize = _dtype(request.kv_dtype).itemsize
-    if request.op in _MLA_OPS:
+    if request.op in MLA_OPS:
         rank, rope = _need(request, "kv_lora_rank", "qk_rope_head_dim")
         return (rank + rope) * itemsize
     d, hkv = _need(request, "head_dim_qk", "num_kv_heads")
@@ -93,7 +91,7 @@ def request_cost(request: Any, *, batch: Optional[int] = None, kv_len: Optional[
         raise RequestError(f"the cost of {request.op.value} needs {', '.join(lacking)}")
     q_size, out_size = _dtype(request.q_dtype).itemsize, _dtype(request.out_dtype or request.q_dtype).itemsize
     per_token = kv_bytes_per_token(request)
-    if request.op in _MLA_OPS:
+    if request.op in MLA_OPS:
         rank, rope, heads = _need(request, "kv_lora_rank", "qk_rope_head_dim", "num_qo_heads")
         if request.op is Op.SPARSE_MLA_DECODE:
             (topk,) = _need(request, "topk")
