@@ -87,6 +87,7 @@ class Selector:
         self._auto_perf = auto_perf and perf is None  # find the committed table for the GPU, once known
         self._tuned_pending = tune or tuned_tables  # read this machine's tuned table once its GPU is known
         self._tune_cache: Optional[TuneCache] = None
+        self._no_tune_cache = "no CUDA device to tune on"  # why there is no tuned table, when there is none
         self._tuned: Optional[PerfTable] = None
         self._ranking: tuple = (None, None, None)  # (perf, tuned, the two laid over each other)
         self._gpu: Optional[Gpu] = None  # found through torch once, when needed
@@ -178,7 +179,12 @@ class Selector:
                     target = (str(self.tune_settings.device), request.arch)
                 self._tuned_pending = False
                 if target is not None:
-                    folder = self.tune_settings.cache_dir or cache_dir()
+                    try:
+                        folder = self.tune_settings.cache_dir or cache_dir()
+                    except TuningError as exc:  # selection goes on without this machine's tuned times
+                        log.warning("kernelsel: no tuned table: %s", exc)
+                        self._no_tune_cache = str(exc)
+                        return None
                     self._tune_cache = TuneCache.for_machine(target[0], target[1], software_key(self.platform), folder)
                     self._tuned = self._tune_cache.load()
             return self._tune_cache
@@ -203,7 +209,7 @@ class Selector:
             return {}
         cache = self._tuned_table_file(full)
         if cache is None:
-            raise TuningError(f"no CUDA device to tune on (tune_settings.device {self.tune_settings.device!r})")
+            raise TuningError(f"{self._no_tune_cache} (tune_settings.device {self.tune_settings.device!r})")
 
         def adapter(name: str) -> Any:
             built, reason = self.build_adapter(name, full)

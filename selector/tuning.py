@@ -253,8 +253,11 @@ def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
     """``KERNELSEL_TUNE_CACHE``, else ``<user cache dir>/kernelsel/tuned`` (platformdirs)."""
     if environ.get(ENV_TUNE_CACHE):
         return Path(environ[ENV_TUNE_CACHE])
-    import platformdirs
-
+    try:
+        import platformdirs
+    except ImportError as exc:  # a declared dependency, but an engine's image may lack it
+        raise TuningError(f"the tuned tables' folder needs platformdirs ({exc}): pip install platformdirs, "
+                          f"or set {ENV_TUNE_CACHE}=DIR") from None
     return Path(platformdirs.user_cache_dir("kernelsel", appauthor=False)) / "tuned"
 
 

@@ -262,10 +262,15 @@ def _build(op: Optional[str], kw: dict) -> tuple[Selector, KernelRequest]:
         raise _manifest_failure(exc, flag) from None
     off = (kw.get("perf_path") or overrides.perf or "").strip().lower() == PERF_OFF
     if platform.device_name and not off:  # this GPU: what it tuned ranks too, as in the runtime
-        from selector.tuning import TuneCache, cache_dir, software_key
+        from selector.tuning import TuneCache, TuningError, cache_dir, software_key
 
-        tuned = TuneCache.for_machine(platform.device_name, platform.arch, software_key(platform), cache_dir()).load()
-        perf = overlay(perf, tuned)
+        try:
+            folder = cache_dir()
+        except TuningError:  # no platformdirs: no tuned table, as in the runtime
+            folder = None
+        if folder is not None:
+            perf = overlay(perf, TuneCache.for_machine(platform.device_name, platform.arch, software_key(platform),
+                                                       folder).load())
     return Selector(manifest, platform, overrides, perf), KernelRequest(**fields)
 
 

@@ -337,3 +337,20 @@ def test_ranks_of_a_group_agree_on_one_measurement(tmp_path):
     assert all(o["kernel"] == "portable-decode" and o["group"] == "the 3 ranks of its process group" for o in outs), outs
     assert all(o["measured"] == outs[0]["measured"] for o in outs) and len(outs[0]["measured"]) == 2, outs
     assert all(list((tmp_path / f"rank{r}").glob("cpu-sm_90-*.yaml")) for r in range(world))  # each rank kept them
+
+
+def test_without_platformdirs_selection_goes_on_without_a_tuned_table(toy, monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "platformdirs", None)
+    monkeypatch.delenv("KERNELSEL_TUNE_CACHE", raising=False)
+    from selector.tuning import cache_dir
+
+    with pytest.raises(TuningError, match=r"needs platformdirs .*pip install platformdirs, or set KERNELSEL_TUNE_CACHE=DIR"):
+        cache_dir()
+    tuner = Selector(toy, Platform.hypothetical("sm_90"), tune=True, tune_settings=TuneSettings(device="cpu"))
+    with caplog.at_level(logging.INFO, logger="kernelsel"):
+        sel = tuner.select(KernelRequest(**TOY_DECODE))
+    assert sel.kernel.name == "fast-decode" and not sel.measured  # by priority
+    assert "no tuned table: the tuned tables' folder needs platformdirs" in caplog.text
+    assert "selected without tuning: the tuned tables' folder needs platformdirs" in caplog.text
