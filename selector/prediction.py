@@ -70,7 +70,8 @@ PRIOR = 0.05
 """Weight of a kernel's own cost model against the measured buckets' corrections (rules far from every bucket)."""
 
 _SIZES = tuple(f for f in PERF_KEY if f not in ("q_dtype", "kv_dtype")) + ("new_tokens",)
-"""Bucket sizes the correction measures distance in (log2), plus the new tokens per request of any op."""
+"""Bucket sizes the correction measures distance in (log2), plus the new tokens per request of any op: so new
+tokens count twice (as ``q_len``/``new_len`` and as new tokens), which held-out time error prefers (9.3% vs 9.6%)."""
 
 
 def _position(request: Any) -> dict[str, float]:
