@@ -7,22 +7,41 @@ CUDA events, median) and FlashInfer's own ``backend="auto"`` on the same
 inputs.  Per request and strategy it reports chosen time / best eligible
 time, then the geometric mean and the worst case of that ratio:
 
-* ``perf_table`` -- kernelsel ranking the eligible kernels by a perf table
-  recorded earlier (``--perf``; default: the committed table for this GPU);
+* ``perf_table`` -- kernelsel as it ships: the eligible kernels ranked by a
+  perf table recorded earlier (``--perf``; default: the committed table for
+  this GPU), measured times where the table has the request's bucket and
+  predicted ones (``selector.prediction``) where it does not;
+* ``measured_only`` -- the same table, its recorded buckets only
+  (``KERNELSEL_PREDICT=off``: other buckets rank by priority);
+* ``predicted`` -- predictions only: each request ranked by a model fitted to
+  the table without the request's own bucket (for a suite whose buckets are
+  not in the table, the same as ``perf_table``);
+* ``tuned`` (``--tune``) -- tuning on first use (``selector.tuning``): the
+  eligible kernels timed within the tuning budget on their own workload, the
+  fastest of those times picked; each request also reports what tuning cost;
 * ``priority`` -- kernelsel by manifest priority alone;
 * ``flashinfer_auto`` -- FlashInfer choosing for itself, called directly:
   ``trtllm_batch_decode_with_kv_cache(backend="auto")`` (mha_decode),
   ``BatchPrefillWithPagedKVCacheWrapper(backend="auto")`` (mha_extend),
   ``BatchMLAPagedAttentionWrapper(backend="auto")`` (mla_decode).  Its ratio
-  may be below 1 when it runs a kernel the manifest does not list.
+  may be below 1 when it runs a kernel the manifest does not list.  Not
+  scored on requests with sinks, a soft cap or a sliding window (the calls
+  above do not pass them: they would time another computation).
 
 Targets with the perf table: geometric mean <= 1.03, worst <= 1.15.
 
-Two device calls: one records the table for exactly the suite's buckets,
+Ratios are per strategy and op too (``by_op``).  The run also times a
+device-to-device copy (``meta.copy_tbps``, read and write counted): the ceiling
+``kernelsel bench --plot`` draws.
+
+Two device calls: one records the table for exactly the suites' buckets,
 a later one measures again and reports (a table never grades its own run)::
 
-    python bench/regret.py --record perf/nvidia-h200-sm_90.yaml
+    python bench/regret.py --record perf/ --suite bench/regret_suite.yaml      # two calls, each under
+    python bench/regret.py --record perf/ --suite bench/record_suite.yaml      # 10 minutes: they merge
     python bench/regret.py --perf perf/nvidia-h200-sm_90.yaml   # -> bench/results/regret-nvidia-h200.json
+    python bench/regret.py --perf perf/nvidia-h200-sm_90.yaml --suite bench/heldout_suite.yaml --tune \
+        --out bench/results/heldout-nvidia-h200.json
 
 ``--device cpu --arch sm_90`` runs the same code on the CPU (wall clock,
 tests; with ``TRITON_INTERPRET=1`` the Triton kernels run too).
@@ -43,10 +62,13 @@ sys.path.insert(0, str(ROOT))
 
 from registry.contracts import sm_scale  # noqa: E402
 from registry.loader import load_manifest  # noqa: E402
+from registry.perf import PerfTable  # noqa: E402
+from selector import tuning  # noqa: E402
 from selector.tools import bench  # noqa: E402
 from registry.perf_policy import choose_perf_table  # noqa: E402
 from selector.api import Selector  # noqa: E402
 from selector.overrides import Overrides  # noqa: E402
+from selector.tuning import TuneBudget  # noqa: E402
 
 SUITE = ROOT / "bench" / "regret_suite.yaml"
 TARGETS = {"perf_table": {"geomean": 1.03, "worst": 1.15}}
@@ -141,6 +163,9 @@ def auto_mla(work: Any) -> Callable[[], Any]:
 AUTO_BY_OP = {"mha_decode": auto_decode, "mha_extend": auto_extend, "mla_decode": auto_mla}
 """op -> builder of FlashInfer's backend="auto" call on a workload (ops where FlashInfer has one)."""
 
+AUTO_OMITS = ("sinks", "logits_soft_cap", "sliding_window")
+"""Features the builders above do not pass: FlashInfer auto is not scored on requests that need them."""
+
 
 # ------------------------------------------------------------ scoring
 
@@ -162,7 +187,20 @@ def _choice(selector: Optional[Selector], case: bench.BenchCase, result: bench.C
     return row | {"us": round(timing.median_us, 3), "ratio": timing.median_us / best.median_us}
 
 
-def score(case: bench.BenchCase, result: bench.CaseResult, strategies: dict[str, Optional[Selector]]) -> dict[str, Any]:
+def _tuned_choice(tuned: Any, result: bench.CaseResult, best: Optional[bench.KernelTiming]) -> dict[str, Any]:
+    """The kernel tuning on first use picks (fastest of its own, budgeted times), scored by this run's times."""
+    if not tuned.times:
+        return {"error": "; ".join(f"{k}: {e}" for k, e in tuned.errors.items()) or "no kernel timed"}
+    name = min(tuned.times, key=lambda k: (tuned.times[k], k))
+    timing = next((t for t in result.kernels if t.kernel == name and t.ok), None)
+    row: dict[str, Any] = {"kernel": name}
+    if timing is None or best is None:
+        return row | {"error": "chosen kernel not timed here"}
+    return row | {"us": round(timing.median_us, 3), "ratio": timing.median_us / best.median_us}
+
+
+def score(case: bench.BenchCase, result: bench.CaseResult, strategies: dict[str, Optional[Selector]],
+          tuned: Any = None) -> dict[str, Any]:
     """One case: every kernel's time, the best, and each strategy's choice with its ratio."""
     best = result.best()
     row = result.to_dict()
@@ -172,6 +210,9 @@ def score(case: bench.BenchCase, result: bench.CaseResult, strategies: dict[str,
         choice = _choice(selector, case, result, best)
         if choice is not None:
             row["strategies"][name] = choice
+    if tuned is not None:
+        row["strategies"]["tuned"] = _tuned_choice(tuned, result, best)
+        row["tuning"] = tuned.to_dict()
     auto = next((t for t in result.extra if t.kernel == AUTO), None)
     if auto is not None:
         row["strategies"]["flashinfer_auto"] = (
@@ -181,26 +222,44 @@ def score(case: bench.BenchCase, result: bench.CaseResult, strategies: dict[str,
     return row
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per strategy: how many requests scored, geometric mean and worst ratio, and what could not be scored."""
+def _ratios(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    scored = [(r["strategies"][name]["ratio"], r["request"]) for r in rows if "ratio" in r["strategies"].get(name, {})]
+    missing = [f"{r['request']}: {r['strategies'][name].get('error', '')}" for r in rows
+               if name in r["strategies"] and "ratio" not in r["strategies"][name]]
+    s: dict[str, Any] = {"requests": len(scored), "unscored": missing}
+    if scored:
+        worst = max(scored)
+        s |= {"geomean": math.exp(sum(math.log(x) for x, _ in scored) / len(scored)),
+              "worst": worst[0], "worst_request": worst[1], "picked_best": sum(1 for x, _ in scored if x <= 1.0)}
+    return s
+
+
+def summarize(rows: list[dict[str, Any]], targets: Optional[dict[str, dict[str, float]]] = None) -> dict[str, Any]:
+    """Per strategy: how many requests scored, geometric mean and worst ratio (overall and per op), what was not."""
+    targets = TARGETS if targets is None else targets
     names = sorted({s for r in rows for s in r["strategies"]})
+    ops = sorted({r["op"] for r in rows})
     out = {}
     for name in names:
-        scored = [(r["strategies"][name]["ratio"], r["request"]) for r in rows
-                  if "ratio" in r["strategies"].get(name, {})]
-        missing = [f"{r['request']}: {r['strategies'][name].get('error', '')}" for r in rows
-                   if name in r["strategies"] and "ratio" not in r["strategies"][name]]
-        s: dict[str, Any] = {"requests": len(scored), "unscored": missing}
-        if scored:
-            worst = max(scored)
-            s |= {"geomean": math.exp(sum(math.log(x) for x, _ in scored) / len(scored)),
-                  "worst": worst[0], "worst_request": worst[1],
-                  "picked_best": sum(1 for x, _ in scored if x <= 1.0)}
-            if name in TARGETS:
-                t = TARGETS[name]
-                s["targets"] = t
-                s["meets_targets"] = s["geomean"] <= t["geomean"] and s["worst"] <= t["worst"] and not missing
+        s = _ratios(rows, name)
+        if "geomean" in s and name in targets:
+            t = targets[name]
+            s["targets"] = t
+            s["meets_targets"] = s["geomean"] <= t["geomean"] and s["worst"] <= t["worst"] and not s["unscored"]
+        s["by_op"] = {op: {k: v for k, v in _ratios([r for r in rows if r["op"] == op], name).items() if k != "unscored"}
+                      for op in ops}
         out[name] = s
+    tuning = [r["tuning"] for r in rows if "tuning" in r]
+    if tuning:
+        out["tuning_cost"] = {
+            "buckets": len(tuning),
+            "timing_s_mean": sum(t["timing_s"] for t in tuning) / len(tuning),
+            "timing_s_max": max(t["timing_s"] for t in tuning),
+            "first_calls_s_mean": sum(t["first_calls_s"] for t in tuning) / len(tuning),
+            "workload_s_mean": sum(t["workload_s"] for t in tuning) / len(tuning),
+            "note": "timing_s: the budgeted warm-up and timed runs per bucket; first_calls_s: each kernel's first "
+                    "call (plan and run; JIT builds happened earlier in this run, when the kernels were first timed)",
+        }
     return out
 
 
@@ -214,7 +273,10 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", default=str(SUITE), help="suite file (default: bench/regret_suite.yaml)")
+    p.add_argument("--suite", action="append", help="suite file (default: bench/regret_suite.yaml); repeat to combine")
+    p.add_argument("--tune", action="store_true", help="also score tuning on first use and report what it cost")
+    p.add_argument("--tune-budget-ms", type=float, default=TuneBudget().seconds * 1e3,
+                   help="timing budget per bucket for --tune (default: the runtime's)")
     p.add_argument("--perf", help="perf table for the perf_table strategy (default: the committed one for this GPU)")
     p.add_argument("--record", metavar="PATH", help="record the perf table for the suite's buckets into PATH "
                    "(a folder: <gpu>-<arch>.yaml in it), then stop")
@@ -229,7 +291,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     manifest = load_manifest(args.manifest)
     env = bench.environment(manifest, args.device, args.arch)
-    cases = [c for c in bench.load_suite(args.suite, env.arch) if not args.op or c.request.op.value in args.op]
+    suites = args.suite or [str(SUITE)]
+    cases = [c for suite in suites for c in bench.load_suite(suite, env.arch)
+             if not args.op or c.request.op.value in args.op]
     timer = bench.default_timer(args.device, args.repeats, args.warmup)
     timing_selector = Selector(manifest, env.platform, Overrides())
 
@@ -251,14 +315,31 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"regret: {table.path} was recorded on {table.gpu} ({table.arch.value}); this is {env.gpu}", file=sys.stderr)
     strategies = {
         "perf_table": Selector(manifest, env.platform, Overrides(), table) if table is not None else None,
+        "measured_only": Selector(manifest, env.platform, Overrides(predict=False), table) if table is not None else None,
         "priority": Selector(manifest, env.platform, Overrides()),
     }
+
+    def predicted(case: bench.BenchCase) -> Optional[Selector]:
+        """Predictions only: the table without the case's own bucket (the same table when it lacks the bucket)."""
+        if table is None or case.key not in table.by_key:
+            return strategies["perf_table"]
+        rest = PerfTable(gpu=table.gpu, arch=table.arch, entries=tuple(e for e in table.entries if e.key != case.key))
+        return Selector(manifest, env.platform, Overrides(), rest)
+
+    budget = TuneBudget(seconds=args.tune_budget_ms / 1e3, max_bytes=1 << 62)
+
+    def tuned(case: bench.BenchCase) -> Any:
+        """Tuning on first use for the case's bucket, as the runtime does it (its own workload and budget)."""
+        names = tuning.eligible_to_tune(timing_selector.solve(case.request))
+        return tuning.tune(case.request, names, lambda name: timing_selector.select(case.request.forcing(name))
+                           .make_adapter(), device=env.device, budget=budget, seed=1)
     out = Path(args.out) if args.out else ROOT / "bench" / "results"
     if out.is_dir():
         out = out / f"regret-{bench.gpu_slug(env.gpu)}.json"
     data: dict[str, Any] = {
         "meta": {"gpu": env.gpu, "arch": env.arch.value, "software": env.software, "method": timer.method(),
-                 "suite": str(args.suite), "requests": len(cases),
+                 "suite": suites if len(suites) > 1 else suites[0], "requests": len(cases),
+                 "copy_tbps": bench.copy_bandwidth(env.device, timer),
                  "perf_table": {"path": table.path, "gpu": table.gpu, "recorded": table.recorded} if table else None,
                  "date": datetime.date.today().isoformat(),
                  "ratio": "chosen kernel's median / fastest eligible kernel's median, both measured in this run"},
@@ -267,6 +348,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def extra(case: bench.BenchCase) -> dict[str, Callable]:
         build = AUTO_BY_OP.get(case.request.op.value)
+        if any(getattr(case.request, f) for f in AUTO_OMITS):  # it would time a different computation
+            return {}
         return {AUTO: build} if build else {}
 
     def progress(text: str) -> None:
@@ -276,7 +359,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for i, case in enumerate(cases, 1):  # one case at a time, so the file holds everything done so far
         result = bench.time_case(case, timing_selector, timer=timer, device=env.device, extra=extra(case))
         progress(bench.progress_line(i, len(cases), result))
-        rows.append(score(case, result, strategies))
+        tune_result = tuned(case) if args.tune else None
+        rows.append(score(case, result, {**strategies, "predicted": predicted(case)}, tune_result))
         eager |= {t.kernel for t in result.kernels + result.extra if t.ok and t.mode.startswith("eager")}
         data["summary"] = summarize(rows)
         data["meta"]["method"] = timer.method(eager)

@@ -74,3 +74,7 @@ def mla_dims_from_head_dims(
             )
         rope = head_dim_qk - rank
     return rank, rope
+
+
+RAGGED_OPS = frozenset({Op.MHA_EXTEND, Op.MHA_PREFILL})
+"""Ops whose requests give their new tokens per request as ``new_len`` (decode ops use ``q_len``)."""

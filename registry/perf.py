@@ -3,9 +3,14 @@
 A perf table lives in ``perf/<gpu>-<arch>.yaml`` and is validated like the
 manifest (strict pydantic models, ``file:line:col`` errors through
 ``registry.loader``).  Each entry is one request bucket -- the op plus the
-request fields in ``PERF_KEY`` (``batch_size`` and ``kv_len`` are bucketed to
-powers of two by the request) -- and the median time of every kernel that
-was eligible and measured there.  Lookups are one dict hit.
+request fields in ``PERF_KEY`` (``batch_size``, ``kv_len`` and ``new_len`` are
+bucketed to powers of two by the request) -- and the median time of every
+kernel that was eligible and measured there.  Lookups are one dict hit.
+
+``new_len`` (new tokens per request) is part of an ``mha_extend`` /
+``mha_prefill`` bucket: a few new tokens over a long cache and a long chunk
+over a short one read the same cache but favour different kernels (FA2 against
+FA3 by up to 4x on an H200).  Decode ops carry theirs as ``q_len``.
 
 Measured times only *rank* eligible kernels: a perf entry never makes an
 ineligible kernel eligible (the solver checks eligibility first).
@@ -15,21 +20,28 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional
+import threading
+from typing import Any, Callable, Optional, TypeVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from registry.errors import brief
+from registry.ops import RAGGED_OPS
 from registry.schema import StrictModel
 from registry.vocab import Arch, DType, Op, did_you_mean, parse_arch
 
 PERF_KEY: tuple[str, ...] = (
     "q_dtype", "kv_dtype", "head_dim_qk", "head_dim_vo", "num_qo_heads", "num_kv_heads",
-    "page_size", "q_len", "kv_lora_rank", "qk_rope_head_dim", "topk", "batch_size", "kv_len",
+    "page_size", "q_len", "kv_lora_rank", "qk_rope_head_dim", "topk", "batch_size", "kv_len", "new_len",
 )
 """Request fields that identify a perf bucket (features are not part of it: they decide eligibility)."""
 
+BUCKETED = ("batch_size", "kv_len", "new_len")
+"""Sizes a request rounds up to a power of two, so nearby shapes share a bucket."""
+
 _DTYPE_KEYS = ("q_dtype", "kv_dtype")
+_DERIVED_LOCK = threading.Lock()
+T = TypeVar("T")
 
 
 def bucket(n: Optional[int]) -> Optional[int]:
@@ -73,9 +85,23 @@ class PerfEntry(StrictModel):
                                      f"{did_you_mean(str(value), DType.values()) if isinstance(value, str) else ''}")
             elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{key}: {brief(value)} is not a non-negative integer")
-            elif key in ("batch_size", "kv_len") and bucket(value) != value:
+            elif key in BUCKETED and bucket(value) != value:
                 raise ValueError(f"{key} {value} is not a bucket (a power of two); use {bucket(value)}")
         return shape
+
+    @model_validator(mode="after")
+    def _new_tokens(self) -> "PerfEntry":
+        """Ragged ops' buckets carry their new tokens per request; decode ops carry them as q_len."""
+        given = self.shape.get("new_len") is not None
+        if self.op in RAGGED_OPS and not given:
+            raise ValueError(
+                f"shape: an {self.op.value} bucket needs new_len (new tokens per request, a power of two), which "
+                "decides between kernels; a table recorded before new_len was part of the bucket must be "
+                "re-recorded (kernelsel bench, or bench/regret.py --record)"
+            )
+        if self.op not in RAGGED_OPS and given:
+            raise ValueError(f"shape.new_len: means nothing for {self.op.value} (its new tokens per request are q_len)")
+        return self
 
     @field_validator("median_us")
     @classmethod
@@ -110,6 +136,7 @@ class PerfTable(StrictModel):
     entries: tuple[PerfEntry, ...] = ()
 
     _path: str = ""
+    _derived: dict = PrivateAttr(default_factory=dict)
 
     @field_validator("arch", mode="before")
     @classmethod
@@ -137,5 +164,99 @@ class PerfTable(StrictModel):
     def path(self) -> str:
         return self._path
 
+    def derived(self, name: str, build: Callable[["PerfTable"], T]) -> T:
+        """``build(self)``, computed once per table and kept with it (e.g. a model fitted to its entries).
+
+        A table is immutable, so what is derived from it never goes stale.  Thread-safe.
+        """
+        with _DERIVED_LOCK:
+            if name not in self._derived:
+                self._derived[name] = build(self)
+            return self._derived[name]
+
     def matches(self, gpu: str, arch: Optional[Arch]) -> bool:
         return self.arch is arch and (not gpu or gpu == self.gpu)
+
+
+# ------------------------------------------------------------------ writing tables
+
+
+HEADER = """\
+# kernelsel perf table: median time per request bucket of every eligible kernel on one GPU model.
+# Written by `kernelsel bench` (merged bucket by bucket, kernel by kernel); review diffs like code.
+# Times only rank kernels the manifest already declares eligible (registry/perf.py).
+"""
+
+
+def entry_data(request: Any, times: dict[str, float], tbps: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    """One entry as plain data: the request's bucket (``PERF_KEY`` fields it sets) and its kernels' medians."""
+    shape = {f: _plain(getattr(request, f)) for f in PERF_KEY if getattr(request, f, None) is not None}
+    return {"op": _plain(request.op), "shape": shape,
+            "median_us": {k: round(float(v), 3) for k, v in times.items()},
+            "tbps": {k: float(f"{v:.4g}") for k, v in (tbps or {}).items()}}
+
+
+def merge_entries(existing: Optional["PerfTable"], new: Any) -> list[dict[str, Any]]:
+    """``existing``'s entries updated kernel by kernel with ``new`` ones (``entry_data``), new buckets added.
+
+    Sorted by op and shape, so a re-recorded table diffs bucket by bucket.
+    """
+    by_key: dict[tuple, dict[str, Any]] = {}
+    for e in existing.entries if existing is not None else ():
+        data = e.model_dump(mode="json")
+        by_key[e.key] = {"op": data["op"], "shape": data["shape"], "median_us": dict(data["median_us"]),
+                         "tbps": dict(data["tbps"])}
+    for item in new:
+        key = request_key(item["op"], item["shape"])
+        old = by_key.setdefault(key, {"op": item["op"], "shape": item["shape"], "median_us": {}, "tbps": {}})
+        old["median_us"].update(item["median_us"])
+        for name in item["median_us"]:
+            old["tbps"].pop(name, None)
+        old["tbps"].update(item.get("tbps") or {})
+
+    def order(pair: tuple[tuple, dict]) -> tuple:
+        return tuple((v is not None, v if v is not None else 0) for v in pair[0])
+
+    out = []
+    for _, e in sorted(by_key.items(), key=order):
+        e = dict(e, median_us=dict(sorted(e["median_us"].items())), tbps=dict(sorted(e["tbps"].items())))
+        if not e["tbps"]:
+            del e["tbps"]
+        out.append(e)
+    return out
+
+
+def table_text(*, gpu: str, arch: Any, software: dict[str, str], method: str, recorded: str,
+               entries: list[dict[str, Any]], header: str = HEADER) -> str:
+    """A perf table's YAML text (``header`` comment first)."""
+    import yaml
+
+    data = {"schema_version": 1, "gpu": gpu, "arch": _plain(arch),
+            "software": {str(k): str(v) for k, v in sorted(software.items())}, "method": method,
+            "recorded": recorded, "entries": entries}
+    return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120, allow_unicode=True)
+
+
+def gpu_slug(gpu: str) -> str:
+    """A file-name form of a GPU name: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
+    words = "".join(c if c.isalnum() else " " for c in gpu.lower()).split()
+    return "-".join(words) or "gpu"
+
+
+def overlay(base: Optional[PerfTable], top: Optional[PerfTable]) -> Optional[PerfTable]:
+    """One table: ``base``'s buckets with ``top``'s times over them kernel by kernel, and ``top``'s new buckets.
+
+    For a committed table plus what this machine tuned (``selector.tuning``);
+    its path names both.  Either may be None.
+    """
+    if top is None or not top.entries:
+        return base
+    if base is None:
+        return top
+    entries = tuple(PerfEntry.model_validate(e) for e in merge_entries(base, [
+        {"op": e.op.value, "shape": e.shape, "median_us": e.median_us, "tbps": e.tbps} for e in top.entries]))
+    table = PerfTable(gpu=base.gpu, arch=base.arch, software=base.software, method=base.method,
+                      recorded=base.recorded, entries=entries)
+    table._path = f"{base.path} + {top.path}"
+    return table
+

@@ -68,6 +68,11 @@ class DType(_Vocab):
     def is_fp8(self) -> bool:
         return self in (DType.FP8_E4M3, DType.FP8_E5M2)
 
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element."""
+        return 1 if self.is_fp8 else 4 if self is DType.FP32 else 2
+
 
 class Arch(_Vocab):
     """NVIDIA streaming-multiprocessor versions, ordered by compute capability."""

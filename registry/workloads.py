@@ -28,6 +28,7 @@ from registry.contracts import (
     default_sm_scale,
     softmax_scale,
 )
+from registry.cost import kv_bytes_per_token
 from registry.errors import RequestError
 
 if TYPE_CHECKING:
@@ -351,7 +352,7 @@ def make_workload(
             fn, positional = "mha_paged", (q, kc, vc, block_table, seq_lens, cu_q)
         scales = _scales(q=q_scale, k=k_scale, v=v_scale)
         ref_args = dict(fn=fn, positional=positional, causal=causal, sinks=sinks, **options, **scales)
-        kv_bytes = sum(kv_lens) * hkv * (d + dv) * k.element_size()
+        kv_bytes = sum(kv_lens) * kv_bytes_per_token(request)
         return Workload(request, metadata, (q, k, v), scales, sinks, (q.shape[0], hq, dv), ref_args, kv_bytes=kv_bytes)
 
     # mla_decode / sparse_mla_decode
@@ -373,7 +374,7 @@ def make_workload(
     scales = _scales(q=q_scale, kv=kv_scale)
     q_nope, q_pe, kv, block_table, seq_lens = dev(q_nope, q_pe, kv, block_table, seq_lens)
     metadata = DecodeMetadata(block_table=block_table, seq_lens=seq_lens, q_len=request.q_len, **options)
-    token_bytes = (rank + rope) * kv.element_size()
+    token_bytes = kv_bytes_per_token(request)
     if op == "mla_decode":
         inputs = (q_nope, q_pe, kv)
         ref_args = dict(fn="mla_paged", positional=(q_nope, q_pe, kv, block_table, seq_lens), q_len=request.q_len,

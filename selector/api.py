@@ -16,19 +16,25 @@ lock.  A selection is stored only once complete.  The record of unavailable
 kernels (``selector.availability.UnavailableKernels``) has its own lock; after
 a change it drops the cached selections under the selector's lock, so a miss
 that read the record before the change cannot leave a stale selection behind.
+
+Tuning on first use (``tune=True``, ``KERNELSEL_TUNE=1``; ``selector.tuning``)
+happens on a miss, under the selector's lock: other threads' misses wait for
+it (hits do not).  This machine's tuned table is laid over the perf table once
+the GPU is known, whether or not this selector tunes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import threading
 from typing import Any, Mapping, Optional
 
 from registry.errors import RequestError
 from registry.loader import load_manifest
-from registry.perf import PerfTable
-from registry.perf_policy import choose_perf_table
+from registry.perf import PerfTable, overlay
+from registry.perf_policy import PERF_OFF, choose_perf_table
 from registry.schema import Manifest
 from registry.vocab import Arch
 from selector.availability import UNAVAILABLE, UnavailableKernels, probe
@@ -37,6 +43,19 @@ from selector.platform import TORCH, Gpu, Platform, detect_gpus, installed_versi
 from selector.request import KernelRequest
 from selector.selection import KernelUnavailableError, NoKernelError, Selection
 from selector.solver import solve
+from selector.tuning import (
+    TuneCache,
+    TuneSettings,
+    TuningError,
+    budget_method,
+    cache_dir,
+    eligible_to_tune,
+    share_first_rank,
+    software_key,
+    tune as tune_bucket,
+)
+
+log = logging.getLogger("kernelsel")
 
 
 class Selector:
@@ -48,15 +67,29 @@ class Selector:
     selections, so the next one moves on.  A process group's selection
     (``select(request, group=...)``) goes through ``selector.distributed``,
     which uses only this class's public methods (its ``GroupMember`` protocol).
+
+    ``tune=True`` times the eligible kernels of a bucket no table measured, on
+    a miss, and keeps the times in this machine's tuned table
+    (``selector.tuning``; ``tune_settings``: budget, device, folder);
+    ``tuned_tables=True`` lays that table over ``perf`` without tuning (the
+    default selector does, unless ``KERNELSEL_PERF=off``).
     """
 
     def __init__(self, manifest: Manifest, platform: Platform, overrides: Overrides = Overrides(),
-                 perf: Optional[PerfTable] = None, *, auto_perf: bool = False):
+                 perf: Optional[PerfTable] = None, *, auto_perf: bool = False, tune: bool = False,
+                 tune_settings: Optional[TuneSettings] = None, tuned_tables: bool = False):
         self.manifest = manifest
         self.platform = platform
         self.overrides = overrides
         self.perf = perf
+        self.tune = tune
+        self.tune_settings = tune_settings or TuneSettings()
         self._auto_perf = auto_perf and perf is None  # find the committed table for the GPU, once known
+        self._tuned_pending = tune or tuned_tables  # read this machine's tuned table once its GPU is known
+        self._tune_cache: Optional[TuneCache] = None
+        self._no_tune_cache = "no CUDA device to tune on"  # why there is no tuned table, when there is none
+        self._tuned: Optional[PerfTable] = None
+        self._ranking: tuple = (None, None, None)  # (perf, tuned, the two laid over each other)
         self._gpu: Optional[Gpu] = None  # found through torch once, when needed
         self._gpu_detected = False
         self._cache: dict[KernelRequest, Selection] = {}
@@ -73,8 +106,9 @@ class Selector:
         libraries = installed_versions(required_distributions(manifest.solutions))
         # the arch (and the GPU's committed perf table) is found through torch only when needed: see solve()
         perf = choose_perf_table(overrides.perf, setting_name=ENV_PERF)
+        off = overrides.perf is not None and overrides.perf.strip().lower() == PERF_OFF
         return cls(manifest, Platform(arch=None, libraries=libraries, detected=True), overrides, perf.table,
-                   auto_perf=perf.needs_gpu)
+                   auto_perf=perf.needs_gpu, tune=overrides.tune and not off, tuned_tables=not off)
 
     def _detected_gpu(self) -> Optional[Gpu]:
         """This machine's current GPU through torch (imports it), asked once per selector."""
@@ -94,24 +128,115 @@ class Selector:
             self.platform = dataclasses.replace(self.platform, arch=gpu.arch, device_name=gpu.name)
         return self.platform.arch
 
-    def solve(self, request: KernelRequest) -> Selection:
-        """The selection for ``request`` (cached), whether or not a kernel was found."""
+    def solve(self, request: KernelRequest, *, tune: Optional[bool] = None) -> Selection:
+        """The selection for ``request`` (cached), whether or not a kernel was found.
+
+        ``tune`` (default: the selector's ``tune``) times the eligible kernels of
+        an unmeasured bucket first, on a miss (``selector.tuning``).
+        """
         hit = self._cache.get(request)
         if hit is not None:
             return hit
+        tuning = self.tune if tune is None else tune
         with self._lock:
             hit = self._cache.get(request)
             if hit is not None:  # another thread solved it while this one waited
                 return hit
             full = self.complete(request)
-            if self._auto_perf and (request.arch is None or "torch" in sys.modules):
+            torch_loaded = request.arch is None or "torch" in sys.modules
+            if self._auto_perf and torch_loaded:
                 self._auto_perf = False  # never import torch just for this: engines have it loaded already
                 gpu = self._detected_gpu()
                 if gpu is not None:
                     self.perf = choose_perf_table(None, gpu.name, gpu.arch).table
+            if self._tuned_pending and (torch_loaded or tuning):
+                self._tuned_table_file(full)
             selection = self.solve_excluding(full, {})
+            if tuning:
+                selection, keep = self._tune_miss(full, selection)
+                if not keep:  # inside CUDA-graph capture: the next miss tunes
+                    return selection
             self._cache[request] = selection
             return selection
+
+    # ------------------------------------------------------------------ tuning
+    @property
+    def ranking_table(self) -> Optional[PerfTable]:
+        """The table that ranks: ``perf`` with this machine's tuned times laid over it (``registry.perf.overlay``)."""
+        perf, tuned = self.perf, self._tuned
+        if self._ranking[0] is not perf or self._ranking[1] is not tuned:
+            self._ranking = (perf, tuned, overlay(perf, tuned))
+        return self._ranking[2]
+
+    def _tuned_table_file(self, request: KernelRequest) -> Optional[TuneCache]:
+        """This machine's tuned table (read once, when its GPU is known), or None without a GPU to tune on."""
+        with self._lock:
+            if self._tuned_pending:
+                if str(self.tune_settings.device).startswith("cuda"):
+                    gpu = self._detected_gpu()
+                    target = (gpu.name, gpu.arch) if gpu is not None and gpu.arch is not None else None
+                else:
+                    target = (str(self.tune_settings.device), request.arch)
+                self._tuned_pending = False
+                if target is not None:
+                    try:
+                        folder = self.tune_settings.cache_dir or cache_dir()
+                    except TuningError as exc:  # selection goes on without this machine's tuned times
+                        log.warning("kernelsel: no tuned table: %s", exc)
+                        self._no_tune_cache = str(exc)
+                        return None
+                    self._tune_cache = TuneCache.for_machine(target[0], target[1], software_key(self.platform), folder)
+                    self._tuned = self._tune_cache.load()
+            return self._tune_cache
+
+    def _tune_miss(self, request: KernelRequest, selection: Selection) -> tuple[Selection, bool]:
+        """``selection`` after tuning its bucket if no table measured it, and whether it may be cached."""
+        try:
+            times = self.tune_bucket(request, selection)
+        except TuningError as exc:
+            log.info("kernelsel: %s selected without tuning: %s", request.op.value, exc)
+            return selection, not exc.retry
+        return (self.solve_excluding(request, {}) if times else selection), True
+
+    def tune_bucket(self, request: KernelRequest, selection: Optional[Selection] = None) -> dict[str, float]:
+        """Time the eligible kernels of ``request``'s bucket unless a table measured them all; add them to the
+        tuned table.  The times (empty when nothing needed timing).  Raises ``TuningError`` (see ``selector.tuning``).
+        """
+        full = self.complete(request)
+        selection = selection if selection is not None else self.solve_excluding(full, {})
+        names = eligible_to_tune(selection)
+        if not names or all(n in selection.measured for n in names):
+            return {}
+        cache = self._tuned_table_file(full)
+        if cache is None:
+            raise TuningError(f"{self._no_tune_cache} (tune_settings.device {self.tune_settings.device!r})")
+
+        def adapter(name: str) -> Any:
+            built, reason = self.build_adapter(name, full)
+            if built is None:
+                raise TuningError(reason or f"{name}: adapter not built")
+            return built
+
+        settings = self.tune_settings
+        result = tune_bucket(full, names, adapter, device=settings.device, budget=settings.budget)
+        if result.times:
+            self.add_tuned(full, result.times, budget_method(settings.budget, result.method))
+        return dict(result.times)
+
+    def add_tuned(self, request: KernelRequest, times: Mapping[str, float], method: str) -> None:
+        """Add measured ``times`` of ``request``'s bucket to this machine's tuned table (file and ranking)."""
+        from selector.tuning import TuneResult
+
+        cache = self._tuned_table_file(self.complete(request))
+        if cache is None:
+            return
+        with self._lock:
+            self._tuned = cache.add([TuneResult(self.complete(request), times=dict(times))], method)
+            self._cache = {}
+
+    def tuned_table_key(self) -> Optional[str]:
+        """The file name of this machine's tuned table (GPU model, arch, library versions), or None."""
+        return self._tune_cache.path.name if self._tune_cache is not None else None
 
     def complete(self, request: KernelRequest) -> KernelRequest:
         """``request`` with the arch of this machine's GPU filled in when it has none."""
@@ -127,16 +252,19 @@ class Selector:
         verdicts, with the kernels another rank cannot run rejected and why.
         """
         full = self.complete(request)
-        return solve(self.manifest, self.platform, full, self.overrides, self.perf, excluded,
+        return solve(self.manifest, self.platform, full, self.overrides, self.ranking_table, excluded,
                      unavailable_kernels=self.unavailable_kernels)
 
-    def select(self, request: KernelRequest, *, group: Any = None) -> Selection:
+    def select(self, request: KernelRequest, *, group: Any = None, tune: Optional[bool] = None) -> Selection:
         """Like ``solve`` but raises NoKernelError when nothing fits.
 
         With ``group`` (a ``torch.distributed`` process group) every rank of the
         group gets the same kernel: see ``selector.distributed``.  The agreed
-        selection is cached per (request, group).
+        selection is cached per (request, group).  With tuning, the group's
+        first rank tunes the bucket and every rank takes its times
+        (``agree_on_tuning``), so no two ranks rank by different timings.
         """
+        tuning = self.tune if tune is None else tune
         if group is not None:
             key = (request, group)
             hit = self._agreed.get(key)
@@ -147,12 +275,45 @@ class Selector:
                 if hit is None:
                     from selector.distributed import select_in_group
 
-                    hit = self._agreed[key] = select_in_group(self, request, group)
+                    member: Any = self
+                    if tuning:
+                        self.agree_on_tuning(request, group)
+                        member = _WithoutTuning(self)
+                    hit = self._agreed[key] = select_in_group(member, request, group)
             return hit
-        selection = self.solve(request)
+        selection = self.solve(request, tune=tuning)
         if selection.kernel is None:
             raise self._no_kernel(selection)
         return selection
+
+    def agree_on_tuning(self, request: KernelRequest, group: Any) -> None:
+        """The collective part of tuning in a process group: the first rank tunes, every rank keeps its times.
+
+        Never raises before the collective (a rank whose request or tuning fails
+        shares nothing, as if the bucket needed no tuning); a rank whose tuned
+        table is for another GPU model or library versions does not keep the
+        first rank's times (the group ranks by the first rank's order anyway).
+        """
+        import torch.distributed as dist
+
+        proposal = None
+        if dist.get_rank(group) == 0:
+            try:
+                times = self.tune_bucket(request)
+                if times:
+                    proposal = {"table": self.tuned_table_key(), "times": times,
+                                "method": budget_method(self.tune_settings.budget, "timed on the group's first rank")}
+            except Exception as exc:  # noqa: BLE001 - the other ranks are waiting in the collective
+                log.info("kernelsel: %s not tuned for the group: %s", request.op.value, exc)
+        agreed = share_first_rank(proposal, group)
+        if agreed and dist.get_rank(group) != 0:
+            try:
+                full = self.complete(request)
+                self._tuned_table_file(full)
+                if self.tuned_table_key() == agreed["table"]:
+                    self.add_tuned(full, agreed["times"], agreed["method"])
+            except Exception as exc:  # noqa: BLE001 - the group decision still follows the first rank
+                log.info("kernelsel: the group's tuned times not kept on this rank: %s", exc)
 
     def forced_kernel(self, request: KernelRequest) -> Optional[str]:
         """The kernel forced for ``request`` (its ``kernel=``, else ``KERNELSEL_FORCE_<OP>``), or None."""
@@ -218,6 +379,19 @@ class Selector:
         return self.solve(request)
 
 
+class _WithoutTuning:
+    """A selector as a process group uses it once tuning was agreed: its solves never tune on their own."""
+
+    def __init__(self, selector: Selector):
+        self._selector = selector
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._selector, name)
+
+    def solve(self, request: KernelRequest) -> Selection:
+        return self._selector.solve(request, tune=False)
+
+
 _DEFAULT: Optional[Selector] = None
 _LOCK = threading.Lock()
 
@@ -256,6 +430,11 @@ def select_kernel(
     kernel eligible (and whose adapter builds) on every rank, or all raise
     the same ``GroupSelectionError``.  See ``selector.distributed``.  (It
     travels in ``fields`` so that the cached path stays one dict lookup.)
+
+    ``tune=True`` (keyword; default: ``KERNELSEL_TUNE``) times the eligible
+    kernels of a bucket no perf table measured before selecting, when the
+    request is first selected (a miss), and keeps the times in this machine's
+    tuned table: see ``selector.tuning``.
     """
     if request is not None and not fields and manifest is None and platform is None:
         selector = _DEFAULT or default_selector()
@@ -264,17 +443,19 @@ def select_kernel(
             return hit
         return selector.select(request)
     group = fields.pop("group", None)
+    tune = fields.pop("tune", None)
     if request is None:
         request = KernelRequest(**fields)
     elif fields:
         raise RequestError(f"pass either a KernelRequest or keyword fields, not both (got {', '.join(fields)})")
     if manifest is None and platform is None:
-        return default_selector().select(request, group=group)
+        return default_selector().select(request, group=group, tune=tune)
     base = default_selector() if (manifest is None or platform is None) else None
     selector = Selector(
         manifest if manifest is not None else base.manifest,
         platform if platform is not None else base.platform,
         base.overrides if base is not None else Overrides(),
         base.perf if base is not None else None,
+        tune_settings=base.tune_settings if base is not None else None,
     )
-    return selector.select(request, group=group)
+    return selector.select(request, group=group, tune=tune)

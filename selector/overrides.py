@@ -5,6 +5,9 @@
 * ``KERNELSEL_DISABLE=NAME,NAME``    remove kernels from consideration
 * ``KERNELSEL_PERF=PATH|off``        rank by this perf table, or by priority only (default: the
                                      committed table matching the current GPU, when there is one)
+* ``KERNELSEL_TUNE=1``               tune buckets no perf table measured, on first use (``selector.tuning``)
+* ``KERNELSEL_PREDICT=off``          rank only by times measured in the request's own perf bucket
+                                     (default ``on``: predict the others from the table's other buckets)
 * ``KERNELSEL_ADAPTER_ALLOWLIST=PREFIX,...``  packages besides registry.adapters whose classes a
                                      manifest's ``adapter:`` may name (read by ``load_manifest``; shown here)
 """
@@ -23,6 +26,9 @@ PREFIX_FORCE = "KERNELSEL_FORCE_"
 ENV_MANIFEST = "KERNELSEL_MANIFEST"
 ENV_DISABLE = "KERNELSEL_DISABLE"
 ENV_PERF = "KERNELSEL_PERF"
+ENV_PREDICT = "KERNELSEL_PREDICT"
+ENV_TUNE = "KERNELSEL_TUNE"
+_SWITCH = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ class Overrides:
     disable: frozenset[str] = frozenset()
     perf: Optional[str] = None
     adapter_allowlist: tuple[str, ...] = ()
+    predict: bool = True
+    tune: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Overrides":
@@ -48,8 +56,10 @@ class Overrides:
             force.append((Op(op_text), value.strip()))
         disable = frozenset(n.strip() for n in environ.get(ENV_DISABLE, "").split(",") if n.strip())
         allow = tuple(p.strip() for p in environ.get(ENV_ADAPTER_ALLOWLIST, "").split(",") if p.strip())
+        predict = _switch(environ, ENV_PREDICT, True)
+        tune = _switch(environ, ENV_TUNE, False)
         return cls(manifest=environ.get(ENV_MANIFEST) or None, force=tuple(force), disable=disable,
-                   perf=environ.get(ENV_PERF) or None, adapter_allowlist=allow)
+                   perf=environ.get(ENV_PERF) or None, adapter_allowlist=allow, predict=predict, tune=tune)
 
     def forced(self, op: Op) -> Optional[str]:
         for forced_op, name in self.force:
@@ -74,6 +84,20 @@ class Overrides:
             lines.append(f"{ENV_DISABLE}={','.join(sorted(self.disable))}")
         if self.perf:
             lines.append(f"{ENV_PERF}={self.perf}")
+        if not self.predict:
+            lines.append(f"{ENV_PREDICT}=off")
+        if self.tune:
+            lines.append(f"{ENV_TUNE}=on")
         if self.adapter_allowlist:
             lines.append(f"{ENV_ADAPTER_ALLOWLIST}={','.join(self.adapter_allowlist)}")
         return lines
+
+
+def _switch(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    """An on/off variable: on, off, 1, 0, true, false (any case); unset or empty is ``default``."""
+    text = environ.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text not in _SWITCH:
+        raise RequestError(f"{name}: {environ[name]!r} is not a switch; use on or off (1/0, true/false)")
+    return _SWITCH[text]

@@ -56,6 +56,8 @@ def select_plan(request: Optional[KernelRequest] = None, /, *, selector: Optiona
         extend = selector.select(extend_req)
         return AttentionPlan("prewrite", extend, None, f"FP8 attention (q_dtype {extend_req.q_dtype.value}) always prewrites")
     prefill_fields = {k: v for k, v in fields.items() if k not in _EXTEND_ONLY}
+    if prefill_fields.get("new_len") is not None:  # postwrite attends over the fresh tokens only
+        prefill_fields["kv_len"] = prefill_fields["new_len"]
     prefill = selector.solve(KernelRequest(op=Op.MHA_PREFILL, **prefill_fields))
     if prefill.kernel is not None and prefill.kernel.priority >= threshold:
         k = prefill.kernel

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from registry.contracts import output_dtype
 from registry.errors import RequestError, brief
-from registry.ops import FEATURE_FIELDS_BY_OP, MLA_OPS, SHAPE_FIELDS_BY_OP, mla_dims_from_head_dims
+from registry.ops import FEATURE_FIELDS_BY_OP, MLA_OPS, RAGGED_OPS, SHAPE_FIELDS_BY_OP, mla_dims_from_head_dims
 from registry.perf import bucket
 from registry.schema import Features, Shapes
 from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean, parse_arch, parse_dtype
@@ -45,6 +45,7 @@ class KernelRequest(BaseModel):
     topk: Optional[int] = _Pos
     batch_size: Optional[int] = Field(default=None, ge=1, le=MAX_INT, description="requests in the batch, bucketed up to a power of two (perf lookup)")
     kv_len: Optional[int] = Field(default=None, ge=1, le=MAX_INT, description="longest KV length, bucketed up to a power of two (perf lookup)")
+    new_len: Optional[int] = Field(default=None, ge=1, le=MAX_INT, description="new tokens per request (mha_extend, mha_prefill), bucketed up to a power of two (perf lookup)")
     sinks: bool = False
     sliding_window: bool = False
     logits_soft_cap: bool = False
@@ -75,7 +76,7 @@ class KernelRequest(BaseModel):
     def _dtype(cls, v: Any) -> Any:
         return v if v is None else parse_dtype(v)
 
-    @field_validator("batch_size", "kv_len", mode="after")
+    @field_validator("batch_size", "kv_len", "new_len", mode="after")
     @classmethod
     def _bucket(cls, v: Optional[int]) -> Optional[int]:
         """Nearby shapes share one bucket: one cache entry and one perf-table row."""
@@ -123,12 +124,38 @@ class KernelRequest(BaseModel):
         for field in Features.model_fields:
             if getattr(self, field) and field not in features:
                 raise ValueError(f"{field} means nothing for op {self.op.value}")
+        self._new_tokens()
         # hashed once the defaults are in: equal requests (kv_dtype given or defaulted) hash equal
         object.__setattr__(self, "_hash", hash(tuple(getattr(self, f) for f in type(self).model_fields)))
         return self
 
+    def _new_tokens(self) -> None:
+        """``new_len`` belongs to the ragged ops; for ``mha_prefill`` every token is new, so it is ``kv_len``."""
+        if self.new_len is None:
+            if self.op is Op.MHA_PREFILL and self.kv_len is not None:
+                object.__setattr__(self, "new_len", self.kv_len)
+            return
+        if self.op not in RAGGED_OPS:
+            raise ValueError(f"new_len means nothing for op {self.op.value} (a decode step's new tokens per request are q_len)")
+        if self.op is Op.MHA_PREFILL:
+            if self.kv_len is None:
+                object.__setattr__(self, "kv_len", self.new_len)
+            elif self.kv_len != self.new_len:
+                raise ValueError(f"new_len {self.new_len} and kv_len {self.kv_len} differ after bucketing: for "
+                                 "mha_prefill every token is new, so give one of them")
+        elif self.kv_len is not None and self.new_len > self.kv_len:
+            raise ValueError(f"new_len {self.new_len} exceeds kv_len {self.kv_len} (kv_len counts the new tokens too)")
+
     def __hash__(self) -> int:  # cached: a cache hit must cost about a dict lookup
         return self._hash
+
+    def restricted(self, solution: Any) -> "KernelRequest":
+        """This request restricted to one solution."""
+        return KernelRequest(**{**self.model_dump(exclude_defaults=True), "solution": solution})
+
+    def forcing(self, kernel: str) -> "KernelRequest":
+        """This request with ``kernel`` forced (what bench and tuning time each eligible kernel with)."""
+        return KernelRequest(**{**self.model_dump(exclude_defaults=True), "kernel": kernel})
 
     @property
     def gqa_group_size(self) -> Optional[int]:

@@ -20,6 +20,8 @@ from registry.schema import KernelSpec
 from registry.variants import LaunchEnv, VariantChoice
 from selector.availability import UnavailableKernels, adapter_class
 from selector.platform import EVERYTHING
+from selector.prediction import Prediction
+from selector.ranking import NO_ESTIMATES, Estimates
 
 if TYPE_CHECKING:
     from registry.schema import Manifest
@@ -65,8 +67,7 @@ class Selection:
     why: str
     forced_by: Optional[str] = None
     overrides: tuple[str, ...] = ()
-    measured: dict = field(default_factory=dict)  # kernel name -> median us, from the perf table
-    perf_source: str = ""  # "perf/<file>.yaml, <GPU>" when measured times ranked the kernels
+    estimates: Estimates = NO_ESTIMATES  # measured and predicted times from the perf table (selector.ranking)
     group: str = ""  # "N ranks of a process group" when the ranks agreed on the kernel (selector.distributed)
     unavailable_kernels: UnavailableKernels = field(default_factory=UnavailableKernels, repr=False)
     """Where adapter failures are recorded: the record of the Selector that made this selection, so its later
@@ -87,7 +88,7 @@ class Selection:
         return cls(
             request=local.request, platform=local.platform, manifest=local.manifest, kernel=ranked[0],
             eligible=tuple(ranked), verdicts=local.verdicts, why=why, forced_by=local.forced_by,
-            overrides=local.overrides, measured=local.measured, perf_source=local.perf_source, group=group,
+            overrides=local.overrides, estimates=local.estimates, group=group,
             unavailable_kernels=local.unavailable_kernels, _adapter=[adapter],
         )
 
@@ -95,6 +96,21 @@ class Selection:
     @property
     def name(self) -> str:
         return self.kernel.name if self.kernel else ""
+
+    @property
+    def measured(self) -> dict[str, float]:
+        """Kernel name -> median us measured in the request's perf bucket."""
+        return dict(self.estimates.measured)
+
+    @property
+    def predicted(self) -> dict[str, Prediction]:
+        """Kernel name -> time predicted from the perf table's other buckets (``selector.prediction``)."""
+        return dict(self.estimates.predicted)
+
+    @property
+    def perf_source(self) -> str:
+        """``perf/<file>.yaml, <GPU>`` when measured or predicted times ranked the kernels, else ''."""
+        return self.estimates.source if self.estimates.times else ""
 
     @property
     def rejected(self) -> tuple[Verdict, ...]:
@@ -191,9 +207,8 @@ class Selection:
             | _variant_dict(self.variant)
             if self.kernel else None,
             "why": self.why,
-            "perf": {"source": self.perf_source, "median_us": dict(self.measured)} if self.perf_source else None,
-            "eligible": [_kernel_dict(k) | {"provenance": self._provenance(k)}
-                         | ({"median_us": self.measured[k.name]} if k.name in self.measured else {})
+            "perf": self._perf_dict(),
+            "eligible": [_kernel_dict(k) | {"provenance": self._provenance(k)} | self._time_dict(k.name)
                          for k in self.eligible],
             "rejected": [
                 {"name": v.kernel.name, "solution": v.kernel.solution.value, "backend": v.kernel.backend.value,
@@ -210,6 +225,49 @@ class Selection:
         known = provenance(k)
         return known.to_dict() | {"summary": known.summary(self.request.arch or self.platform.arch)}
 
+    def _perf_dict(self) -> Optional[dict[str, Any]]:
+        e = self.estimates
+        if not e.source:
+            return None
+        return {"source": e.source, "ranked_by": e.kind or "priority", "median_us": dict(e.measured),
+                "predicted": {k: _prediction_dict(p) for k, p in e.predicted.items()}, "no_time": dict(e.missing)}
+
+    def _time_dict(self, name: str) -> dict[str, Any]:
+        e = self.estimates
+        if name in e.measured:
+            return {"median_us": e.measured[name]}
+        if name in e.predicted:
+            return {"predicted": _prediction_dict(e.predicted[name])}
+        return {"no_time": e.missing[name]} if name in e.missing else {}
+
+    def _perf_line(self) -> Optional[str]:
+        e = self.estimates
+        if not e.source:
+            return None
+        if e.times:
+            how = {"measured": "measured times rank the eligible kernels",
+                   "predicted": "bucket not measured: predicted times rank the eligible kernels"}
+            return f"perf      {e.source} ({how.get(e.kind, 'measured and predicted times rank the eligible kernels')})"
+        common = self._common_missing()
+        why = common or "no eligible kernel measured or predicted here"
+        return f"perf      {e.source} ({why}; priority ranks the eligible kernels)"
+
+    def _common_missing(self) -> Optional[str]:
+        """The one reason every eligible kernel lacks a time, when nothing has one (shown once, on the perf line)."""
+        reasons = set(self.estimates.missing.values())
+        return reasons.pop() if len(reasons) == 1 and not self.estimates.times else None
+
+    def _timing(self, name: str) -> str:
+        """What explain prints after an eligible kernel: its measured time, its prediction, or why it has none."""
+        e = self.estimates
+        if name in e.measured:
+            return f"  {e.measured[name]:.1f} us"
+        if name in e.predicted:
+            return f"  {e.predicted[name].describe()}"
+        if name in e.missing and self._common_missing() is None:
+            return f"  ({e.missing[name]})"
+        return ""
+
     def explain(self) -> str:
         """The fixed-section text of ``kernelsel explain``."""
         m = self.manifest
@@ -223,8 +281,9 @@ class Selection:
             lines.append(f"unchecked {', '.join(unchecked)} (not given, so not checked)")
         for o in self.overrides:
             lines.append(f"override  {o}")
-        if self.perf_source:
-            lines.append(f"perf      {self.perf_source} (measured times rank the eligible kernels)")
+        perf_line = self._perf_line()
+        if perf_line:
+            lines.append(perf_line)
         if self.kernel:
             k = self.kernel
             known = provenance(k).summary(self.request.arch or self.platform.arch)
@@ -251,8 +310,7 @@ class Selection:
         for v in ordered:
             head = f"  {'ok' if v.eligible else 'no'}  {v.kernel.name:<{width}}  {v.kernel.origin:<{owidth}}"
             if v.eligible:
-                t = self.measured.get(v.kernel.name)
-                timing = f"  {t:.1f} us" if t is not None else ("  (not measured)" if self.perf_source else "")
+                timing = self._timing(v.kernel.name)
                 lines.append(f"{head}  #{rank[v.kernel.name]} priority {v.kernel.priority}{timing}".rstrip())
             else:
                 lines.append(f"{head}  {v.reasons[0]}")
@@ -275,6 +333,10 @@ def _launch_env(arch: Any, platform: "Platform") -> LaunchEnv:
         versions={name: version for name, version in platform.libraries if name != EVERYTHING},
         assumed=any(name == EVERYTHING for name, _ in platform.libraries),
     )
+
+
+def _prediction_dict(p: Prediction) -> dict[str, Any]:
+    return {"us": round(p.us, 3), "buckets": p.buckets, "fit_error": round(p.error, 4)}
 
 
 class NoKernelError(KernelselError, LookupError):

@@ -21,6 +21,7 @@ from registry.vocab import Solution, did_you_mean
 from selector.availability import UnavailableKernels
 from selector.overrides import ENV_DISABLE, Overrides
 from selector.platform import Platform
+from selector.ranking import NO_ESTIMATES, Estimates, estimate
 from selector.request import KernelRequest
 from selector.selection import Selection, Verdict
 
@@ -117,25 +118,27 @@ def _rank_key(kernel: KernelSpec) -> tuple[int, str]:
     return (-kernel.priority, kernel.name)
 
 
-def _measured_rank_key(times: dict[str, float]):
-    """Measured time first (unmeasured last), then priority, then name: total and deterministic."""
+def _timed_rank_key(times: dict[str, float]):
+    """Measured or predicted time first (kernels with neither last), then priority, then name: total, deterministic."""
     inf = float("inf")
     return lambda k: (times.get(k.name, inf), -k.priority, k.name)
 
 
-def _why(winner: KernelSpec, ranked: list[KernelSpec], total: int, times: Optional[dict[str, float]] = None,
-         source: str = "") -> str:
+def _why(winner: KernelSpec, ranked: list[KernelSpec], total: int, estimates: Estimates = NO_ESTIMATES) -> str:
     if len(ranked) == 1:
         return f"only eligible kernel (1 of {total})"
-    if times and winner.name in times:
+    times, source = estimates.times, estimates.source
+    if winner.name in times:
         runner_up = ranked[1]
+        how = "measured" if winner.name in estimates.measured else "predicted"
         if runner_up.name in times:
             ratio = times[runner_up.name] / times[winner.name]
+            kind = estimates.kind.replace(" and ", " or ")
             return (
-                f"fastest measured of {len(ranked)} eligible: {times[winner.name]:.1f} us vs "
+                f"fastest {kind} of {len(ranked)} eligible: {times[winner.name]:.1f} us vs "
                 f"{runner_up.name} {times[runner_up.name]:.1f} us ({ratio:.2f}x) [{source}]"
             )
-        return f"only eligible kernel measured ({times[winner.name]:.1f} us) [{source}]"
+        return f"only eligible kernel {how} ({times[winner.name]:.1f} us) [{source}]"
     runner_up = ranked[1]
     if runner_up.priority == winner.priority:
         return (
@@ -160,8 +163,10 @@ def solve(
 ) -> Selection:
     """Evaluate every kernel of ``request.op``; pick the forced or best-ranked eligible one.
 
-    Eligible kernels rank by measured time when ``perf`` (for this arch) has
-    the request's bucket, else by priority; ties by priority, then name.
+    Eligible kernels rank by time when ``perf`` (a table for this arch) gives
+    them one -- measured in the request's bucket, else predicted from its other
+    buckets (``selector.ranking``) -- kernels without one after; ties by
+    priority, then name.  Without times, by priority.
     ``unavailable_kernels`` is the record of kernels whose adapter cannot be
     used here (a ``Selector``'s): its reasons for the request reject kernels,
     and the selection records adapter failures there.  ``unavailable``
@@ -194,18 +199,17 @@ def solve(
                            unavailable=unavailable))
         for k in kernels
     )
-    entry = perf.lookup(request) if perf is not None and perf.arch is request.arch else None
-    times = dict(entry.median_us) if entry is not None else {}
-    source = f"{perf.path}, {perf.gpu}" if entry is not None else ""
     eligible = [v.kernel for v in verdicts if v.eligible]
-    ranked = sorted(eligible, key=_measured_rank_key(times) if times else _rank_key)
+    estimates = estimate(perf, request, [k.name for k in eligible], predict=overrides.predict)
+    times = estimates.times
+    ranked = sorted(eligible, key=_timed_rank_key(times) if times else _rank_key)
     if forced_name is not None:
         forced_verdict = next(v for v in verdicts if v.kernel.name == forced_name)
         chosen: Optional[KernelSpec] = forced_verdict.kernel if forced_verdict.eligible else None
         why = f"forced by {forced_by}" if chosen else f"forced by {forced_by}, but it is not eligible"
     else:
         chosen = ranked[0] if ranked else None
-        why = _why(chosen, ranked, len(kernels), times, source) if chosen else f"no eligible kernel (0 of {len(kernels)})"
+        why = _why(chosen, ranked, len(kernels), estimates) if chosen else f"no eligible kernel (0 of {len(kernels)})"
     return Selection(
         request=request,
         platform=platform,
@@ -216,8 +220,7 @@ def solve(
         why=why,
         forced_by=forced_by if forced_name is not None else None,
         overrides=tuple(overrides.applied(request.op)),
-        measured={k.name: times[k.name] for k in ranked if k.name in times},
-        perf_source=source,
+        estimates=estimates,
         unavailable_kernels=record,
     )
 

@@ -9,7 +9,8 @@ import pytest
 
 
 @pytest.mark.skipif(not os.environ.get("CI"), reason="only CI must have every test dependency")
-@pytest.mark.parametrize("module", ["torch", "triton", "numpy", "hypothesis", "jsonschema", "transformers", "gguf", "accelerate"])
+@pytest.mark.parametrize("module", ["torch", "triton", "numpy", "hypothesis", "jsonschema", "transformers", "gguf", "accelerate",
+                                    "matplotlib"])
 def test_ci_has_the_test_dependencies(module):
     importlib.import_module(module)
 

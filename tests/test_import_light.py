@@ -9,7 +9,7 @@ import sys
 def test_import_selector_and_registry_pull_in_no_heavy_library():
     probe = (
         "import sys, selector, registry, registry.adapters, selector.tools.cli\n"
-        "print(','.join(m for m in ('torch', 'flashinfer', 'triton') if m in sys.modules))\n"
+        "print(','.join(m for m in ('torch', 'flashinfer', 'triton', 'matplotlib', 'numpy') if m in sys.modules))\n"
         "import selector.api as a; print(a._DEFAULT is None)\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
@@ -51,3 +51,18 @@ def test_the_cli_finds_the_gpu_without_importing_torch():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "|", f"heavy modules imported: {out}"
+
+
+def test_predicting_from_a_perf_table_imports_no_numpy_or_torch():
+    """Predictions are pure Python: an engine without numpy gets them too, and importing stays cheap."""
+    probe = (
+        "import sys\nfrom registry.loader import bundled_perf_dir, load_perf_table\n"
+        "from selector import KernelRequest, Platform, Selector\nfrom registry.loader import load_manifest\n"
+        "perf = load_perf_table(bundled_perf_dir() / 'nvidia-h200-sm_90.yaml')\n"
+        "s = Selector(load_manifest(), Platform.hypothetical('sm_90'), perf=perf).solve(KernelRequest(\n"
+        "    op='mha_decode', arch='sm_90', head_dim_qk=128, num_qo_heads=32, num_kv_heads=8, page_size=16,\n"
+        "    batch_size=16, kv_len=8192))\n"
+        "print(len(s.predicted), ','.join(m for m in ('numpy', 'torch', 'flashinfer', 'triton') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) >= 2 and len(out) == 1, f"predicted {out[0]} kernels; heavy modules imported: {out[1:]}"

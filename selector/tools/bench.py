@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence
 
-import yaml
 from pydantic import Field, ValidationError
 
 from registry.errors import KernelselError, ManifestError, RequestError
+from registry.ops import RAGGED_OPS
 from registry.loader import bundled_perf_dir, load_perf_table
 from registry.yaml_reader import read_yaml, validation_problems
-from registry.perf import PERF_KEY, PerfTable, request_key
+from registry.perf import PerfTable, entry_data, gpu_slug, merge_entries, request_key, table_text  # noqa: F401 (gpu_slug re-exported)
 from registry.schema import KernelSpec, StrictModel
 from registry.vocab import Arch, Op, Solution
 from selector.request import KernelRequest
@@ -58,10 +58,11 @@ class BenchCase:
     batch: int
     kv_len: int
     new_len: Optional[int] = None
+    group: str = ""  # the suite group it came from (a model's name in the held-out suite)
 
     @property
     def key(self) -> tuple:
-        """The perf-table bucket this case is recorded under."""
+        """The perf-table bucket this case is recorded under (its request's key: sizes bucketed)."""
         return request_key(self.request.op, self.request)
 
     @property
@@ -73,6 +74,11 @@ class BenchCase:
         if r.q_len > 1:
             parts.append(f"q_len={r.q_len}")
         return " ".join(parts)
+
+    @property
+    def name(self) -> str:
+        """The label with the suite group it came from, which tells apart requests of equal sizes."""
+        return f"{self.label} ({self.group})" if self.group else self.label
 
     def sizes(self) -> dict[str, Any]:
         return {"batch": self.batch, "kv_len": self.kv_len, "new_len": self.new_len}
@@ -90,9 +96,11 @@ def make_case(op: Any, arch: Any, fields: Mapping[str, Any]) -> BenchCase:
     kv_len = sizes["kv_len"]
     if kv_len is None and str(getattr(op, "value", op)) == Op.MHA_PREFILL.value:
         kv_len = sizes["new_len"]  # prefill: every token is new
-    request = KernelRequest(op=op, arch=arch, **fields, batch_size=batch, kv_len=kv_len)
+    ragged = str(getattr(op, "value", op)) in {o.value for o in RAGGED_OPS}
+    bucket_new = {"new_len": sizes["new_len"]} if ragged and sizes["new_len"] is not None else {}
+    request = KernelRequest(op=op, arch=arch, **fields, batch_size=batch, kv_len=kv_len, **bucket_new)
     new, kv = sized_lengths(request, batch, sizes["kv_len"], sizes["new_len"])
-    new_len = new[0] if request.op in (Op.MHA_EXTEND, Op.MHA_PREFILL) else None
+    new_len = new[0] if request.op in RAGGED_OPS else None
     return BenchCase(request, batch, kv[0], new_len)
 
 
@@ -110,11 +118,11 @@ def check_buckets(cases: Sequence[BenchCase]) -> None:
     for c in cases:
         other = seen.setdefault(c.key, c)
         if other is not c:
-            clashes.append(f"{other.label} and {c.label}")
+            clashes.append(f"{other.name} and {c.name}")
     if clashes:
         raise RequestError(
-            "these cases fall into one perf bucket (batch_size and kv_len are bucketed to powers of two; "
-            "mha_extend's new tokens are not part of the bucket), so a table would keep only the last:\n  "
+            "these cases fall into one perf bucket (batch_size, kv_len and new_len are bucketed to powers of two), "
+            "so a table would keep only the last:\n  "
             + "\n  ".join(clashes)
         )
 
@@ -154,7 +162,7 @@ def load_suite(path: os.PathLike | str, arch: Any) -> list[BenchCase]:
         points = [dict(c) for c in g.cases] or [{}]
         for j, point in enumerate(points):
             try:
-                cases += grid(g.op, arch, {**g.request, **point}, g.grid)
+                cases += [dataclasses.replace(c, group=g.name) for c in grid(g.op, arch, {**g.request, **point}, g.grid)]
             except RequestError as exc:
                 where = f"groups[{i}] ({g.name})" + (f".cases[{j}]" if g.cases else "")
                 raise KernelselError(f"{path}: {where}: {exc}") from None
@@ -205,14 +213,11 @@ class CaseResult:
         return min(ok, key=lambda t: (t.median_us, t.kernel)) if ok else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"request": self.case.label, "op": self.case.request.op.value, **self.case.sizes(),
+        return {"request": self.case.name, "op": self.case.request.op.value, "fields": self.case.request.given(),
+                **self.case.sizes(),
                 "bucket": {"batch_size": self.case.request.batch_size, "kv_len": self.case.request.kv_len},
                 "kv_bytes": self.kv_bytes, "kernels": [t.to_dict() for t in self.kernels],
                 "extra": [t.to_dict() for t in self.extra], "not_eligible": dict(self.not_eligible)}
-
-
-def _forced(request: KernelRequest, name: str) -> KernelRequest:
-    return KernelRequest(**{**request.model_dump(exclude_defaults=True), "kernel": name})
 
 
 def candidates(selector: "Selector", request: KernelRequest,
@@ -229,7 +234,7 @@ def candidates(selector: "Selector", request: KernelRequest,
         return keep, {}
     specs, rejected = [], {}
     for name in kernels:
-        forced = selector.solve(_forced(request, name))  # a bad name raises RequestError with did-you-mean
+        forced = selector.solve(request.forcing(name))  # a bad name raises RequestError with did-you-mean
         verdict = next(v for v in forced.verdicts if v.kernel.name == name)
         if verdict.eligible:
             specs.append(verdict.kernel)
@@ -271,7 +276,7 @@ def time_case(
 
 def _adapter_call(selector: "Selector", request: KernelRequest, name: str, work: "Workload") -> Callable[[], Any]:
     """The adapter ``select_kernel(request, kernel=name)`` gives, planned, as a call that writes into ``out=``."""
-    adapter = selector.select(_forced(request, name)).make_adapter()
+    adapter = selector.select(request.forcing(name)).make_adapter()
     adapter.plan(work.metadata)
     out = work.new_out()
     lse = work.new_lse() if request.return_lse else None
@@ -287,6 +292,27 @@ def _time_one(name: str, build: Callable[[], Callable[[], Any]], kv_bytes: int, 
         return KernelTiming(name, error=f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": "))
     us = max(timing.us, 1e-3)
     return KernelTiming(name, median_us=us, tbps=kv_bytes / us / 1e6 if kv_bytes else None, mode=timing.mode)
+
+
+def copy_bandwidth(device: str, timer: Timer, nbytes: int = 1 << 30) -> Optional[float]:
+    """TB/s of a device-to-device copy of ``nbytes`` (read and write counted): the ceiling of a memory-bound kernel.
+
+    Timed like the kernels (``timer``).  On the CPU a 16 MiB copy, for tests.
+    """
+    import torch
+
+    if not str(device).startswith("cuda"):
+        nbytes = min(nbytes, 16 << 20)
+    try:
+        src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        us = timer(lambda: dst.copy_(src)).us
+    except Exception:  # noqa: BLE001 - a ceiling is a nicety; never fail a run for it
+        return None
+    finally:
+        src = dst = None
+        _release(device)
+    return 2 * nbytes / us / 1e6
 
 
 def _release(device: str) -> None:
@@ -311,7 +337,7 @@ def progress_line(i: int, n: int, result: CaseResult) -> str:
         return f"{t.kernel} {t.median_us:.1f} us{bw} ({t.mode})"
 
     timings = result.kernels + result.extra
-    head = f"bench [{i}/{n}] {result.case.label}: " + (", ".join(one(t) for t in timings) or "no eligible kernel")
+    head = f"bench [{i}/{n}] {result.case.name}: " + (", ".join(one(t) for t in timings) or "no eligible kernel")
     lines = [head]
     lines += [f"  error  {t.kernel}: {t.error}" for t in timings if not t.ok]
     lines += [f"  skip   {name}: not eligible: {why}" for name, why in result.not_eligible.items()]
@@ -357,12 +383,6 @@ def environment(manifest: Any, device: str = "cuda", arch: Optional[str] = None)
     return BenchEnvironment(device, "cpu", platform.arch, platform, software)
 
 
-def gpu_slug(gpu: str) -> str:
-    """A file-name form of a GPU name: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
-    words = "".join(c if c.isalnum() else " " for c in gpu.lower()).split()
-    return "-".join(words) or "gpu"
-
-
 def default_table_path(gpu: str, arch: Arch) -> Path:
     """``perf/<gpu>-<arch>.yaml`` beside the bundled manifest, e.g. ``perf/nvidia-h200-sm_90.yaml``."""
     return bundled_perf_dir() / f"{gpu_slug(gpu)}-{arch.value}.yaml"
@@ -376,66 +396,21 @@ def entry(result: CaseResult) -> Optional[dict[str, Any]]:
     ok = [t for t in result.kernels if t.ok]
     if not ok:
         return None
-    r = result.case.request
-    shape = {f: getattr(getattr(r, f), "value", getattr(r, f)) for f in PERF_KEY if getattr(r, f) is not None}
-    return {
-        "op": r.op.value,
-        "shape": shape,
-        "median_us": {t.kernel: round(t.median_us, 3) for t in ok},
-        "tbps": {t.kernel: float(f"{t.tbps:.4g}") for t in ok if t.tbps is not None},
-    }
+    return entry_data(result.case.request, {t.kernel: t.median_us for t in ok},
+                      {t.kernel: t.tbps for t in ok if t.tbps is not None})
 
 
 def merged_entries(existing: Optional[PerfTable], results: Iterable[CaseResult]) -> list[dict[str, Any]]:
     """Old entries updated kernel by kernel with new times, new buckets added; sorted by op and shape."""
-    by_key: dict[tuple, dict[str, Any]] = {}
-    for e in existing.entries if existing is not None else ():
-        data = e.model_dump(mode="json")
-        by_key[e.key] = {"op": data["op"], "shape": data["shape"], "median_us": dict(data["median_us"]),
-                         "tbps": dict(data["tbps"])}
-    for result in results:
-        new = entry(result)
-        if new is None:
-            continue
-        old = by_key.setdefault(result.case.key, {"op": new["op"], "shape": new["shape"], "median_us": {}, "tbps": {}})
-        old["median_us"].update(new["median_us"])
-        for name in new["median_us"]:
-            old["tbps"].pop(name, None)
-        old["tbps"].update(new["tbps"])
-
-    def order(item: tuple[tuple, dict]) -> tuple:
-        return tuple((v is not None, v if v is not None else 0) for v in item[0])
-
-    out = []
-    for _, e in sorted(by_key.items(), key=order):
-        e = dict(e, median_us=dict(sorted(e["median_us"].items())), tbps=dict(sorted(e["tbps"].items())))
-        if not e["tbps"]:
-            del e["tbps"]
-        out.append(e)
-    return out
-
-
-HEADER = """\
-# kernelsel perf table: median time per request bucket of every eligible kernel on one GPU model.
-# Written by `kernelsel bench` (merged bucket by bucket, kernel by kernel); review diffs like code.
-# Times only rank kernels the manifest already declares eligible (registry/perf.py).
-"""
+    return merge_entries(existing, [e for e in map(entry, results) if e is not None])
 
 
 def write_table(path: os.PathLike | str, env: BenchEnvironment, method: str, results: Sequence[CaseResult],
                 *, existing: Optional[PerfTable] = None, recorded: Optional[str] = None) -> PerfTable:
     """Merge ``results`` into ``existing`` and write ``path``; validated before and after writing."""
     path = Path(path)
-    data = {
-        "schema_version": 1,
-        "gpu": env.gpu,
-        "arch": env.arch.value,
-        "software": {str(k): str(v) for k, v in sorted(env.software.items())},
-        "method": method,
-        "recorded": recorded or datetime.date.today().isoformat(),
-        "entries": merged_entries(existing, results),
-    }
-    text = HEADER + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120, allow_unicode=True)
+    text = table_text(gpu=env.gpu, arch=env.arch, software=env.software, method=method,
+                      recorded=recorded or datetime.date.today().isoformat(), entries=merged_entries(existing, results))
     load_perf_table(path, text=text)  # never replace a good table with one that does not load
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -466,6 +441,8 @@ class BenchReport:
     method: str
     table: Optional[PerfTable] = None
     path: Optional[str] = None
+    copy_tbps: Optional[float] = None  # device-copy bandwidth measured in the run (for plots)
+    selected: dict[int, str] = field(default_factory=dict)  # case index -> kernel kernelsel selects with the table
 
     @property
     def errors(self) -> int:
@@ -476,8 +453,10 @@ class BenchReport:
         return sum(t.ok for r in self.results for t in r.kernels)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "out": self.path, "recorded": self.recorded, "errors": self.errors,
-                "cases": [r.to_dict() for r in self.results]}
+        cases = [r.to_dict() | ({"selected": self.selected[i]} if i in self.selected else {})
+                 for i, r in enumerate(self.results)]
+        return {"meta": {"method": self.method, "copy_tbps": self.copy_tbps}, "method": self.method, "out": self.path,
+                "recorded": self.recorded, "errors": self.errors, "cases": cases}
 
 
 def run_bench(

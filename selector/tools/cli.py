@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import click
@@ -18,7 +19,7 @@ import yaml
 
 from registry.errors import KernelselError, ManifestError, RequestError, brief
 from registry.loader import load_manifest
-from registry.perf_policy import choose_perf_table
+from registry.perf_policy import PERF_OFF, choose_perf_table
 from registry.priority import band_name
 from registry.provenance import provenance
 from registry.adapter_policy import adapter_allowlist_from_env, parse_adapter_allowlist
@@ -27,6 +28,8 @@ from registry.vocab import Backend, DType, Op, Solution, did_you_mean, parse_arc
 from selector.api import Selector
 from selector.overrides import ENV_MANIFEST, ENV_PERF, Overrides
 from selector.platform import NVIDIA_SMI, Platform, detect_gpus, installed_versions, required_distributions
+from registry.perf import PerfTable, overlay
+from selector.tools.tune import DEFAULT_BATCHES, DEFAULT_KV_LENS, DEFAULT_NEW_LENS
 from selector.request import KernelRequest
 from selector.selection import NoKernelError
 
@@ -217,6 +220,8 @@ def request_options(f):
         click.option("--topk", type=int, help="sparse MLA: positions per query token"),
         click.option("--batch-size", type=int, help="batch size (bucketed to a power of two; perf lookup)"),
         click.option("--kv-len", type=int, help="longest KV length (bucketed to a power of two; perf lookup)"),
+        click.option("--new-len", type=int,
+                     help="new tokens per request, mha_extend/mha_prefill (bucketed to a power of two; perf lookup)"),
         click.option("--sinks", is_flag=True, help="needs attention sinks"),
         click.option("--sliding-window", is_flag=True, help="needs a sliding window"),
         click.option("--soft-cap", "logits_soft_cap", is_flag=True, help="needs a logits soft cap"),
@@ -255,6 +260,17 @@ def _build(op: Optional[str], kw: dict) -> tuple[Selector, KernelRequest]:
                                  setting_name=flag).table
     except ManifestError as exc:
         raise _manifest_failure(exc, flag) from None
+    off = (kw.get("perf_path") or overrides.perf or "").strip().lower() == PERF_OFF
+    if platform.device_name and not off:  # this GPU: what it tuned ranks too, as in the runtime
+        from selector.tuning import TuneCache, TuningError, cache_dir, software_key
+
+        try:
+            folder = cache_dir()
+        except TuningError:  # no platformdirs: no tuned table, as in the runtime
+            folder = None
+        if folder is not None:
+            perf = overlay(perf, TuneCache.for_machine(platform.device_name, platform.arch, software_key(platform),
+                                                       folder).load())
     return Selector(manifest, platform, overrides, perf), KernelRequest(**fields)
 
 
@@ -262,7 +278,7 @@ def _build(op: Optional[str], kw: dict) -> tuple[Selector, KernelRequest]:
 @click.version_option(package_name="kernelsel", message="kernelsel %(version)s")
 def cli() -> None:
     """Declarative attention-kernel selection: explain, plan, list, show, validate, doctor, diff, matrix, schema,
-    verify, bench."""
+    verify, bench, tune."""
 
 
 @cli.command()
@@ -631,19 +647,29 @@ def _list(text: Optional[str], flag: str, kind: type = str) -> list[Any]:
 @allow_adapter_option
 @click.option("--out", type=click.Path(dir_okay=False), help="perf table to merge into (default: perf/<gpu>-<arch>.yaml)")
 @click.option("--json", "as_json", is_flag=True, help="also print every timing as JSON")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="also draw achieved bandwidth per op and context length into this PNG (pip install 'kernelsel[plot]')")
+@click.option("--from", "from_path", type=click.Path(dir_okay=False),
+              help="with --plot: draw this results JSON (bench --json, bench/regret.py) instead of timing; no GPU")
 def bench(op: Optional[str], suite_path: Optional[str], kernels: tuple, repeats: int, warmup: int, device: str,
           arch: Optional[str], seed: int, manifest_path: Optional[str], out: Optional[str], as_json: bool,
-          **kw: Any) -> None:
+          plot_path: Optional[str], from_path: Optional[str], **kw: Any) -> None:
     """Time every eligible kernel per request on this GPU; merge the medians into a perf table.
 
     The grid is the cartesian product of the comma-separated options; each
-    request carries its batch_size and kv_len buckets.  A kernel that fails is
-    reported and skipped.  Progress goes to stderr, one line per request.
+    request carries its batch_size, kv_len and new_len buckets.  A kernel that
+    fails is reported and skipped.  Progress goes to stderr, one line per
+    request.  --plot draws the run (or, with --from, a results file).
     """
     import importlib.util
 
     from selector.tools import bench as bench_module
 
+    if from_path is not None:
+        _plot_results(from_path, plot_path, op, suite_path)
+        return
+    if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
+        raise Failure("--plot needs matplotlib: pip install 'kernelsel[plot]'", EXIT_USAGE)
     if (op is None) == (suite_path is None):
         raise Failure("give --op (and the grid options) or --suite, not both", EXIT_USAGE)
     axes: dict[str, list[Any]] = {}
@@ -676,14 +702,136 @@ def bench(op: Optional[str], suite_path: Optional[str], kernels: tuple, repeats:
     path = out or str(bench_module.default_table_path(env.gpu, env.arch))
     report = bench_module.run_bench(cases, selector, env, timer=bench_module.default_timer(device, repeats, warmup),
                                     out=path, kernels=names or None, seed=seed)
+    if plot_path is not None and report.table is not None:
+        report.copy_tbps = bench_module.copy_bandwidth(device, bench_module.default_timer(device, repeats, warmup))
+        ranked = Selector(manifest, env.platform, overrides, report.table)
+        report.selected = {i: sel.kernel.name for i, r in enumerate(report.results)
+                           if (sel := ranked.solve(r.case.request)).kernel is not None}
     if as_json:
         _echo_json(report.to_dict())
     if report.table is None:
         raise Failure(f"nothing recorded ({report.errors} kernel errors); {path} not written", EXIT_INVALID)
     click.echo(f"wrote {path}: {len(report.table.entries)} buckets ({report.recorded} kernel timings from this run, "
                f"{report.errors} errors); {report.method}", err=True)
+    if plot_path is not None:
+        from selector.tools import plot
+
+        plot.plot(report.to_dict(), Path(plot_path), title=f"{env.gpu} ({env.arch.value})")
+        click.echo(f"wrote {plot_path}", err=True)
 
 
+def _plot_results(from_path: str, plot_path: Optional[str], op: Optional[str], suite_path: Optional[str]) -> None:
+    """``bench --plot PNG --from RESULTS.json``: draw a results file; nothing is timed."""
+    from selector.tools import plot
+
+    if plot_path is None:
+        raise Failure("--from draws a results file: give --plot PATH.png too", EXIT_USAGE)
+    if op is not None or suite_path is not None:
+        raise Failure("--from draws an existing results file; --op and --suite time new ones (give one or the other)",
+                      EXIT_USAGE)
+    try:
+        data = plot.load_results(Path(from_path))
+        meta = data.get("meta") or {}
+        title = " ".join(str(meta[k]) for k in ("gpu", "arch") if meta.get(k))
+        plot.plot(data, Path(plot_path), title=title)
+    except KernelselError as exc:
+        raise Failure(f"--from: {exc}" if str(exc).startswith(str(from_path)) else f"--plot: {exc}", EXIT_USAGE) from None
+    click.echo(f"wrote {plot_path} ({len(data['cases'])} requests from {from_path})", err=True)
+
+
+@cli.command()
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="a Hugging Face config.json (heads, KV heads, head_dim, sliding window, soft cap, MLA dims)")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, help="tensor parallelism: heads per GPU")
+@click.option("--batch", default=",".join(map(str, DEFAULT_BATCHES)), show_default=True, help="batch sizes (comma-separated)")
+@click.option("--kv-len", default=",".join(map(str, DEFAULT_KV_LENS)), show_default=True,
+              help="context lengths: KV tokens per request, new ones included (comma-separated)")
+@click.option("--new-len", default=",".join(map(str, DEFAULT_NEW_LENS)), show_default=True,
+              help="mha_extend: new tokens per request (comma-separated)")
+@click.option("--ops", default="decode,extend", show_default=True,
+              help="decode, extend or both (MLA models: decode); comma-separated")
+@click.option("--q-dtype", default="bf16", show_default=True)
+@click.option("--kv-dtype", help="default: the q dtype")
+@click.option("--page-size", type=int, help="default: 16 for MHA, 64 for MLA")
+@click.option("--solution", type=_choice(Solution.values()), help="tune only this solution's kernels")
+@click.option("--budget-ms", type=click.FloatRange(min=1), default=200, show_default=True,
+              help="timing budget per bucket, shared by its kernels")
+@click.option("--max-gib", type=click.FloatRange(min=0.01), default=16, show_default=True,
+              help="largest synthetic inputs a bucket may take")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="tuned tables folder (default: KERNELSEL_TUNE_CACHE "
+              "or the user cache directory)")
+@click.option("--device", default="cuda", show_default=True, help="cuda, or cpu (wall clock; needs --arch)")
+@click.option("--arch", help="with --device cpu: the nominal arch")
+@click.option("--perf", "perf_path", type=click.Path(dir_okay=False), help="the perf table tuning adds to "
+              "(default: the committed one for this GPU)")
+@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="manifest or overlay (default: bundled)")
+@click.option("--dry-run", is_flag=True, help="list the requests and how each is ranked now; time nothing")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def tune(model_path: str, tp: int, batch: str, kv_len: str, new_len: str, ops: str, q_dtype: str,
+         kv_dtype: Optional[str], page_size: Optional[int], solution: Optional[str], budget_ms: float, max_gib: float,
+         cache_dir: Optional[str], device: str, arch: Optional[str], perf_path: Optional[str],
+         manifest_path: Optional[str], dry_run: bool, as_json: bool) -> None:
+    """Pre-tune every bucket a model will hit on this GPU (tuning on first use, ahead of time).
+
+    Buckets the committed perf table or this machine's tuned table already
+    measured are skipped; the others' eligible kernels are timed within the
+    budget and added to the tuned table, which later processes load.
+    """
+    import importlib.util
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from selector.tools import bench as bench_module
+    from selector.tools import tune as tune_module
+    from selector.tools.model_config import read_model_config
+    from selector.tuning import TuneBudget, TuneCache, budget_method, cache_dir as default_cache_dir, software_key
+
+    op_words = {w.strip() for w in ops.split(",") if w.strip()}
+    if not op_words or op_words - {"decode", "extend"}:
+        raise Failure(f"--ops: {ops!r}: expected decode, extend or decode,extend", EXIT_USAGE)
+    sizes = {"batch": _list(batch, "--batch", int), "kv_len": _list(kv_len, "--kv-len", int),
+             "new_len": _list(new_len, "--new-len", int)}
+    try:
+        model = read_model_config(Path(model_path), tp=tp)
+    except KernelselError as exc:
+        raise Failure(f"--model: {exc}", EXIT_USAGE) from None
+    if importlib.util.find_spec("torch") is None:
+        raise Failure("tune needs torch (pip install torch)", EXIT_USAGE)
+    overrides = Overrides.from_env()
+    manifest = _manifest(manifest_path, overrides)
+    env = bench_module.environment(manifest, device, arch)
+    try:
+        base = choose_perf_table(perf_path or overrides.perf, env.gpu, env.arch,
+                                 setting_name="--perf" if perf_path else ENV_PERF).table
+    except ManifestError as exc:
+        raise _manifest_failure(exc, "--perf" if perf_path else ENV_PERF) from None
+    plan = tune_module.plan_requests(
+        model, env.arch, q_dtype=q_dtype, kv_dtype=kv_dtype, page_size=page_size, batches=sizes["batch"],
+        kv_lens=sizes["kv_len"], new_lens=sizes["new_len"], ops=[f"mha_{w}" for w in sorted(op_words)])
+    if solution is not None:
+        plan = [(k, r.restricted(solution)) for k, r in plan]
+    cache = TuneCache.for_machine(env.gpu, env.arch, software_key(env.platform),
+                                  Path(cache_dir) if cache_dir else default_cache_dir())
+    budget = TuneBudget(seconds=budget_ms / 1e3, max_bytes=int(max_gib * 2**30))
+    timer_method = bench_module.default_timer(device).method()
+
+    def make_selector(table: Optional[PerfTable]) -> Selector:
+        return Selector(manifest, env.platform, overrides, table)
+
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=as_json) as bar:
+        task = bar.add_task(f"tuning {Path(model_path).name}", total=len(plan))
+        report = tune_module.run_tune(
+            plan, make_selector, base, cache, device=device, budget=budget,
+            method=budget_method(budget, timer_method), dry_run=dry_run,
+            progress=lambda i, row: bar.update(task, completed=i, description=f"{row.kind}: {row.request.op.value}"))
+    report.model = str(model_path)
+    if as_json:
+        _echo_json(report.to_dict())
+    else:
+        for line in tune_module.summary_lines(report):
+            click.echo(line)
 @cli.command()
 @click.option("--arch", type=ARCH, help="inspect a hypothetical GPU of this arch (sm_90, 9.0) with this machine's libraries")
 @click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="manifest or overlay (default: bundled)")

@@ -60,13 +60,22 @@ def test_record_then_report_on_cpu(tmp_path):
     assert json.loads(rec.stdout)["buckets"] == n
     assert sum(line.startswith("bench [") for line in rec.stderr.splitlines()) == n
 
-    rep = _regret("--suite", str(tmp_path / "suite.yaml"), "--perf", str(tmp_path / "cpu.yaml"), "--out", str(tmp_path))
+    rep = _regret("--suite", str(tmp_path / "suite.yaml"), "--perf", str(tmp_path / "cpu.yaml"), "--out", str(tmp_path),
+                  "--tune", "--tune-budget-ms", "1")
     assert rep.returncode == 0, rep.stderr
     data = json.loads((tmp_path / "regret-cpu.json").read_text())  # a folder: the file is named after the GPU
     assert data["meta"]["requests"] == len(data["cases"]) == n and data["meta"]["perf_table"]["gpu"] == "cpu"
-    assert data["summary"]["perf_table"]["requests"] == data["summary"]["priority"]["requests"] == n
-    assert {"geomean", "worst", "worst_request", "meets_targets"} <= set(data["summary"]["perf_table"])
+    assert data["meta"]["copy_tbps"] > 0
+    summary = data["summary"]
+    for strategy in ("perf_table", "measured_only", "predicted", "priority", "tuned"):
+        assert summary[strategy]["requests"] == n, strategy
+        assert set(summary[strategy]["by_op"]) == {c["op"] for c in data["cases"]}
+    assert {"geomean", "worst", "worst_request", "meets_targets"} <= set(summary["perf_table"])
     assert all(c["strategies"]["perf_table"]["perf_hit"] for c in data["cases"])
+    # one kernel per op here: every strategy picks it; tuning timed it within its budget (3 runs at least)
+    assert all(c["strategies"]["tuned"]["kernel"] == c["best"]["kernel"] for c in data["cases"])
+    assert all(set(c["tuning"]["repeats"].values()) == {3} for c in data["cases"])
+    assert summary["tuning_cost"]["buckets"] == n and summary["tuning_cost"]["timing_s_max"] > 0
     with_auto = [c for c in data["cases"] if c["op"] in ("mha_decode", "mha_extend", "mla_decode")]
     assert with_auto and all("flashinfer_auto" in c["strategies"] for c in with_auto)
     assert json.loads(rep.stdout)["summary"] == data["summary"]

@@ -90,3 +90,36 @@ def test_a_vllm_style_mla_request_selects_what_the_latent_one_does(pick):
         latent = pick(op="mla_decode", arch=arch, q_dtype=q, kv_lora_rank=512, qk_rope_head_dim=64, num_qo_heads=128)
         assert vllm.kernel is not None and vllm.kernel is latent.kernel
         assert "kv_lora_rank=512 qk_rope_head_dim=64" in vllm.explain()
+
+
+def test_new_len_is_bucketed_and_part_of_the_ragged_ops_requests():
+    extend = KernelRequest(op="mha_extend", arch="sm_90", kv_len=30000, new_len=100)
+    assert (extend.kv_len, extend.new_len) == (32768, 128)
+    assert extend == KernelRequest(op="mha_extend", arch="sm_90", kv_len=20000, new_len=65)  # one bucket, one cache entry
+    assert extend != KernelRequest(op="mha_extend", arch="sm_90", kv_len=30000, new_len=1000)
+    assert "new_len=128" in extend.describe()
+
+
+def test_prefill_new_len_is_its_kv_len():
+    by_kv = KernelRequest(op="mha_prefill", arch="sm_90", kv_len=3000)
+    by_new = KernelRequest(op="mha_prefill", arch="sm_90", new_len=3000)
+    assert by_kv == by_new and (by_kv.kv_len, by_kv.new_len) == (4096, 4096)
+    assert KernelRequest(op="mha_prefill", arch="sm_90", kv_len=3000, new_len=4000) == by_kv  # same bucket
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"op": "mha_decode", "new_len": 4}, r"^invalid kernel request:\n  request\.new_len: new_len means nothing for op "
+                                              r"mha_decode \(a decode step's new tokens per request are q_len\)$"),
+        ({"op": "mla_decode", "new_len": 4}, r"request\.new_len: new_len means nothing for op mla_decode"),
+        ({"op": "mha_extend", "kv_len": 100, "new_len": 200}, r"request\.new_len: new_len 256 exceeds kv_len 128 "
+                                                                r"\(kv_len counts the new tokens too\)$"),
+        ({"op": "mha_prefill", "kv_len": 100, "new_len": 200}, r"request\.new_len: new_len 256 and kv_len 128 differ "
+                                                                 r"after bucketing: for mha_prefill every token is new"),
+        ({"op": "mha_extend", "new_len": 0}, r"request\.new_len: must be >= 1, got 0"),
+    ],
+)
+def test_bad_new_len_is_named(fields, message):
+    with pytest.raises(RequestError, match=message):
+        KernelRequest(arch="sm_90", **fields)

@@ -131,6 +131,22 @@ def test_the_regret_suite_is_a_fixed_set_of_distinct_buckets_each_with_eligible_
         assert specs, case.label
 
 
+def test_the_record_and_held_out_suites_are_disjoint_and_every_held_out_request_has_a_choice():
+    """The held-out suite scores predictions: none of its buckets may be recorded, each must offer two kernels."""
+    recorded = bench.load_suite(ROOT / "bench" / "regret_suite.yaml", ARCH) + bench.load_suite(
+        ROOT / "bench" / "record_suite.yaml", ARCH)
+    bench.check_buckets(recorded)  # one table: no two cases in one bucket
+    held_out = bench.load_suite(ROOT / "bench" / "heldout_suite.yaml", ARCH)
+    bench.check_buckets(held_out)
+    assert len(held_out) >= 25 and {c.request.op.value for c in held_out} == {"mha_decode", "mha_extend", "mla_decode"}
+    assert not {c.key for c in held_out} & {c.key for c in recorded}
+    sel = Selector(MANIFEST, Platform.hypothetical(ARCH))
+    for case in held_out + recorded:
+        specs, _ = bench.candidates(sel, case.request)
+        assert len(specs) >= 2, case.name
+    assert all(c.group for c in held_out) and len({c.name for c in held_out}) == len(held_out)
+
+
 def test_suite_problems_are_located(tmp_path):
     path = tmp_path / "suite.yaml"
     path.write_text("schema_version: 1\ngroups:\n  - name: d\n    op: mha_decode\n    gird: {batch: [1]}\n")

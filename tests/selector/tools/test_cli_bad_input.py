@@ -47,6 +47,8 @@ BAD = [
     (E + ["--kv-lora-rank", "512"], r"kernelsel explain: --kv-lora-rank: kv_lora_rank means nothing for op mha_decode; it takes: "),
     (["explain", "--op", "mha_extend", "--arch", "sm_90", "--q-len", "2"], r"kernelsel explain: --q-len: q_len 2 means nothing for op mha_extend"),
     (E + ["--batch-size", "0", "--kv-len", "-1"], r"kernelsel explain: --batch-size: must be >= 1, got 0; --kv-len: must be >= 1, got -1"),
+    (E + ["--new-len", "4"], r"kernelsel explain: --new-len: new_len means nothing for op mha_decode \(a decode step's new tokens per request are q_len\)"),
+    (["explain", "--op", "mha_extend", "--arch", "sm_90", "--new-len", "0"], r"kernelsel explain: --new-len: must be >= 1, got 0"),
     (E + ["--manifest", "{missing}"], r"kernelsel explain: --manifest: .*missing\.yaml: cannot read manifest: No such file or directory"),
     (E + ["--manifest", "{dir}"], r"kernelsel explain: --manifest: .*is a directory"),
     (E + ["--manifest", "{dup}"], r"kernelsel explain: --manifest: .*dup\.yaml:2:1: \(top level\): duplicate key 'schema_version' \(first at line 1\)"),
@@ -90,6 +92,12 @@ BAD = [
     (["bench", "--suite", "{missing}", "--device", "cpu", "--arch", "sm_90"], r"kernelsel bench: (.*missing\.yaml: cannot read suite|bench needs torch)"),
     (["bench", "--suite", "{dup}", "--device", "cpu", "--arch", "sm_90"], r"kernelsel bench: (invalid suite: .*dup\.yaml:2:1: \(top level\): duplicate key|bench needs torch)"),
     (["doctor", "--arch", "sm_95"], r"kernelsel doctor: --arch: 'sm_95' is not an SM"),
+    (["bench", "--from", "{missing}"], r"kernelsel bench: --from draws a results file: give --plot PATH\.png too"),
+    (["bench", "--plot", "{nodir}", "--from", "{missing}"], r"kernelsel bench: --from: .*missing\.yaml: cannot read"),
+    (["tune"], r"kernelsel tune: --model: required"),
+    (["tune", "--model", "{missing}"], r"kernelsel tune: --model: .*missing\.yaml: cannot read"),
+    (["tune", "--model", "{dup}", "--ops", "prefill"], r"kernelsel tune: --ops: 'prefill': expected decode, extend"),
+    (["tune", "--model", "{dup}", "--budget-ms", "0"], r"kernelsel tune: --budget-ms: 0.*is not in the range x>=1"),
 ]
 
 
@@ -142,6 +150,11 @@ def test_bad_environment_variables_are_named(cli, monkeypatch):
     assert code == 2 and re.fullmatch(r"kernelsel explain: KERNELSEL_ADAPTER_ALLOWLIST: 'subprocess' is in the "
                                       r"standard library.*\n", err)
     monkeypatch.delenv("KERNELSEL_ADAPTER_ALLOWLIST")
+    monkeypatch.setenv("KERNELSEL_PREDICT", "sometimes")
+    code, _, err = cli(*E)
+    assert code == 2 and re.fullmatch(r"kernelsel explain: KERNELSEL_PREDICT: 'sometimes' is not a switch; use on or off "
+                                      r"\(1/0, true/false\)\n", err)
+    monkeypatch.delenv("KERNELSEL_PREDICT")
     monkeypatch.setenv("KERNELSEL_MANIFEST", str(ROOT / "no-such.yaml"))
     code, _, err = cli(*E)
     assert code == 2 and re.fullmatch(r"kernelsel explain: KERNELSEL_MANIFEST: .*no-such\.yaml: cannot read manifest: "
