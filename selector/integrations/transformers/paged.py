@@ -149,8 +149,8 @@ def _attention(backend: Any, module: Any, query: torch.Tensor, key: torch.Tensor
     if kwargs.get("k_cache") is not None or kwargs.get("block_table") is not None:
         raise LayerError(f"{where}: continuous batching's decode fast path (block_table=, k_cache=: the attention "
                          f"function writes the cache itself) is not supported; it is meant for flash attention")
-    latent = False
-    if is_mla(module):
+    latent, mla_layer = False, is_mla(module)
+    if mla_layer:
         if cache is not None:
             raise LayerError(
                 f"{where}: continuous batching of an MLA layer is not supported with this transformers release: its "
@@ -171,7 +171,7 @@ def _attention(backend: Any, module: Any, query: torch.Tensor, key: torch.Tensor
     options = {"sm_scale": spec.sm_scale, "window_left": spec.window_left, "logits_soft_cap": spec.soft_cap or 0.0}
     dtype, on_cuda = dtype_name(query.dtype), query.is_cuda
     perf = {"batch_size": batch.batch, "kv_len": batch.max_keys} if on_cuda else {}
-    if cache is not None and batch.decode and not is_mla(module):
+    if cache is not None and batch.decode and not mla_layer:
         pages = paged_cache.layer_pages(cache, module.layer_idx)
         if pages is not None and kwargs["read_index"][pages.group].numel() >= batch.keys:
             return _decode_in_place(backend, module, spec, cache, pages, batch, rows, key, value, kwargs, options,
@@ -191,7 +191,7 @@ def _attention(backend: Any, module: Any, query: torch.Tensor, key: torch.Tensor
         out = sel.adapter.run(q_latent, rows[..., nope:].contiguous(), torch.cat([keys, values], dim=-1), **extra).out
         out = torch.einsum("thr,hvr->thv", out, w_uv)
         op, name = "mla_decode", sel.name
-    elif batch.decode and not is_mla(module):
+    elif batch.decode and not mla_layer:
         sel = backend.kernels.decode(spec, dtype, 1, on_cuda=on_cuda, **perf)
         backend.plan_once(sel.adapter, batch, decode_meta())
         out = sel.adapter.run(rows.contiguous(), keys.unsqueeze(1), values.unsqueeze(1), **extra).out
