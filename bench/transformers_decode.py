@@ -19,7 +19,9 @@ Per implementation, after a warm-up ``generate_batch`` (JIT builds, first plans,
   attention function as transformers calls it, the cache update included); the decode steps' attention time
   against their wall time (the rest: the model's other layers, sampling, transformers' host loop).
 
-Greedy outputs are compared between implementations (first token that differs: bf16 kernels differ in
+``--impls kernelsel_gather`` adds kernelsel with its in-place decode turned off (every layer reads the keys
+transformers' ``cache.update`` gathers): what reading the cache in place is worth.  Greedy outputs are compared
+between implementations (first token that differs: bf16 kernels differ in
 rounding, and random weights make near-ties common; correctness is ``kernelsel verify-model``'s job).
 kernelsel's selected kernel per layer comes from the backend's call counts.
 
@@ -37,7 +39,8 @@ import dataclasses
 import json
 import sys
 import time
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 
 def _args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -47,7 +50,8 @@ def _args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--page-size", type=int, default=256, help="transformers' paged-cache block size")
-    p.add_argument("--impls", default="kernelsel,sdpa,flash", help="comma-separated: kernelsel, sdpa, flash")
+    p.add_argument("--impls", default="kernelsel,sdpa,flash",
+                   help="comma-separated: kernelsel, sdpa, flash, kernelsel_gather (kernelsel reading transformers' gather)")
     p.add_argument("--quick", action="store_true", help="2 layers, 32 requests, 128 new tokens (about a minute)")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
@@ -73,13 +77,16 @@ class StepClock:
     def decode_phase(self) -> dict[str, Any]:
         """Tokens and seconds of the decode steps, each step timed to the next step's start (the last one, whose
         end is not stamped, is left out)."""
-        tokens, seconds, steps = 0, 0.0, 0
+        tokens, seconds, steps, other_steps, other_seconds = 0, 0.0, 0, 0, 0.0
         for (start, decode, requests), (nxt, _, _) in zip(self.steps, self.steps[1:]):
             if decode:
                 tokens, seconds, steps = tokens + requests, seconds + (nxt - start), steps + 1
+            else:
+                other_steps, other_seconds = other_steps + 1, other_seconds + (nxt - start)
         return {"steps": steps, "tokens": tokens, "seconds": round(seconds, 4),
                 "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
-                "step_ms": round(1000 * seconds / steps, 3) if steps else None}
+                "step_ms": round(1000 * seconds / steps, 3) if steps else None,
+                "prompt_steps": other_steps, "prompt_steps_seconds": round(other_seconds, 4)}
 
 
 class AttentionTimer:
@@ -159,7 +166,7 @@ def _measure(model: Any, name: str, prompts: list, args: argparse.Namespace, bac
     try:
         backend.reset_counts()
         wall, seqs = _run(model, name, prompts, args, args.new_tokens)
-        kernels, by_layer = backend.kernels_used(), backend.kernels_by_layer()
+        kernels, by_layer, in_place = backend.kernels_used(), backend.kernels_by_layer(), backend.in_place_decodes()
         decode = clock.decode_phase()
         clock.steps.clear()
         timer = AttentionTimer(clock)
@@ -189,10 +196,28 @@ def _measure(model: Any, name: str, prompts: list, args: argparse.Namespace, bac
         },
         "empty_outputs": sum(1 for s in seqs if not s),
     }
-    if name.endswith("kernelsel"):
+    if name.endswith("kernelsel"):  # (kernelsel_gather too: same backend)
         entry["kernels"] = kernels
         entry["kernels_by_layer"] = by_layer
+        entry["in_place_decode_calls_by_page_size"] = in_place
     return entry, seqs
+
+
+@contextmanager
+def _gathering(on: bool) -> Iterator[None]:
+    """kernelsel with its in-place decode turned off: every layer reads the keys ``cache.update`` gathers (the
+    ``kernelsel_gather`` implementation: what reading the cache in place is worth)."""
+    if not on:
+        yield
+        return
+    from selector.integrations.transformers import paged_cache
+
+    original = paged_cache.layer_pages
+    paged_cache.layer_pages = lambda cache, layer_idx: None
+    try:
+        yield
+    finally:
+        paged_cache.layer_pages = original
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -210,6 +235,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     backend = ks.register()
     paged = "paged|sdpa" in AttentionInterface._global_mapping  # transformers 5.17-5.18
     names = {"kernelsel": "paged|kernelsel" if paged else "kernelsel", "sdpa": "paged|sdpa" if paged else "sdpa"}
+    names["kernelsel_gather"] = names["kernelsel"]
     flash = _flash_name()
     if flash:
         names["flash"] = f"paged|{flash}" if paged else flash
@@ -237,14 +263,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             report["implementations"][impl] = {"error": "not available here" if impl == "flash" else "unknown implementation"}
             continue
         try:
-            entry, seqs = _measure(model, names[impl], prompts, args, backend)
+            with _gathering(impl == "kernelsel_gather"):
+                entry, seqs = _measure(model, names[impl], prompts, args, backend)
         except Exception as exc:  # noqa: BLE001 - report and go on with the next implementation
             report["implementations"][impl] = {"name": names[impl], "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
             continue
         report["implementations"][impl] = entry
         outputs[impl] = seqs
     rate = lambda impl: (report["implementations"].get(impl, {}).get("decode") or {}).get("tokens_per_s")  # noqa: E731
-    others = {k: rate(k) for k in report["implementations"] if k != "kernelsel" and rate(k)}
+    others = {k: rate(k) for k in report["implementations"] if not k.startswith("kernelsel") and rate(k)}
     if rate("kernelsel") and others:
         best = max(others, key=others.get)
         report["decode_speedup_vs_best_transformers"] = {"against": best, "ratio": round(rate("kernelsel") / others[best], 3)}

@@ -43,6 +43,7 @@ class Backend:
         self.kernels = KernelResolver(options)
         self.calls: Counter = Counter()  # (layer label, op, kernel) -> attention calls
         self.layer_calls: Counter = Counter()  # (layer_idx, op, kernel) -> attention calls
+        self.in_place_calls: Counter = Counter()  # page size -> decode calls that read transformers' cache in place
         self._planned: dict[int, tuple] = {}  # id(adapter) -> (token, options) it was last planned for
         self._unmasked: dict[tuple, SequenceLayout] = {}
         self._packed: tuple = ()  # ((cu_seq_lens_q, cu_seq_lens_k, PackedBatch), ...) of the current forward
@@ -64,9 +65,15 @@ class Backend:
             used.setdefault(layer, {}).setdefault(op, {})[kernel] = n
         return used
 
+    def in_place_decodes(self) -> dict[int, int]:
+        """``{page_size: calls}``: continuous-batching decode calls that read transformers' paged cache in place
+        (``paged.py``); the other decode calls read the keys ``cache.update`` gathered."""
+        return dict(sorted(self.in_place_calls.items()))
+
     def reset_counts(self) -> None:
         self.calls.clear()
         self.layer_calls.clear()
+        self.in_place_calls.clear()
 
     # ------------------------------------------------------------ dense forward / generate
     def attention(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -229,6 +229,7 @@ def _decode_in_place(backend: Any, module: Any, spec: Any, cache: Any, pages: "p
                                                           q_len=1, **options))
     out = sel.adapter.run(rows.contiguous(), pages.k_pages, pages.v_pages, **extra).out
     backend.count(module, spec, "mha_decode", sel.name)
+    backend.in_place_calls[pages.page_size] += 1
     return _packed_output(out, batch)
 
 

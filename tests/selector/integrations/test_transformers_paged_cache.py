@@ -92,50 +92,58 @@ def test_block_table_reads_exactly_the_keys_transformers_gathers(arch, tiny_mode
 @pytest.mark.skipif(mc.refuses_custom_continuous_batching(), reason=PROTOCOL_B)
 @pytest.mark.parametrize("solution", ["reference", "triton"])
 def test_decode_reads_the_physical_cache_in_place(solution, tiny_model, reference_backend, triton_backend, monkeypatch):
-    """transformers 5.17-5.18: on decode steps the adapter gets the cache tensor's own pages (same storage, page
-    size = block size), ``cache.update`` only writes (empty read index), nothing is gathered, tokens equal eager's."""
+    """transformers 5.17-5.18: in every decode call the kernel gets the cache tensors' own pages (same storage,
+    page size = block size), ``cache.update`` only writes (empty read index), nothing is gathered, and the
+    tokens pass the rule of ``model_conformance`` against float32 eager."""
+    from transformers import AttentionInterface
     from transformers.generation.continuous_batching.cache import PagedAttentionCache
+
+    from registry.adapters.reference import TorchMHADecode
+    from registry.adapters.triton import TritonMHADecode
 
     backend = reference_backend if solution == "reference" else triton_backend
     name = f"kernelsel-{solution}"
-    model = tiny_model("llama")
-    updates, runs, gathers = [], [], []
+    dtype = torch.float32 if solution == "reference" else torch.bfloat16
+    model = tiny_model("llama") if dtype == torch.float32 else copy.deepcopy(tiny_model("llama")).to(dtype)
+    events: list = []  # what happened inside the current attention call
+
+    adapter = TorchMHADecode if solution == "reference" else TritonMHADecode
+    run = adapter.run
+    monkeypatch.setattr(adapter, "run", lambda self, q, k, v, **kw: events.append(("run", k, v)) or run(self, q, k, v, **kw))
     update = PagedAttentionCache.update
 
     def recording_update(self, *args, **kwargs):
-        reads = kwargs.get("read_index", args[3] if len(args) > 3 else None)
-        updates.append(sum(r.numel() for r in reads))
+        events.append(("update", sum(r.numel() for r in kwargs["read_index"])))
         return update(self, *args, **kwargs)
 
     monkeypatch.setattr(PagedAttentionCache, "update", recording_update)
-    real_select = torch.index_select
-    monkeypatch.setattr(torch, "index_select", lambda *a, **k: gathers.append(a[0].shape) or real_select(*a, **k))
-    dtype = torch.float32 if solution == "reference" else torch.bfloat16
-    model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    index_select = torch.index_select
+    monkeypatch.setattr(torch, "index_select", lambda *a, **k: events.append(("gather",)) or index_select(*a, **k))
 
-    from selector.integrations.transformers import paged
+    calls = []
+    paged_name = mc.continuous_batching_name(name)
+    attention = AttentionInterface._global_mapping[paged_name]
 
-    in_place = paged._decode_in_place
-
-    def recording_decode(backend_, module, spec, cache, pages, batch, *rest):
-        storage = {t.untyped_storage().data_ptr() for t in (*cache.key_cache, *cache.value_cache)}
-        before = (len(gathers), len(updates))
-        out = in_place(backend_, module, spec, cache, pages, batch, *rest)
-        runs.append(dict(k_in_cache=pages.k_pages.untyped_storage().data_ptr() in storage,
-                         v_in_cache=pages.v_pages.untyped_storage().data_ptr() in storage,
-                         page_size=pages.page_size, page=tuple(pages.k_pages.shape[1:]),
-                         gathers=len(gathers) - before[0], reads=updates[before[1]:]))
+    def delimited(module, query, key, value, mask, **kwargs):
+        events.clear()
+        out = attention(module, query, key, value, mask, **kwargs)
+        if query.shape[2] == kwargs["cu_seq_lens_q"].shape[0] - 1:  # one new token per request: a decode call
+            cache = kwargs["cache"]
+            storage = {t.untyped_storage().data_ptr() for t in (*cache.key_cache, *cache.value_cache)}
+            calls.append({"events": [e[0] if e[0] != "update" else ("update", e[1]) for e in events],
+                          "pages": [(k.untyped_storage().data_ptr() in storage, v.untyped_storage().data_ptr() in storage,
+                                     tuple(k.shape[1:])) for e in events if e[0] == "run" for k, v in [e[1:]]]})
         return out
 
-    monkeypatch.setattr(paged, "_decode_in_place", recording_decode)
+    monkeypatch.setitem(AttentionInterface._global_mapping, paged_name, delimited)
     backend.reset_counts()
     batch = mc.prompts()
     seqs = mc.generate_batch(model, name, batch, 4, page_size=8)
     assert all(seqs), seqs
-    assert runs and len(runs) == sum(backend.kernels_used()["mha_decode"].values())  # every decode call ran in place
-    for run in runs:
-        assert run["k_in_cache"] and run["v_in_cache"], run  # views of transformers' cache tensors, not copies
-        assert run["page_size"] == 8 and run["page"] == (8, 2, 64), run  # pages of the block size, [S, Hkv, D]
-        assert run["gathers"] == 0 and run["reads"] == [0], run  # one write-only cache.update, nothing gathered
+    assert calls and backend.in_place_decodes() == {8: len(calls)}  # every decode call, pages of the block size
+    assert sum(backend.kernels_used()["mha_decode"].values()) == len(calls)
+    for call in calls:
+        assert call["events"] == [("update", 0), "run"], call  # a write-only cache.update, no gather, the kernel
+        assert call["pages"] == [(True, True, (8, 2, 64))], call  # views of the cache tensors: [S, Hkv, D] pages
     near_tie = 1e-4 if dtype == torch.float32 else mc.Tolerance.for_dtype(dtype, 0.05).near_tie
     assert not mc.greedy_violations(tiny_model("llama"), seqs, [len(p) for p in batch], near_tie)
