@@ -25,7 +25,8 @@ gathered keys as one-token pages: request ``b``'s token ``t`` is row ``cu_k[b] +
 ``page_size = 1``): sliding-window layers (whose ring buffer a block table cannot address; their gather holds
 at most ``W`` keys per request), every call under protocol B (transformers gathered before calling), and
 prompts and chunks, which run the attention plan (``mha_prefill`` on the ragged keys, or ``mha_extend`` over
-the one-token pages) once per request rather than once per generated token.  Causality is per request,
+the one-token pages): a prompt passes once, in a few chunks, where a request decodes once per new token, and a
+step without cached keys (a request's first chunk) gathers nothing.  Causality is per request,
 bottom-right aligned, exactly the mask transformers' own paged implementations build; a sliding layer's keys
 are already cut to its window, and ``window_left = W - 1`` keeps the first prompt's queries to theirs.
 
