@@ -253,7 +253,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     report: dict[str, Any] = {
         "gpu": torch.cuda.get_device_name(), "transformers": transformers.__version__, "torch": torch.__version__,
         "model": {"attention": "Llama-3-8B (hidden 4096, 32/8 heads, head_dim 128, MLP 14336)", "layers": args.layers,
-                  "dtype": "bf16", "vocab": 32000, "weights": "random, seed 0, shared by every implementation"},
+                  "dtype": "bf16", "vocab": 32000, "weights": "random (torch.manual_seed(0)), shared by every implementation"},
         "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "page_size": args.page_size,
         "implementations": {},
     }
