@@ -26,6 +26,7 @@ continuous batching logs a failing request and returns no tokens rather than rai
 from __future__ import annotations
 
 import copy
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -353,6 +354,7 @@ def verify_models(archs: Any = ARCHITECTURES, *, device: str = "cpu", dtype: Any
                   continuous_batching: bool = True, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """The conformance report of ``kernelsel verify-model``: per architecture and page size, the backend with
     the kernels kernelsel selects, then (``each_kernel``) with each eligible kernel of each op forced in turn.
+    The page size is both the dense backend's and transformers' continuous-batching block size.
 
     ``device="cpu"`` defaults to float32 and the torch reference; ``"cuda"`` to bf16 and the best kernels.
     """
@@ -395,7 +397,8 @@ def verify_models(archs: Any = ARCHITECTURES, *, device: str = "cpu", dtype: Any
                 say(f"verify-model: {label}")
                 try:
                     report = verify(model, "kernelsel-verify", dtype=dtype, backend=backend, new_tokens=new_tokens,
-                                    batch_prompts=batch, check_generate_batch=continuous_batching and not skipped and forced is None)
+                                    batch_prompts=batch, check_generate_batch=continuous_batching and not skipped and forced is None,
+                                    generate_batch_runner=functools.partial(generate_batch, page_size=page))
                 except Exception as exc:  # noqa: BLE001 - one failing kernel must not hide the others
                     report = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", "passed": False}
                 finally:

@@ -42,6 +42,8 @@ class Backend:
         self.options = options
         self.kernels = KernelResolver(options)
         self.calls: Counter = Counter()  # (layer label, op, kernel) -> attention calls
+        self.layer_calls: Counter = Counter()  # (layer_idx, op, kernel) -> attention calls
+        self.in_place_calls: Counter = Counter()  # page size -> decode calls that read transformers' cache in place
         self._planned: dict[int, tuple] = {}  # id(adapter) -> (token, options) it was last planned for
         self._unmasked: dict[tuple, SequenceLayout] = {}
         self._packed: tuple = ()  # ((cu_seq_lens_q, cu_seq_lens_k, PackedBatch), ...) of the current forward
@@ -56,8 +58,22 @@ class Backend:
             used[op][kernel] += n
         return used
 
+    def kernels_by_layer(self) -> dict[int, dict[str, dict[str, int]]]:
+        """``{layer_idx: {op: {kernel: calls}}}``: which kernel ran in each layer (``-1``: a module without index)."""
+        used: dict[int, dict[str, dict[str, int]]] = {}
+        for (layer, op, kernel), n in sorted(self.layer_calls.items()):
+            used.setdefault(layer, {}).setdefault(op, {})[kernel] = n
+        return used
+
+    def in_place_decodes(self) -> dict[int, int]:
+        """``{page_size: calls}``: continuous-batching decode calls that read transformers' paged cache in place
+        (``paged.py``); the other decode calls read the keys ``cache.update`` gathered."""
+        return dict(sorted(self.in_place_calls.items()))
+
     def reset_counts(self) -> None:
         self.calls.clear()
+        self.layer_calls.clear()
+        self.in_place_calls.clear()
 
     # ------------------------------------------------------------ dense forward / generate
     def attention(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -202,6 +218,8 @@ class Backend:
     def count(self, module: Any, spec: LayerSpec, op: str, kernel: str) -> None:
         label = type(module).__name__ + (f" sliding_window={spec.window}" if spec.window is not None else "")
         self.calls[(label, op, kernel)] += 1
+        layer = getattr(module, "layer_idx", None)
+        self.layer_calls[(-1 if layer is None else int(layer), op, kernel)] += 1
 
 
 def _options(spec: LayerSpec) -> dict[str, Any]:

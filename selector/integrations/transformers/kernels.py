@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from registry.errors import KernelselError
+from registry.perf import bucket
 from selector.api import select_kernel
 from selector.plan import select_plan
 from selector.selection import Selection
@@ -123,7 +124,12 @@ class KernelResolver:
 
     def decode(self, spec: Any, dtype: str, page_size: int, *, on_cuda: bool,
                batch_size: Optional[int] = None, kv_len: Optional[int] = None) -> Selection:
-        """The ``mha_decode`` (or, for MLA, ``mla_decode``) kernel of one decode step."""
+        """The ``mha_decode`` (or, for MLA, ``mla_decode``) kernel of one decode step.
+
+        ``batch_size`` and ``kv_len`` (perf-table ranking) are bucketed here as the request buckets them, so a
+        growing context costs one entry per power of two, not one per step.
+        """
+        batch_size, kv_len = bucket(batch_size), bucket(kv_len)
         key = ("decode", spec, dtype, page_size, on_cuda, batch_size, kv_len)
         hit = self._cache.get(key)
         if hit is None:
