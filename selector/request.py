@@ -13,14 +13,18 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from registry.contracts import output_dtype
 from registry.errors import RequestError, brief
-from registry.ops import FEATURE_FIELDS_BY_OP, MLA_OPS, RAGGED_OPS, SHAPE_FIELDS_BY_OP, mla_dims_from_head_dims
+from registry.ops import FEATURE_FIELDS_BY_OP, MLA_OPS, RAGGED_OPS, SHAPE_FIELDS_BY_OP, mla_dims_from_head_dims, shape_minimum
 from registry.perf import bucket
 from registry.schema import Features, Shapes
 from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean, parse_arch, parse_dtype
 
 MAX_INT = 2**63 - 1
 """Largest shape a request may give (an int64); a larger one is an error, not a number to format."""
-_Pos = Field(default=None, ge=1, le=MAX_INT)
+
+
+def _shape(name: str, description: str = "") -> Any:
+    """An optional shape field, at least its minimum (``registry.ops.shape_minimum``) and at most an int64."""
+    return Field(default=None, ge=shape_minimum(name), le=MAX_INT, description=description or None)
 
 
 class KernelRequest(BaseModel):
@@ -33,16 +37,16 @@ class KernelRequest(BaseModel):
     q_dtype: DType = DType.BF16
     kv_dtype: Optional[DType] = Field(default=None, description="None: same as q_dtype")
     out_dtype: Optional[DType] = Field(default=None, description="None: q_dtype (bf16 for an fp8 query)")
-    head_dim_qk: Optional[int] = _Pos
-    head_dim_vo: Optional[int] = Field(default=None, ge=1, le=MAX_INT, description="None: same as head_dim_qk")
-    num_qo_heads: Optional[int] = _Pos
-    num_kv_heads: Optional[int] = _Pos
-    page_size: Optional[int] = _Pos
-    q_len: int = Field(default=1, ge=1, le=MAX_INT, description="query tokens per request in one decode step")
-    kv_lora_rank: Optional[int] = _Pos
-    qk_rope_head_dim: Optional[int] = Field(default=None, ge=0, le=MAX_INT)
-    qk_nope_head_dim: Optional[int] = _Pos
-    topk: Optional[int] = _Pos
+    head_dim_qk: Optional[int] = _shape("head_dim_qk")
+    head_dim_vo: Optional[int] = _shape("head_dim_vo", "None: same as head_dim_qk")
+    num_qo_heads: Optional[int] = _shape("num_qo_heads")
+    num_kv_heads: Optional[int] = _shape("num_kv_heads")
+    page_size: Optional[int] = _shape("page_size")
+    q_len: int = Field(default=1, ge=shape_minimum("q_len"), le=MAX_INT, description="query tokens per request in one decode step")
+    kv_lora_rank: Optional[int] = _shape("kv_lora_rank")
+    qk_rope_head_dim: Optional[int] = _shape("qk_rope_head_dim")
+    qk_nope_head_dim: Optional[int] = _shape("qk_nope_head_dim")
+    topk: Optional[int] = _shape("topk")
     batch_size: Optional[int] = Field(default=None, ge=1, le=MAX_INT, description="requests in the batch, bucketed up to a power of two (perf lookup)")
     kv_len: Optional[int] = Field(default=None, ge=1, le=MAX_INT, description="longest KV length, bucketed up to a power of two (perf lookup)")
     new_len: Optional[int] = Field(default=None, ge=1, le=MAX_INT, description="new tokens per request (mha_extend, mha_prefill), bucketed up to a power of two (perf lookup)")

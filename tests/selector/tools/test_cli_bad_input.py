@@ -33,6 +33,7 @@ BAD = [
     (E + ["--q-dtype", "bf17"], r"kernelsel explain: --q-dtype: 'bf17' is not a dtype; expected one of bf16, .* \(did you mean 'bf16'\?\)"),
     (E + ["--kv-dtype", ""], r"kernelsel explain: --kv-dtype: '' is not a dtype; expected one of bf16"),
     (["explain", "--op", "mha_decode", "--arch", "sm_95"], r"kernelsel explain: --arch: 'sm_95' is not an SM like sm_90; expected one of sm_70, .*\(did you mean 'sm_90'\?\)"),
+    (["explain", "--op", "mha_decode", "--arch", "{digits}"], r"kernelsel explain: --arch: '9+\.\.\. is not an SM like sm_90"),
     (E + ["--head-dim", "abc"], r"kernelsel explain: --head-dim: 'abc' is not a valid integer"),
     (E + ["--head-dim", "0"], r"kernelsel explain: --head-dim: must be >= 1, got 0"),
     (E + ["--head-dim", "9" * 30], r"kernelsel explain: --head-dim: must be <= 9223372036854775807, got 9+"),
@@ -55,7 +56,7 @@ BAD = [
     (E + ["--manifest", "{broken}"], r"kernelsel explain: --manifest: .*broken\.yaml:\d+:\d+: kernels\[0\]\.op: .* \(and 1 more problem; `kernelsel validate` lists them all\)"),
     (E + ["--manifest", "{binary}"], r"kernelsel explain: --manifest: .*binary\.yaml:1:\d+: not UTF-8: byte 0xff"),
     (E + ["--perf", "{missing}"], r"kernelsel explain: --perf: .*missing\.yaml: cannot read perf table: No such file or directory"),
-    (E + ["--perf", "{badperf}"], r"kernelsel explain: --perf: .*badperf\.yaml:4:\d+: entries\[0\]\.shape: q_dtype: 'bf17' is not one of"),
+    (E + ["--perf", "{badperf}"], r"kernelsel explain: --perf: .*badperf\.yaml:4:\d+: entries\[0\]\.shape\.q_dtype: 'bf17' is not one of"),
     (E + ["--allow-adapter", "os"], r"kernelsel explain: --allow-adapter: 'os' is in the standard library"),
     (E + ["--allow-adapter", "a/b"], r"kernelsel explain: --allow-adapter: 'a/b' is not a module prefix like mycompany\.kernels"),
     (["plan", "--op", "mha_decode"], r"kernelsel plan: no such option --op"),
@@ -112,7 +113,7 @@ def files(tmp_path_factory):
     (d / "badperf.yaml").write_text("schema_version: 1\ngpu: x\narch: sm_90\n"
                                     "entries: [{op: mha_decode, shape: {q_dtype: bf17}, median_us: {a: 1}}]\n")
     return {"missing": d / "missing.yaml", "dir": d / "dir.yaml", "dup": d / "dup.yaml", "binary": d / "binary.yaml",
-            "broken": d / "broken.yaml", "badperf": d / "badperf.yaml", "nodir": d / "nodir" / "x"}
+            "broken": d / "broken.yaml", "badperf": d / "badperf.yaml", "nodir": d / "nodir" / "x", "digits": "9" * 5000}
 
 
 @pytest.mark.parametrize("argv, line", BAD, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
