@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 from registry.errors import RequestError
 from registry.adapter_policy import ENV_ADAPTER_ALLOWLIST
 from registry.vocab import Op, did_you_mean
+
+if TYPE_CHECKING:
+    from registry.schema import Manifest
 
 PREFIX_FORCE = "KERNELSEL_FORCE_"
 ENV_MANIFEST = "KERNELSEL_MANIFEST"
@@ -60,6 +63,20 @@ class Overrides:
         tune = _switch(environ, ENV_TUNE, False)
         return cls(manifest=environ.get(ENV_MANIFEST) or None, force=tuple(force), disable=disable,
                    perf=environ.get(ENV_PERF) or None, adapter_allowlist=allow, predict=predict, tune=tune)
+
+    def problems(self, manifest: "Manifest") -> list[str]:
+        """Why these overrides cannot apply to ``manifest`` (a name it lacks, a kernel of another op); [] if none.
+
+        With any of these, every selection of the affected ops fails: the solver raises them, and
+        ``kernelsel doctor`` reports them (exit 1).
+        """
+        out = [f"{ENV_DISABLE}: no kernel named {name!r}{did_you_mean(name, list(manifest.by_name))}"
+               for name in sorted(self.disable) if name not in manifest.by_name]
+        for op, name in self.force:
+            problem = forced_kernel_problem(manifest, op, name, self.forced_by(op) or name)
+            if problem:
+                out.append(problem)
+        return out
 
     def forced(self, op: Op) -> Optional[str]:
         for forced_op, name in self.force:
@@ -101,3 +118,14 @@ def _switch(environ: Mapping[str, str], name: str, default: bool) -> bool:
     if text not in _SWITCH:
         raise RequestError(f"{name}: {environ[name]!r} is not a switch; use on or off (1/0, true/false)")
     return _SWITCH[text]
+
+
+def forced_kernel_problem(manifest: "Manifest", op: Op, name: str, forced_by: str) -> Optional[str]:
+    """Why ``name`` cannot be forced for ``op`` (not in the manifest, or a kernel of another op), or None."""
+    spec = manifest.by_name.get(name)
+    if spec is None:
+        return (f"{forced_by}: no kernel named {name!r}{did_you_mean(name, list(manifest.by_name))}; "
+                f"kernels for {op.value}: {', '.join(k.name for k in manifest.by_op[op])}")
+    if spec.op is not op:
+        return f"{forced_by}: kernel {name!r} implements {spec.op.value}, not {op.value}"
+    return None

@@ -17,9 +17,9 @@ from registry.errors import RequestError
 from registry.priority import band_name
 from registry.perf import PerfTable
 from registry.schema import KernelSpec, Manifest
-from registry.vocab import Solution, did_you_mean
+from registry.vocab import Solution
 from selector.availability import UnavailableKernels
-from selector.overrides import ENV_DISABLE, Overrides
+from selector.overrides import ENV_DISABLE, Overrides, forced_kernel_problem
 from selector.platform import Platform
 from selector.ranking import NO_ESTIMATES, Estimates, estimate
 from selector.request import KernelRequest
@@ -180,19 +180,14 @@ def solve(
             "request.arch: not given and no CUDA device was detected; pass arch='sm_90' (or 9.0, sm90)"
         )
     kernels = manifest.by_op[request.op]
-    for name in sorted(overrides.disable):
-        if name not in manifest.by_name:
-            raise RequestError(f"KERNELSEL_DISABLE: no kernel named {name!r}{did_you_mean(name, list(manifest.by_name))}")
+    for problem in overrides.problems(manifest):
+        if problem.startswith(ENV_DISABLE):  # a disabled name the manifest lacks fails every op
+            raise RequestError(problem)
     forced_name, forced_by = _forced(request, overrides)
     if forced_name is not None:
-        spec = manifest.by_name.get(forced_name)
-        if spec is None:
-            raise RequestError(
-                f"{forced_by}: no kernel named {forced_name!r}{did_you_mean(forced_name, list(manifest.by_name))}; "
-                f"kernels for {request.op.value}: {', '.join(k.name for k in kernels)}"
-            )
-        if spec.op is not request.op:
-            raise RequestError(f"{forced_by}: kernel {forced_name!r} implements {spec.op.value}, not {request.op.value}")
+        problem = forced_kernel_problem(manifest, request.op, forced_name, forced_by)
+        if problem:
+            raise RequestError(problem)
 
     verdicts = tuple(
         Verdict(k, reasons(k, request, manifest, platform, overrides, forced=(k.name == forced_name),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import itertools
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -30,8 +31,8 @@ from pydantic import Field, ValidationError
 
 from registry.errors import KernelselError, ManifestError, RequestError
 from registry.ops import RAGGED_OPS
-from registry.loader import bundled_perf_dir, load_perf_table
-from registry.yaml_reader import read_yaml, validation_problems
+from registry.loader import load_perf_table
+from registry.yaml_reader import located, read_yaml, validation_problems
 from registry.perf import PerfTable, entry_data, gpu_slug, merge_entries, request_key, table_text  # noqa: F401 (gpu_slug re-exported)
 from registry.schema import KernelSpec, StrictModel
 from registry.vocab import Arch, Op, Solution
@@ -44,6 +45,10 @@ if TYPE_CHECKING:
 
 SIZE_FIELDS = ("batch", "kv_len", "new_len")
 """Sizes of a bench case: requests in the batch, KV tokens per request (new ones included), new tokens (mha_extend)."""
+
+MAX_CASES = 4096
+"""Most cases one bench run (a grid or a suite) may hold: each takes about a second on a GPU, and the
+cases are built before timing starts (two axes of 3,000 values were 3.7 GB before the first timing)."""
 
 
 
@@ -104,8 +109,24 @@ def make_case(op: Any, arch: Any, fields: Mapping[str, Any]) -> BenchCase:
     return BenchCase(request, batch, kv[0], new_len)
 
 
+def grid_size(axes: Mapping[str, Sequence[Any]]) -> int:
+    """How many cases the cartesian product of ``axes`` holds, counted without building them."""
+    return math.prod(len(v) for v in axes.values())
+
+
+def check_grid_size(axes: Mapping[str, Sequence[Any]], already: int = 0, where: str = "the grid") -> int:
+    """``already`` plus the grid's cases; RequestError before anything is built when that passes MAX_CASES."""
+    total = already + grid_size(axes)
+    if total > MAX_CASES:
+        shape = " x ".join(f"{len(v):,} {k}" for k, v in axes.items() if len(v) > 1) or "one case each"
+        raise RequestError(f"{where} has {total:,} cases ({shape}), over the limit of {MAX_CASES:,} for one run; "
+                           f"time it in several runs (they merge into one table)")
+    return total
+
+
 def grid(op: Any, arch: Any, fixed: Mapping[str, Any], axes: Mapping[str, Sequence[Any]]) -> list[BenchCase]:
     """The cartesian product of ``axes`` (request fields or sizes), each point on top of ``fixed``."""
+    check_grid_size(axes)
     names = list(axes)
     return [make_case(op, arch, {**fixed, **dict(zip(names, values))})
             for values in itertools.product(*(axes[n] for n in names))]
@@ -157,6 +178,9 @@ def load_suite(path: os.PathLike | str, arch: Any) -> list[BenchCase]:
         suite = Suite.model_validate(data)
     except ValidationError as exc:
         raise KernelselError("invalid suite:\n" + "\n".join(validation_problems(exc, marks, filename))) from None
+    total = 0
+    for i, g in enumerate(suite.groups):  # counted before any case is built
+        total = check_grid_size({**g.grid, "cases": g.cases or [{}]}, total, where=f"{filename}: the suite")
     cases: list[BenchCase] = []
     for i, g in enumerate(suite.groups):
         points = [dict(c) for c in g.cases] or [{}]
@@ -164,8 +188,9 @@ def load_suite(path: os.PathLike | str, arch: Any) -> list[BenchCase]:
             try:
                 cases += [dataclasses.replace(c, group=g.name) for c in grid(g.op, arch, {**g.request, **point}, g.grid)]
             except RequestError as exc:
-                where = f"groups[{i}] ({g.name})" + (f".cases[{j}]" if g.cases else "")
-                raise KernelselError(f"{path}: {where}: {exc}") from None
+                where = ("groups", i) + (("cases", j) if g.cases else ())
+                raise KernelselError("invalid suite:\n" + located(marks, filename, where, f"({g.name}) "
+                                                                   + "; ".join(exc.problems))) from None
     return cases
 
 
@@ -384,8 +409,12 @@ def environment(manifest: Any, device: str = "cuda", arch: Optional[str] = None)
 
 
 def default_table_path(gpu: str, arch: Arch) -> Path:
-    """``perf/<gpu>-<arch>.yaml`` beside the bundled manifest, e.g. ``perf/nvidia-h200-sm_90.yaml``."""
-    return bundled_perf_dir() / f"{gpu_slug(gpu)}-{arch.value}.yaml"
+    """``perf/<gpu>-<arch>.yaml`` under the current directory, e.g. ``perf/nvidia-h200-sm_90.yaml``.
+
+    Never the bundled tables' directory: on a wheel install that is inside site-packages.  Run from a
+    checkout's root, it is the committed table.
+    """
+    return Path("perf") / f"{gpu_slug(gpu)}-{arch.value}.yaml"
 
 
 # ----------------------------------------------------------------- the table

@@ -66,8 +66,9 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from registry.constraints import Equals, IntRange, OneOf
-from registry.errors import KernelselError
+from registry.errors import KernelselError, brief
 from registry.loader import load_manifest
+from registry.yaml_reader import MAX_BYTES, read_yaml
 from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
 from registry.schema import Features, KernelSpec, Manifest, Shapes
 from registry.vocab import Arch, DType, Op
@@ -85,31 +86,61 @@ class DiffError(KernelselError):
 
 
 def read_manifest(spec: str, *, adapter_allowlist: Optional[Iterable[str]] = None) -> Manifest:
-    """Load a manifest from a path, or from ``REF:PATH`` through ``git show`` (a path on disk wins).
+    """Load a manifest from a path, or from ``REF:PATH`` through git (a path on disk wins).
 
     A git object is shown under its own name (``main:kernels.yaml:41``) in
     every message and origin.  ``adapter_allowlist`` as in ``load_manifest``.
     """
+    if not spec.strip():
+        raise DiffError(f"{spec!r}: an empty argument; give a manifest path or a git object like main:kernels.yaml")
     if Path(spec).exists():
         return load_manifest(spec, adapter_allowlist=adapter_allowlist)
     if ":" not in spec:
-        raise DiffError(f"{spec}: no such file; give a manifest path or a git object like main:kernels.yaml")
-    return load_manifest(spec, text=git_show(spec), adapter_allowlist=adapter_allowlist)
+        raise DiffError(f"{brief(spec)}: no such file; give a manifest path or a git object like main:kernels.yaml")
+    raw = git_show(spec)
+    data, _, _, _ = read_yaml(spec, text=raw)
+    base = data.get("base") if isinstance(data, dict) else None
+    if base is not None and base != "bundled":
+        raise DiffError(f"{brief(spec)}: an overlay read from git can only have base: bundled (its base {brief(base)} "
+                        f"would be read from the working tree, not from the same commit); check out the commit instead")
+    return load_manifest(spec, text=raw, adapter_allowlist=adapter_allowlist)
 
 
-def git_show(spec: str) -> str:
-    """The text of ``REF:PATH`` from git (run in the current directory), or a DiffError saying why not."""
+def git_show(spec: str) -> bytes:
+    """The bytes of the blob ``REF:PATH`` from git (run in the current directory), or a DiffError saying why not.
+
+    ``spec`` is never taken as an option: one starting with ``-`` is refused, and git's options end
+    before it (``--output=FILE`` would make ``git show`` write a file).  The blob's size is checked
+    before it is read; its bytes are decoded by the manifest reader (a non-UTF-8 byte is a located error).
+    """
+    if spec.startswith("-"):
+        raise DiffError(f"{brief(spec)}: starts with '-'; give a manifest path or a git object like main:kernels.yaml")
     git = shutil.which("git")
     if git is None:
-        raise DiffError(f"{spec}: not a file, and git is not installed to read it as REF:PATH")
-    try:
-        proc = subprocess.run([git, "show", spec], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise DiffError(f"{spec}: git show failed: {exc}") from None
-    if proc.returncode != 0:
-        detail = (proc.stderr.strip().splitlines() or ["unknown error"])[0]
-        raise DiffError(f"{spec}: not a file, and git cannot read it as REF:PATH: {detail}")
-    return proc.stdout
+        raise DiffError(f"{brief(spec)}: not a file, and git is not installed to read it as REF:PATH")
+
+    def cat_file(*args: str) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run([git, "cat-file", *args, "--end-of-options", spec], capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise DiffError(f"{brief(spec)}: git failed: {exc}") from None
+
+    size = cat_file("-s")
+    if size.returncode != 0:
+        detail = (size.stderr.decode("utf-8", "replace").strip().splitlines() or ["unknown error"])[0]
+        raise DiffError(f"{brief(spec)}: not a file, and git cannot read it as REF:PATH: {detail}")
+    if int(size.stdout.strip() or 0) > MAX_BYTES:
+        raise DiffError(f"{brief(spec)}: {int(size.stdout):,} bytes, over the {MAX_BYTES // (1024 * 1024)} MiB limit of a manifest")
+    blob = cat_file("blob")
+    if blob.returncode != 0:
+        detail = (blob.stderr.decode("utf-8", "replace").strip().splitlines() or ["unknown error"])[0]
+        raise DiffError(f"{brief(spec)}: not a file in git (REF:PATH names a {_object_type(git, spec)}): {detail}")
+    return blob.stdout
+
+
+def _object_type(git: str, spec: str) -> str:
+    proc = subprocess.run([git, "cat-file", "-t", "--end-of-options", spec], capture_output=True, timeout=60)
+    return proc.stdout.decode("utf-8", "replace").strip() or "non-blob object"
 
 
 # ------------------------------------------------------------ request space

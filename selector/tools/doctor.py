@@ -181,6 +181,9 @@ def diagnose(*, arch: Optional[str] = None, manifest_path: Optional[str] = None,
         return report
     report["manifest"] = {"path": manifest.path, "source": source, "schema_version": manifest.schema_version,
                           "kernels": len(manifest.kernels), "digest": manifest.digest}
+    problems = overrides.problems(manifest)  # e.g. KERNELSEL_DISABLE=nope: every selection would fail
+    if problems:
+        report["overrides_error"] = "; ".join(filter(None, [report.get("overrides_error"), *problems]))
     dists = required_distributions(manifest.solutions)
     report["libraries"] = _libraries(list(dists) + list(CORE), _imports(manifest))
     report["perf"] = _perf(overrides, gpu_name if target is None else "", target or gpu_arch)
@@ -200,7 +203,7 @@ def _libraries(distributions: list[str], imports: dict[str, str]) -> dict[str, A
 
 
 def exit_status(report: dict[str, Any]) -> int:
-    """0 normally; 1 when the manifest (or a perf table or override it names) does not load."""
+    """0 normally; 1 when the manifest, the perf table or an override does not load or does not fit the manifest."""
     bad = "error" in report.get("manifest", {}) or "error" in report.get("perf", {}) or "overrides_error" in report
     return 1 if bad else 0
 

@@ -240,9 +240,52 @@ def test_git_objects_are_read_with_git_show_and_named_by_their_ref(cli, tmp_path
     assert "mha_decode/mha_extend with solution=flashinfer: loses all candidates" in out
 
     code, _, err = cli("diff", "no-such-ref:kernels.yaml", "kernels.yaml")
-    assert code == 2 and re.search(r"^kernelsel diff: no-such-ref:kernels\.yaml: not a file, and git cannot read it", err)
+    assert code == 2 and re.search(r"^kernelsel diff: 'no-such-ref:kernels\.yaml': not a file, and git cannot read it", err)
     code, _, err = cli("diff", "HEAD:missing.yaml", "kernels.yaml")
     assert code == 2 and "missing.yaml" in err and "Traceback" not in err
+
+
+def _repo(tmp_path: pathlib.Path, files: dict[str, bytes]) -> pathlib.Path:
+    """A git repository with one commit holding ``files``."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=kernelsel", "-c", "user.email=kernelsel@example.invalid", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    for name, data in files.items():
+        (repo / name).write_bytes(data)
+    subprocess.run(git + ["add", *files], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "base"], cwd=repo, check=True)
+    return repo
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+@pytest.mark.parametrize("ref", ["--output={out}", "--output={out}:x", "-o{out}:x", "--textconv", "-p"])
+def test_a_ref_is_never_an_option_to_git(cli, tmp_path, monkeypatch, ref):
+    """``git show --output=FILE`` writes a file: a ref that starts with '-' is refused and nothing is written."""
+    repo = _repo(tmp_path, {"kernels.yaml": BUNDLED.read_bytes()})
+    monkeypatch.chdir(repo)
+    out = tmp_path / "written"
+    code, _, err = cli("diff", "--", ref.format(out=out), "kernels.yaml")
+    assert code == 2 and ("starts with '-'" in err or "no such file" in err), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not list(tmp_path.glob("written*")), "git was handed the ref as an option"
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_a_git_blob_that_is_not_utf8_is_a_located_error(cli, tmp_path, monkeypatch):
+    repo = _repo(tmp_path, {"k.yaml": b"schema_version: 1\nx: \"\xe9\"\n"})
+    monkeypatch.chdir(repo)
+    code, _, err = cli("diff", "HEAD:k.yaml", "k.yaml")
+    assert code == 2 and err == ("kernelsel diff: BASE: HEAD:k.yaml:2:5: not UTF-8: byte 0xe9 cannot be decoded "
+                                 "(invalid continuation byte); save the file as UTF-8\n")
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_an_overlay_from_git_with_a_path_base_is_refused_not_mixed_with_the_working_tree(cli, tmp_path, monkeypatch):
+    repo = _repo(tmp_path, {"kernels.yaml": BUNDLED.read_bytes(), "ov.yaml": b"base: kernels.yaml\ndisable: [triton-mha-decode]\n"})
+    monkeypatch.chdir(repo)
+    code, _, err = cli("diff", "HEAD:ov.yaml", "kernels.yaml")
+    assert code == 2 and err.startswith("kernelsel diff: 'HEAD:ov.yaml': an overlay read from git can only have base: bundled")
 
 
 def test_a_path_on_disk_wins_over_a_git_object(tmp_path, monkeypatch, base):
@@ -255,7 +298,7 @@ def test_a_path_on_disk_wins_over_a_git_object(tmp_path, monkeypatch, base):
 
 def test_bad_arguments_exit_2_with_a_message(cli, base):
     code, _, err = cli("diff", "nowhere.yaml", base)
-    assert code == 2 and err.startswith("kernelsel diff: nowhere.yaml: no such file")
+    assert code == 2 and err.startswith("kernelsel diff: 'nowhere.yaml': no such file")
     code, _, err = cli("diff", base, base, "--json", "--markdown")
     assert code == 2 and "not both" in err
 
