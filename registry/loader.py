@@ -218,7 +218,7 @@ def load_perf_table(path: os.PathLike | str, *, text: Optional[str] = None) -> "
         table = PerfTable.model_validate(data)
     except ValidationError as exc:
         raise ManifestError(validation_problems(exc, marks, filename)) from None
-    table._path = filename
+    table._path, table._marks = filename, marks
     return table
 
 

@@ -19,7 +19,7 @@ import click
 import yaml
 
 from registry.errors import KernelselError, ManifestError, RequestError, brief
-from registry.loader import load_manifest
+from registry.loader import load_manifest, load_perf_table
 from registry.perf_policy import PERF_OFF, choose_perf_table
 from registry.priority import band_name
 from registry.provenance import provenance
@@ -28,6 +28,7 @@ from registry.schema import Manifest
 from registry.vocab import Backend, DType, Op, Solution, did_you_mean, parse_arch, parse_dtype
 from selector.api import Selector
 from selector.overrides import ENV_MANIFEST, ENV_PERF, Overrides
+from selector.perf_check import perf_table_problems
 from selector.platform import NVIDIA_SMI, Platform, detect_gpus, installed_versions, required_distributions
 from registry.perf import PerfTable, overlay
 from selector.tools.tune import DEFAULT_BATCHES, DEFAULT_KV_LENS, DEFAULT_NEW_LENS
@@ -172,11 +173,11 @@ def _request_message(exc: RequestError) -> str:
     return "; ".join(parts)
 
 
-def _manifest_failure(exc: ManifestError, source: str) -> Failure:
+def _manifest_failure(exc: ManifestError, source: str, lister: str = "kernelsel validate") -> Failure:
     """The first problem on one line, the count of the rest, and where to see them all."""
     first = exc.problems[0] if exc.problems else str(exc)
     more = len(exc.problems) - 1
-    tail = f" (and {more} more problem{'s' if more != 1 else ''}; `kernelsel validate` lists them all)" if more > 0 else ""
+    tail = f" (and {more} more problem{'s' if more != 1 else ''}; `{lister}` lists them all)" if more > 0 else ""
     return Failure(f"{source}: {first}{tail}", EXIT_USAGE)
 
 
@@ -287,11 +288,20 @@ def _build(op: Optional[str], kw: dict) -> tuple[Selector, KernelRequest]:
     if op is not None:
         fields["op"] = op
     flag = "--perf" if kw.get("perf_path") else ENV_PERF
+    setting = kw.get("perf_path") or overrides.perf
     try:  # the device name is known only for a detected GPU: a hypothetical --arch has no committed table
-        perf = choose_perf_table(kw.get("perf_path") or overrides.perf, platform.device_name, platform.arch,
-                                 setting_name=flag).table
+        choice = choose_perf_table(setting, platform.device_name, platform.arch, setting_name=flag)
+        perf = choice.table
+        if perf is not None and choice.source == flag:  # a table the user names must fit the manifest
+            problems = perf_table_problems(perf, manifest)
+            if problems:
+                raise ManifestError(problems)
     except ManifestError as exc:
-        raise _manifest_failure(exc, flag) from None
+        raise _manifest_failure(exc, flag, f"kernelsel validate --perf {setting}") from None
+    if kw.get("perf_path") and perf is not None and perf.arch is not platform.arch:
+        raise Failure(f"--perf: {perf.path} was recorded on {perf.arch.value} ({perf.gpu}), the request is for "
+                      f"{platform.arch.value}: give a table recorded on {platform.arch.value}, or leave --perf out",
+                      EXIT_USAGE)
     off = (kw.get("perf_path") or overrides.perf or "").strip().lower() == PERF_OFF
     if platform.device_name and not off:  # this GPU: what it tuned ranks too, as in the runtime
         from selector.tuning import TuneCache, TuningError, cache_dir, software_key
@@ -409,11 +419,14 @@ def _plain(data: Any) -> Any:
 
 @cli.command()
 @click.argument("path", nargs=-1, type=_FilePath(exists=True, readable=True))
+@click.option("--perf", "perf_paths", multiple=True, type=_FilePath(exists=True, readable=True),
+              help="also check this perf table against each manifest (repeat)")
 @allow_adapter_option
-def validate(path: tuple[str, ...]) -> None:
+def validate(path: tuple[str, ...], perf_paths: tuple[str, ...]) -> None:
     """Check manifests (default: the bundled one); print every problem as file:line:col: path: message (exit 1 if any).
 
-    Takes several paths, so a pre-commit hook can pass every changed manifest at once.
+    Takes several paths, so a pre-commit hook can pass every changed manifest at once.  With --perf, each
+    perf table must load and fit each manifest (known kernels of the entry's op, buckets a request can fall in).
     """
     allow = _adapter_allowlist()
     count = 0
@@ -427,6 +440,18 @@ def validate(path: tuple[str, ...]) -> None:
             continue
         click.echo(f"{manifest.path}: ok ({len(manifest.kernels)} kernels, schema {manifest.schema_version}, "
                    f"sha {manifest.digest})")
+        for table_path in perf_paths:
+            try:
+                table = load_perf_table(table_path)
+                problems = perf_table_problems(table, manifest)
+            except ManifestError as exc:
+                problems = exc.problems
+            for problem in problems:
+                click.echo(problem, err=True)
+            count += len(problems)
+            if not problems:
+                click.echo(f"{table.path}: ok ({len(table.entries)} buckets, {table.gpu}, {table.arch.value}; "
+                           f"fits {manifest.path})")
     if count:
         click.echo(f"{count} problem{'s' if count != 1 else ''}", err=True)
         sys.exit(EXIT_INVALID)

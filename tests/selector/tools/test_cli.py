@@ -87,6 +87,20 @@ def test_validate_takes_several_paths_and_reports_each(cli, tmp_path, monkeypatc
     assert cli("validate", good, ROOT / "kernels.yaml")[0] == 0
 
 
+def test_validate_perf_checks_a_table_against_the_manifest_and_lists_every_problem(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code, out, _ = cli("validate", "--perf", "perf/nvidia-h200-sm_90.yaml")
+    assert code == 0 and re.search(r"^perf/nvidia-h200-sm_90\.yaml: ok \(\d+ buckets, NVIDIA H200, sm_90; fits kernels\.yaml\)$",
+                                   out, re.M)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("schema_version: 1\ngpu: x\narch: sm_90\nentries:\n"
+                   "- {op: mha_decode, shape: {q_dtype: bf16}, median_us: {triton-mha-decod: 1, triton-mla-decode: 2}}\n")
+    code, _, err = cli("validate", "--perf", bad)
+    assert code == 1 and err.splitlines()[-1] == "3 problems"
+    assert [line.split(": ", 2)[1] for line in err.splitlines()[:-1]] == [
+        "entries[0].median_us.triton-mha-decod", "entries[0].median_us.triton-mla-decode", "entries[0].shape"]
+
+
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs the git checkout")
 def test_the_pre_commit_hooks_run_as_pre_commit_runs_them(tmp_path):
     """Each hook's entry with its args and, when pass_filenames, every tracked file its pattern matches."""

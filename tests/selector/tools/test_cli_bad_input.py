@@ -59,6 +59,12 @@ BAD = [
     (E + ["--perf", " "], r"kernelsel explain: --perf: an empty path; leave the option out for the default$"),
     (E + ["--perf", "{missing}"], r"kernelsel explain: --perf: .*missing\.yaml: cannot read perf table: No such file or directory"),
     (E + ["--perf", "{badperf}"], r"kernelsel explain: --perf: .*badperf\.yaml:4:\d+: entries\[0\]\.shape\.q_dtype: 'bf17' is not one of"),
+    (E + ["--perf", "{unknownperf}"], r"kernelsel explain: --perf: .*unknownperf\.yaml:5:\d+: entries\[0\]\.median_us\.triton-mha-decod: "
+                                      r"no kernel named 'triton-mha-decod' in kernels\.yaml \(did you mean 'triton-mha-decode'\?\) "
+                                      r"\(and 1 more problem; `kernelsel validate --perf \S+unknownperf\.yaml` lists them all\)$"),
+    (["explain", "--op", "mha_decode", "--arch", "sm_100", "--perf", "perf/nvidia-h200-sm_90.yaml"],
+     r"kernelsel explain: --perf: perf/nvidia-h200-sm_90\.yaml was recorded on sm_90 \(NVIDIA H200\), the request is for "
+     r"sm_100: give a table recorded on sm_100, or leave --perf out$"),
     (E + ["--allow-adapter", "os"], r"kernelsel explain: --allow-adapter: 'os' is in the standard library"),
     (E + ["--allow-adapter", "a/b"], r"kernelsel explain: --allow-adapter: 'a/b' is not a module prefix like mycompany\.kernels"),
     (["plan", "--op", "mha_decode"], r"kernelsel plan: no such option --op"),
@@ -135,10 +141,13 @@ def files(tmp_path_factory):
     (d / "binary.yaml").write_bytes(b"schema_version: \xff\n")
     valid = (ROOT / "tests/registry/broken/_valid.yaml").read_text()
     (d / "broken.yaml").write_text(valid.replace("op: mha_decode", "op: mha_decod").replace("priority: 5", "priority: 99"))
+    (d / "unknownperf.yaml").write_text("schema_version: 1\ngpu: x\narch: sm_90\nentries:\n"
+                                        "- {op: mha_decode, shape: {q_dtype: bf16}, median_us: {triton-mha-decod: 1}}\n")
     (d / "badperf.yaml").write_text("schema_version: 1\ngpu: x\narch: sm_90\n"
                                     "entries: [{op: mha_decode, shape: {q_dtype: bf17}, median_us: {a: 1}}]\n")
     return {"missing": d / "missing.yaml", "dir": d / "dir.yaml", "dup": d / "dup.yaml", "binary": d / "binary.yaml",
-            "broken": d / "broken.yaml", "badperf": d / "badperf.yaml", "nodir": d / "nodir" / "x", "digits": "9" * 5000, "config": d / "config.json",
+            "broken": d / "broken.yaml", "badperf": d / "badperf.yaml", "unknownperf": d / "unknownperf.yaml",
+            "nodir": d / "nodir" / "x", "digits": "9" * 5000, "config": d / "config.json",
             "many": ",".join(str(i) for i in range(1, 3001))}
 
 
