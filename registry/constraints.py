@@ -140,19 +140,25 @@ def shape_constraint(raw: Any) -> Any:
     raise ValueError(f"expected a list of allowed integers or a mapping with min/max/multiple_of/power_of_two, got {brief(raw)}")
 
 
-def check_reachable(field: str, constraint: Any, lowest: int) -> None:
-    """ValueError unless ``constraint`` admits some value >= ``lowest`` (the field's smallest request value).
+def check_reachable(field: str, constraint: Any, lowest: int, highest: int) -> None:
+    """ValueError unless ``constraint`` admits some value in ``lowest..highest`` (what a request can give).
 
-    A list value or a range below what any request can give would silently
+    A list value or a range outside what any request can give would silently
     never match, so a kernel (or an exclusion) would be dead without a word.
     """
     if isinstance(constraint, OneOf):
         low = [v for v in constraint.values if _is_int(v) and v < lowest]
         if low:
             raise ValueError(f"{_fmt(low[0])} is below {lowest}, the smallest {field} a request can give")
-    elif isinstance(constraint, IntRange) and constraint.first_allowed(lowest) is None:
-        written = ", ".join(f"{k}: {str(v).lower()}" for k, v in constraint.model_dump(exclude_defaults=True).items())
-        raise ValueError(f"{{{written}}} admits no {field} >= {lowest}: no request can match it")
+        high = [v for v in constraint.values if _is_int(v) and v > highest]
+        if high:
+            raise ValueError(f"{brief(high[0])} is above {highest}, the largest {field} a request can give")
+    elif isinstance(constraint, IntRange):
+        first = constraint.first_allowed(lowest)
+        if first is None or first > highest:
+            written = ", ".join(f"{k}: {str(v).lower()}" for k, v in constraint.model_dump(exclude_defaults=True).items())
+            raise ValueError(f"{{{written}}} admits no {field} a request can give ({lowest}..{highest}): "
+                             f"no request can match it")
 
 
 def value_set(raw: Any, allowed: list[str], what: str) -> OneOf:

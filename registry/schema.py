@@ -48,7 +48,7 @@ from registry.constraints import (
     shape_constraint,
     value_set,
 )
-from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP, shape_minimum
+from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP, SHAPE_MAXIMUM, shape_minimum
 from registry.errors import brief
 from registry.priority import PRIORITY_MAX, Band, band_of
 from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean
@@ -185,7 +185,7 @@ class Shapes(StrictModel):
     @classmethod
     def _reachable(cls, v: Any, info: ValidationInfo) -> Any:
         """A value or range no request can give would make the kernel silently unreachable."""
-        check_reachable(info.field_name, v, shape_minimum(info.field_name))
+        check_reachable(info.field_name, v, shape_minimum(info.field_name), SHAPE_MAXIMUM)
         return v
 
 
@@ -230,7 +230,7 @@ def _when_value(field: str, raw: Any) -> Any:
             raise ValueError(f"expected true or false, got {brief(raw)}")
         return OneOf(values=(raw,))
     constraint = shape_constraint(raw)
-    check_reachable(field, constraint, shape_minimum(field))  # else the exclusion could never match
+    check_reachable(field, constraint, shape_minimum(field), SHAPE_MAXIMUM)  # else the exclusion could never match
     return constraint
 
 
@@ -426,6 +426,28 @@ class KernelSpec(StrictModel):
                 f"{solution.value}: reference kernels take 0..3 and only they do"
             )
         return priority
+
+    @model_validator(mode="after")
+    def _no_exclusion_covers_everything(self) -> "KernelSpec":
+        """An exclusion matching every request the kernel admits makes it a kernel that can never be chosen."""
+        for i, e in enumerate(self.exclude):
+            if all(self._admitted(f) is not None and self._admitted(f) <= set(c.values) for f, c in e.when.items()
+                   if isinstance(c, OneOf)) and all(isinstance(c, OneOf) for c in e.when.values()):
+                raise ValueError(f"exclude[{i}].when matches every request this kernel admits "
+                                 f"({e.describe()}): it could never be chosen")
+        return self
+
+    def _admitted(self, field: str) -> Optional[set]:
+        """Every value of ``field`` the kernel admits, when that is a finite known set (else None)."""
+        if field == "arch":
+            return set(self.arch.members())
+        if field in DTypes.model_fields:
+            c = getattr(self.dtypes, field)
+            return set(c.values) if c is not None else set(DType)
+        if field in Features.model_fields:
+            return {False, True} if getattr(self.features, field) else {False}
+        c = getattr(self.shapes, field, None)
+        return set(c.values) if isinstance(c, OneOf) else None
 
     @property
     def origin(self) -> str:

@@ -13,12 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from registry.contracts import output_dtype
 from registry.errors import RequestError, brief
-from registry.ops import FEATURE_FIELDS_BY_OP, MLA_OPS, RAGGED_OPS, SHAPE_FIELDS_BY_OP, mla_dims_from_head_dims, shape_minimum
+from registry.ops import (FEATURE_FIELDS_BY_OP, MLA_OPS, RAGGED_OPS, SHAPE_FIELDS_BY_OP, SHAPE_MAXIMUM,
+                          mla_dims_from_head_dims, shape_minimum)
 from registry.perf import bucket
 from registry.schema import Features, Shapes
 from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean, parse_arch, parse_dtype
 
-MAX_INT = 2**63 - 1
+MAX_INT = SHAPE_MAXIMUM
 """Largest shape a request may give (an int64); a larger one is an error, not a number to format."""
 
 

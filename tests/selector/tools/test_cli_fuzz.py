@@ -59,25 +59,33 @@ INTS = st.sampled_from([1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 576, 1024, 4096])
 FILES = st.sampled_from(list(INPUTS) + ["out.txt"])
 
 
+BAD_INTS = st.sampled_from(["0", "-1", "9" * 30, "9" * 5000, "\u00b2", "\u0669", "1e3", "16.0", "", " ", "a,b", ","])
+BAD_FILES = st.sampled_from(["", " ", "missing.yaml", "subdir", "nodir/x", "-", "--output=x:y", "HEAD:", "HEAD:kernels.yaml"])
+BAD_WORDS = st.sampled_from(["", " ", "tpu", "sm_95", "9" * 5000, "x\n", "-x", "\u00e9", "bf17", "a,,b"])
+
+
 def _typed(option: click.Option) -> st.SearchStrategy:
-    """A value of the option's own type (a choice, an integer, a file, a word), or a comma list of them."""
+    """A value of the option's own type (a choice, an integer, a file, a word) -- or a wrong one for that type."""
     t = option.type
-    if isinstance(t, click.Choice):
-        return st.sampled_from([str(c) for c in t.choices])
-    if isinstance(t, (click.types.IntParamType, click.IntRange)):
-        return INTS
-    if isinstance(t, click.Path):
-        return FILES
     name = option.name or ""
-    if "dtype" in name:
-        return st.sampled_from(DType.values() + ["fp8", "bfloat16"]) | st.lists(st.sampled_from(DType.values()), min_size=1, max_size=3).map(",".join)
-    if name in ("arch",):
-        return st.sampled_from(Arch.values() + ["9.0", "sm90"])
-    if name in ("kernel", "kernels"):
-        return st.sampled_from([k.name for k in MANIFEST.kernels])
-    if name in ("device",):
-        return st.sampled_from(["cpu", "cuda", "cuda:1"])
-    return st.lists(INTS, min_size=1, max_size=3).map(",".join) | st.sampled_from(WORDS)
+    if isinstance(t, click.Choice):
+        good, bad = st.sampled_from([str(c) for c in t.choices]), st.sampled_from([str(c)[:-1] for c in t.choices]) | BAD_WORDS
+    elif isinstance(t, (click.types.IntParamType, click.IntRange)):
+        good, bad = INTS, BAD_INTS
+    elif isinstance(t, click.Path):
+        good, bad = FILES, BAD_FILES
+    elif "dtype" in name:
+        good = st.sampled_from(DType.values() + ["fp8", "bfloat16"]) | st.lists(st.sampled_from(DType.values()), min_size=1, max_size=3).map(",".join)
+        bad = BAD_WORDS
+    elif name == "arch":
+        good, bad = st.sampled_from(Arch.values() + ["9.0", "sm90"]), BAD_WORDS | BAD_INTS
+    elif name in ("kernel", "kernels"):
+        good, bad = st.sampled_from([k.name for k in MANIFEST.kernels]), BAD_WORDS
+    elif name == "device":
+        good, bad = st.sampled_from(["cpu", "cuda", "cuda:1"]), BAD_WORDS
+    else:
+        good, bad = st.lists(INTS, min_size=1, max_size=3).map(",".join) | st.sampled_from(WORDS), BAD_INTS | BAD_WORDS
+    return st.one_of(good, good, bad)
 
 
 BASE = {  # a valid start for each command, so the draws reach past the first check
@@ -156,7 +164,7 @@ def _env(device, arch):
     return BenchEnvironment(device, "cpu", platform.arch, platform, {})
 
 
-@examples(150)
+@examples(200)
 @given(args=argv())
 def test_any_argv_exits_with_a_documented_code_and_one_line_for_bad_input(cli, stubbed, tmp_path, args):
     for name, source in INPUTS.items():  # fresh inputs: an earlier example may have written over one (--out)
