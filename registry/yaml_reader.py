@@ -267,6 +267,11 @@ class Marks:
             for i, v in enumerate(node.value):
                 self._walk(v, loc + (i,))
 
+    def __eq__(self, other: object) -> bool:  # by value: a model holding marks stays equal after pickling
+        return isinstance(other, Marks) and (self.marks, self.keys) == (other.marks, other.keys)
+
+    __hash__ = None  # type: ignore[assignment]
+
     def resolve(self, loc: Loc) -> tuple[Loc, tuple[int, int]]:
         """The longest YAML path along ``loc`` (skipping model-internal parts) and its mark."""
         found: Loc = ()

@@ -29,14 +29,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Se
 
 from pydantic import Field, ValidationError
 
-from registry.errors import KernelselError, ManifestError, RequestError
+from registry.errors import KernelselError, ManifestError, RequestError, brief
 from registry.ops import RAGGED_OPS
 from registry.loader import load_perf_table
 from registry.yaml_reader import located, read_yaml, validation_problems
 from registry.perf import PerfTable, entry_data, gpu_slug, merge_entries, request_key, table_text  # noqa: F401 (gpu_slug re-exported)
 from registry.schema import KernelSpec, StrictModel
 from registry.vocab import Arch, Op, Solution
-from selector.request import KernelRequest
+from selector.request import MAX_INT, KernelRequest
 from selector.timing import DEFAULT_REPEATS, DEFAULT_WARMUP, CudaTimer, Timer, Timing, WallTimer, default_timer  # noqa: F401 (re-exported for bench scripts)
 
 if TYPE_CHECKING:
@@ -97,6 +97,15 @@ def make_case(op: Any, arch: Any, fields: Mapping[str, Any]) -> BenchCase:
     sizes = {f: fields.pop(f, None) for f in SIZE_FIELDS}
     if "batch_size" in fields:
         raise RequestError("give the batch as batch (the size run); the request's batch_size bucket follows from it")
+    for given in ("op", "arch"):
+        if given in fields:
+            raise RequestError(f"{given} is set by the {'group' if given == 'op' else 'run (--arch or the GPU)'}, "
+                               f"not by a case's fields", [f"request.{given}: set by the "
+                                                           f"{'group' if given == 'op' else 'run (--arch or the GPU)'}, not here"])
+    for name, size in sizes.items():  # sizes are run, not only bucketed: whole numbers, as written
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_INT):
+            raise RequestError(f"{name}: expected a positive whole number, got {brief(size)}",
+                               [f"{name}: expected a positive whole number, got {brief(size)}"])
     batch = sizes["batch"] if sizes["batch"] is not None else 1
     kv_len = sizes["kv_len"]
     if kv_len is None and str(getattr(op, "value", op)) == Op.MHA_PREFILL.value:
@@ -285,7 +294,14 @@ def time_case(
     result = CaseResult(case, not_eligible=not_eligible)
     if not specs and not extra:
         return result
-    work = make_workload(case.request, device=device, seed=seed, **case.sizes())
+    try:
+        work = make_workload(case.request, device=device, seed=seed, **case.sizes())
+    except Exception as exc:  # noqa: BLE001 - too large for this device, say: every kernel of the case fails
+        _release(device)
+        why = _error_text("the workload", exc)
+        result.kernels = [KernelTiming(spec.name, error=why) for spec in specs]
+        result.extra = [KernelTiming(name, error=why) for name in (extra or {})]
+        return result
     result.kv_bytes = work.kv_bytes
     try:
         for spec in specs:
@@ -313,8 +329,7 @@ def _time_one(name: str, build: Callable[[], Callable[[], Any]], kv_bytes: int, 
         timing = timer(build())
     except Exception as exc:  # noqa: BLE001 - a kernel that fails here is reported and skipped, not a crash
         _release(device)
-        text = str(exc).strip().splitlines()
-        return KernelTiming(name, error=f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": "))
+        return KernelTiming(name, error=_error_text("", exc))
     us = max(timing.us, 1e-3)
     return KernelTiming(name, median_us=us, tbps=kv_bytes / us / 1e6 if kv_bytes else None, mode=timing.mode)
 
@@ -338,6 +353,12 @@ def copy_bandwidth(device: str, timer: Timer, nbytes: int = 1 << 30) -> Optional
         src = dst = None
         _release(device)
     return 2 * nbytes / us / 1e6
+
+
+def _error_text(what: str, exc: BaseException) -> str:
+    """``[what: ]Type: first line`` of an exception, cut short, for a timing's error."""
+    text = str(exc).strip().splitlines()
+    return (f"{what}: " if what else "") + f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
 
 
 def _release(device: str) -> None:

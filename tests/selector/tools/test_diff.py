@@ -7,6 +7,7 @@ manifests built from its own solutions and adapters), never restated facts.
 from __future__ import annotations
 
 import copy
+import os
 import itertools
 import json
 import pathlib
@@ -417,3 +418,37 @@ def test_the_enumeration_reaches_every_outcome_with_equals_across_field_groups(t
         if any(eligible):
             swept.add(eligible)
     assert len(swept) > 2 and swept <= reached, sorted(swept - reached)
+
+
+# ------------------------------------------------------------- fuzzing git refs
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+REF_PARTS = st.sampled_from(["-", "--", "--output=", "-o", "--textconv", "--ext-diff", "HEAD", "HEAD~1", "main", "@{-1}",
+                             ":", "::", "kernels.yaml", "ov.yaml", "bin.yaml", "../", "/etc/passwd", " ", "\u00e9", "^{tree}",
+                             "x:y", "\\", "*", "?", "$(touch pwned)", ";touch pwned", "`touch pwned`", "pwned"])
+REFS = st.lists(REF_PARTS | st.text(max_size=4).filter(lambda t: "\x00" not in t), min_size=1, max_size=5).map("".join)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+@settings(max_examples=int(os.environ.get("KERNELSEL_PROPERTY_EXAMPLES", 80)), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=REFS)
+def test_any_ref_reads_a_manifest_or_fails_cleanly_and_writes_nothing(tmp_path_factory, spec):
+    from registry.errors import KernelselError
+
+    root = tmp_path_factory.mktemp("refs")
+    repo = _repo(root, {"kernels.yaml": BUNDLED.read_bytes(), "ov.yaml": b"base: kernels.yaml\n",
+                        "bin.yaml": b"schema_version: 1\nx: \"\xff\"\n"})
+    before = sorted(p.relative_to(root) for p in root.rglob("*") if ".git" not in p.parts)
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        read_manifest(spec)
+    except KernelselError as exc:
+        assert "Traceback" not in str(exc)
+    finally:
+        os.chdir(cwd)
+    after = sorted(p.relative_to(root) for p in root.rglob("*") if ".git" not in p.parts)
+    assert after == before, f"{spec!r} made git write {set(after) - set(before)}"
