@@ -31,7 +31,7 @@ import sys
 import threading
 from typing import Any, Mapping, Optional
 
-from registry.errors import RequestError
+from registry.errors import KernelselError, ManifestError, RequestError, brief
 from registry.loader import load_manifest
 from registry.perf import PerfTable, overlay
 from registry.perf_policy import PERF_OFF, choose_perf_table
@@ -39,6 +39,7 @@ from registry.schema import Manifest
 from registry.vocab import Arch
 from selector.availability import UNAVAILABLE, UnavailableKernels, probe
 from selector.overrides import ENV_PERF, Overrides
+from selector.perf_check import perf_table_problems
 from selector.platform import TORCH, Gpu, Platform, detect_gpus, installed_versions, required_distributions
 from selector.request import KernelRequest
 from selector.selection import KernelUnavailableError, NoKernelError, Selection
@@ -106,6 +107,9 @@ class Selector:
         libraries = installed_versions(required_distributions(manifest.solutions))
         # the arch (and the GPU's committed perf table) is found through torch only when needed: see solve()
         perf = choose_perf_table(overrides.perf, setting_name=ENV_PERF)
+        problems = perf_table_problems(perf.table, manifest) if perf.table is not None else []
+        if problems:  # a table KERNELSEL_PERF names must fit the manifest
+            raise ManifestError(problems)
         off = overrides.perf is not None and overrides.perf.strip().lower() == PERF_OFF
         return cls(manifest, Platform(arch=None, libraries=libraries, detected=True), overrides, perf.table,
                    auto_perf=perf.needs_gpu, tune=overrides.tune and not off, tuned_tables=not off)
@@ -142,7 +146,7 @@ class Selector:
             hit = self._cache.get(request)
             if hit is not None:  # another thread solved it while this one waited
                 return hit
-            full = self.complete(request)
+            full = self.complete(require_request(request))
             torch_loaded = request.arch is None or "torch" in sys.modules
             if self._auto_perf and torch_loaded:
                 self._auto_perf = False  # never import torch just for this: engines have it loaded already
@@ -264,10 +268,17 @@ class Selector:
         first rank tunes the bucket and every rank takes its times
         (``agree_on_tuning``), so no two ranks rank by different timings.
         """
+        require_request(request)
         tuning = self.tune if tune is None else tune
         if group is not None:
             key = (request, group)
-            hit = self._agreed.get(key)
+            try:
+                hit = self._agreed.get(key)
+            except TypeError:  # an unhashable group is no process group: say what is
+                from selector.distributed import check_group
+
+                check_group(group)
+                raise
             if hit is not None:
                 return hit
             with self._group_lock:  # not self._lock: other threads' cache misses go on during the collective
@@ -397,18 +408,66 @@ _LOCK = threading.Lock()
 
 
 def default_selector() -> Selector:
+    """The selector built from the environment, once (``reset()`` forgets it).
+
+    Returns the one it read or built, never the global read again: ``reset()``
+    in another thread in between would make that None.
+    """
     global _DEFAULT
-    if _DEFAULT is None:
+    selector = _DEFAULT
+    if selector is None:
         with _LOCK:
-            if _DEFAULT is None:
-                _DEFAULT = Selector.from_env()
-    return _DEFAULT
+            selector = _DEFAULT
+            if selector is None:
+                selector = _DEFAULT = Selector.from_env()
+    return selector
 
 
 def reset() -> None:
-    """Forget the default context: the manifest, platform and environment are read again on next use."""
+    """Forget the default context: the manifest, platform and environment are read again on next use.
+
+    Threads selecting meanwhile finish with the selector they already hold.
+    """
     global _DEFAULT
-    _DEFAULT = None
+    with _LOCK:
+        _DEFAULT = None
+
+
+def _request_of(request: Any, fields: dict[str, Any]) -> KernelRequest:
+    """The request to select for: the KernelRequest given, or one built from keyword fields."""
+    if request is None:
+        return KernelRequest(**fields)
+    if fields:
+        raise RequestError(f"pass either a KernelRequest or keyword fields, not both (got {', '.join(fields)})")
+    return require_request(request)
+
+
+def require_request(request: Any) -> KernelRequest:
+    """``request`` if it is a KernelRequest, else a RequestError saying what select_kernel takes."""
+    if not isinstance(request, KernelRequest):
+        raise RequestError(f"select_kernel takes a KernelRequest or keyword fields (select_kernel(op='mha_decode', "
+                           f"arch='sm_90', ...)), got {type(request).__name__} {brief(request)}")
+    return request
+
+
+def _selector_of(manifest: Any, platform: Any) -> Selector:
+    """The default selector, or one over the ``manifest`` / ``platform`` given (each checked)."""
+    if manifest is not None and not isinstance(manifest, Manifest):
+        raise RequestError(f"manifest= takes a Manifest (registry.load_manifest(path)), got "
+                           f"{type(manifest).__name__} {brief(manifest)}")
+    if platform is not None and not isinstance(platform, Platform):
+        raise RequestError(f"platform= takes a Platform (Platform.hypothetical('sm_90'), or leave it out for this "
+                           f"machine), got {type(platform).__name__} {brief(platform)}")
+    if manifest is None and platform is None:
+        return default_selector()
+    base = default_selector() if (manifest is None or platform is None) else None
+    return Selector(
+        manifest if manifest is not None else base.manifest,
+        platform if platform is not None else base.platform,
+        base.overrides if base is not None else Overrides(),
+        base.perf if base is not None else None,
+        tune_settings=base.tune_settings if base is not None else None,
+    )
 
 
 def select_kernel(
@@ -438,24 +497,22 @@ def select_kernel(
     """
     if request is not None and not fields and manifest is None and platform is None:
         selector = _DEFAULT or default_selector()
-        hit = selector._cache.get(request)
+        try:
+            hit = selector._cache.get(request)
+        except TypeError:  # unhashable, so not a request: select() says what it takes
+            hit = None
         if hit is not None and hit.kernel is not None:
             return hit
         return selector.select(request)
     group = fields.pop("group", None)
     tune = fields.pop("tune", None)
-    if request is None:
-        request = KernelRequest(**fields)
-    elif fields:
-        raise RequestError(f"pass either a KernelRequest or keyword fields, not both (got {', '.join(fields)})")
-    if manifest is None and platform is None:
-        return default_selector().select(request, group=group, tune=tune)
-    base = default_selector() if (manifest is None or platform is None) else None
-    selector = Selector(
-        manifest if manifest is not None else base.manifest,
-        platform if platform is not None else base.platform,
-        base.overrides if base is not None else Overrides(),
-        base.perf if base is not None else None,
-        tune_settings=base.tune_settings if base is not None else None,
-    )
+    try:
+        request = _request_of(request, fields)
+        selector = _selector_of(manifest, platform)
+    except KernelselError as exc:
+        if group is None:
+            raise
+        from selector.distributed import fail_in_group
+
+        fail_in_group(fields.get("op") or getattr(request, "op", None), exc, group)  # the other ranks are waiting
     return selector.select(request, group=group, tune=tune)

@@ -116,6 +116,15 @@ class UnavailableKernels:
         self._per_request: dict[Hashable, dict[str, str]] = {}
         self._subscribers: list[Callable[[], Optional[Callable[[], None]]]] = []
 
+    def __getstate__(self) -> dict:
+        """Pickled as its records only: the lock and the subscribers belong to this process."""
+        with self._lock:
+            return {"kernel_wide": dict(self._kernel_wide), "per_request": {k: dict(v) for k, v in self._per_request.items()}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        self._kernel_wide, self._per_request = state["kernel_wide"], state["per_request"]
+
     def subscribe(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` after every change.  A bound method is held weakly: the record keeps no owner alive."""
         ref = weakref.WeakMethod(callback) if hasattr(callback, "__self__") else (lambda: callback)

@@ -46,9 +46,12 @@ class Overrides:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Overrides":
+        """The overrides in ``environ``, read key by key: another thread may change the environment meanwhile
+        (iterating ``os.environ.items()`` raises KeyError when a variable goes away under it)."""
         force = []
-        for key, value in sorted(environ.items()):
-            if not key.startswith(PREFIX_FORCE) or not value.strip():
+        for key in sorted(k for k in list(environ) if k.startswith(PREFIX_FORCE)):
+            value = environ.get(key)
+            if value is None or not value.strip():  # unset since the keys were listed, or empty
                 continue
             op_text = key[len(PREFIX_FORCE):].lower()
             if op_text not in Op.values():

@@ -75,6 +75,15 @@ class Selection:
     _adapter: list = field(default_factory=list, repr=False)
     _fallback: list = field(default_factory=list, repr=False)  # [(kernel, reason)..., used kernel] once one failed
 
+    def __getstate__(self) -> dict:
+        """Pickled as the decision (a process pool, ``all_gather_object``): not the adapter built in this process."""
+        state = dict(self.__dict__)
+        state["_adapter"] = []
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
     @classmethod
     def agreed(cls, local: "Selection", ranked: Sequence[KernelSpec], why: str, group: str, adapter: Any) -> "Selection":
         """The selection a process group agreed on (``selector.distributed``), as this rank keeps it.
@@ -352,6 +361,9 @@ class NoKernelError(KernelselError, LookupError):
         body = [f"  {v.kernel.name} ({v.kernel.origin}): {'; '.join(v.reasons)}" for v in selection.rejected]
         super().__init__(f"{head}\nrequest: {selection.request.describe()}\n" + "\n".join(body))
 
+    def __reduce__(self) -> tuple:  # rebuilt from its selection (the default would pass the message as one)
+        return (type(self), (self.selection,))
+
 
 class KernelUnavailableError(NoKernelError):
     """The kernel to run cannot be used on this machine: its library does not import or its adapter does not build.
@@ -382,3 +394,6 @@ class KernelUnavailableError(NoKernelError):
         if note:
             lines.append(note)
         KernelselError.__init__(self, "\n".join(lines))
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.selection, list(self.failures), self.note))

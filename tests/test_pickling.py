@@ -52,3 +52,23 @@ def test_manifests_tables_platforms_and_overrides_keep_where_they_came_from():
     assert roundtrip(table) == table and roundtrip(table).path == table.path
     for value in (Platform.hypothetical("sm_90"), Overrides(disable=frozenset({"x"}))):
         assert roundtrip(value) == value
+
+
+def test_selections_and_selection_errors_come_back_with_the_same_decision_and_text():
+    """A Selection held the selector's lock (unpicklable); NoKernelError rebuilt itself from its message."""
+    from selector import NoKernelError, Selector
+    from selector.distributed import GroupSelectionError
+    from selector.selection import KernelUnavailableError
+
+    selector = Selector(load_manifest(), Platform.hypothetical("sm_90"))
+    selection = selector.select(KernelRequest(op="mha_decode", arch="sm_90", q_dtype="bf16"))
+    back = roundtrip(selection)
+    assert (back.name, back.why, back.explain(), back.to_dict()) == (selection.name, selection.why, selection.explain(),
+                                                                       selection.to_dict())
+    with pytest.raises(NoKernelError) as info:
+        selector.select(KernelRequest(op="mha_decode", arch="sm_90", q_dtype="fp32", head_dim_qk=7))
+    for exc in (info.value, KernelUnavailableError(selection, [("k", "cannot import x")], "note"),
+                GroupSelectionError("no kernel for mha_decode\n  rank 1: none")):
+        again = roundtrip(exc)
+        assert type(again) is type(exc) and str(again) == str(exc)
+        assert getattr(again, "failures", None) == getattr(exc, "failures", None)

@@ -77,3 +77,27 @@ def test_a_bucket_the_request_model_refuses_is_unreachable(tmp_path):
 def test_a_table_with_a_null_bucket_field_or_a_quoted_time_does_not_load(tmp_path, edit, message):
     with pytest.raises(ManifestError, match=message):
         problems_of(tmp_path, edit)
+
+
+def test_the_default_selector_refuses_a_kernelsel_perf_table_that_does_not_fit(tmp_path, monkeypatch):
+    """KERNELSEL_PERF naming a misspelt kernel ranked nothing, silently; now the first selection says where."""
+    import selector
+
+    def edit(entry):
+        name = next(iter(entry["median_us"]))
+        entry["median_us"][name + "x"] = entry["median_us"].pop(name)
+
+    data = copy.deepcopy(DATA)
+    edit(data["entries"][0])
+    path = tmp_path / "perf.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    for name in ("KERNELSEL_MANIFEST", "KERNELSEL_DISABLE", "KERNELSEL_ADAPTER_ALLOWLIST"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KERNELSEL_PERF", str(path))
+    selector.reset()
+    try:
+        with pytest.raises(ManifestError, match=r"perf\.yaml:\d+:\d+: entries\[0\]\.median_us\.\S+x: no kernel named"):
+            selector.select_kernel(op="mha_decode", arch="sm_90")
+    finally:
+        monkeypatch.delenv("KERNELSEL_PERF")
+        selector.reset()
