@@ -25,7 +25,7 @@ import selector
 from registry.errors import KernelselError
 from registry.vocab import Op
 from selector import KernelRequest, Platform, Selector, select_kernel
-from selector.tools.diff import request_space
+from selector.tools.request_space import request_space
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,7 +116,7 @@ for m in modules:
 from registry.loader import load_manifest, bundled_perf_dir, load_perf_table
 from registry.vocab import Op
 from selector import KernelRequest, Platform, Selector, Overrides
-from selector.tools.diff import request_space
+from selector.tools.request_space import request_space
 
 manifest = load_manifest()
 tables = [load_perf_table(p) for p in sorted(bundled_perf_dir().glob("*.yaml"))]

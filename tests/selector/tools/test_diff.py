@@ -21,7 +21,8 @@ import yaml
 from registry.loader import load_manifest
 from registry.vocab import Arch, DType, Op, Solution
 from selector import KernelRequest, Platform, solve
-from selector.tools.diff import diff_manifests, read_manifest, request_space
+from selector.tools.diff import diff_manifests, read_manifest
+from selector.tools.request_space import request_space
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 BUNDLED = ROOT / "kernels.yaml"
