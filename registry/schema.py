@@ -443,7 +443,7 @@ class KernelSpec(StrictModel):
             return set(self.arch.members())
         if field in DTypes.model_fields:
             c = getattr(self.dtypes, field)
-            return set(c.values) if c is not None else set(DType)
+            return set(DType) if c is None else set(c.values) if isinstance(c, DTypeSet) else None
         if field in Features.model_fields:
             return {False, True} if getattr(self.features, field) else {False}
         c = getattr(self.shapes, field, None)

@@ -53,12 +53,7 @@ def reasons(
     out: list[str] = []
     if kernel.name in overrides.disable:
         out.append(DISABLED)
-    if request.solution is not None and kernel.solution is not request.solution:
-        out.append(f"solution {kernel.solution.value}, request restricted to {request.solution.value}")
-    if request.backend is not None and kernel.backend is not request.backend:
-        out.append(f"backend {kernel.backend.value}, request restricted to {request.backend.value}")
-    if kernel.solution is Solution.REFERENCE and request.solution is not Solution.REFERENCE and not forced:
-        out.append(REFERENCE_ONLY)
+    out += restriction_reasons(kernel, request, forced=forced)
     for field, constraint in kernel.constraints:
         value = getattr(request, field)
         if value is not None:
@@ -77,6 +72,18 @@ def reasons(
     if kernel.name in unavailable:
         out.append(unavailable[kernel.name])
     return tuple(out)
+
+
+def restriction_reasons(kernel: KernelSpec, request: KernelRequest, *, forced: bool = False) -> list[str]:
+    """Why the request's ``solution`` / ``backend`` restriction, or the reference rule, rules ``kernel`` out."""
+    out = []
+    if request.solution is not None and kernel.solution is not request.solution:
+        out.append(f"solution {kernel.solution.value}, request restricted to {request.solution.value}")
+    if request.backend is not None and kernel.backend is not request.backend:
+        out.append(f"backend {kernel.backend.value}, request restricted to {request.backend.value}")
+    if kernel.solution is Solution.REFERENCE and request.solution is not Solution.REFERENCE and not forced:
+        out.append(REFERENCE_ONLY)
+    return out
 
 
 def platform_reasons(
@@ -114,7 +121,8 @@ def library_reason(kernel: KernelSpec, manifest: Manifest, platform: Platform) -
     return f"needs {', '.join(missing)}, not installed: {info.install}" if missing else None
 
 
-def _rank_key(kernel: KernelSpec) -> tuple[int, str]:
+def priority_rank_key(kernel: KernelSpec) -> tuple[int, str]:
+    """How eligible kernels rank without measured times: priority, then name (a total order)."""
     return (-kernel.priority, kernel.name)
 
 
@@ -197,7 +205,7 @@ def solve(
     eligible = [v.kernel for v in verdicts if v.eligible]
     estimates = estimate(perf, request, [k.name for k in eligible], predict=overrides.predict)
     times = estimates.times
-    ranked = sorted(eligible, key=_timed_rank_key(times) if times else _rank_key)
+    ranked = sorted(eligible, key=_timed_rank_key(times) if times else priority_rank_key)
     if forced_name is not None:
         forced_verdict = next(v for v in verdicts if v.kernel.name == forced_name)
         chosen: Optional[KernelSpec] = forced_verdict.kernel if forced_verdict.eligible else None

@@ -23,8 +23,11 @@ How:
 
 Limits: only values derived from the constraints are probed (a class no
 probe value falls into is not seen), the ``backend`` and ``kernel`` request
-fields are not varied, and an overlay read from a git object resolves
-``base:`` only when it is ``bundled``.
+fields are not varied, and an overlay read from a git object must have
+``base: bundled``.  The work is bounded (``MAX_STATES``, ``MANY_CHANGES``,
+``MAX_MINIMISED``): the outcomes of many independently constrained kernels
+grow exponentially, so past those bounds some request classes are not probed
+or not named, and the report's ``limits`` say which.
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ from registry.vocab import Arch, Op
 from selector.platform import Platform
 from selector.request import KernelRequest
 from selector.selection import Selection
-from selector.solver import solve
-from selector.tools.request_space import request_space
+from selector.solver import priority_rank_key, reasons, restriction_reasons, solve
+from selector.tools.request_space import enumerate_requests
 
 
 class DiffError(KernelselError):
@@ -190,11 +193,18 @@ _MINIMISE_ORDER = tuple(Features.model_fields) + tuple(Shapes.model_fields) + ("
 
 
 class _Solver:
-    """solve() in both manifests, cached per request (minimisation revisits requests)."""
+    """solve() in both manifests, cached per request; and the winners alone, fast, for minimising.
+
+    ``winners`` walks each manifest's kernels of the op in priority order and stops at the first the
+    solver's own ``reasons()`` finds nothing against: the same winner as ``solve()`` (the diff's platform
+    is hypothetical, with no overrides or perf table), without wording every other kernel's reasons.
+    """
 
     def __init__(self, base: Manifest, head: Manifest):
         self.base, self.head = base, head
         self.cache: dict[KernelRequest, tuple[Selection, Selection]] = {}
+        self.winner_cache: dict[KernelRequest, tuple[str, str]] = {}
+        self.ranked = {id(m): {op: sorted(m.by_op[op], key=priority_rank_key) for op in Op} for m in (base, head)}
 
     def both(self, request: KernelRequest) -> tuple[Selection, Selection]:
         hit = self.cache.get(request)
@@ -204,16 +214,45 @@ class _Solver:
             self.cache[request] = hit
         return hit
 
+    def winners(self, request: KernelRequest) -> tuple[str, str]:
+        hit = self.winner_cache.get(request)
+        if hit is None:
+            platform = Platform.hypothetical(request.arch)
+            hit = tuple(next((k.name for k in self.ranked[id(m)][request.op] if not reasons(k, request, m, platform)), "")
+                        for m in (self.base, self.head))
+            self.winner_cache[request] = hit
+        return hit
 
-def _outcome(old: Selection, new: Selection) -> Optional[tuple]:
-    """None when the winner is the same; else what a minimised request must keep."""
-    if old.name == new.name:
+
+def _outcome(old: Any, new: Any) -> Optional[tuple]:
+    """None when the winner is the same; else what a minimised request must keep (selections or kernel names)."""
+    old, new = getattr(old, "name", old), getattr(new, "name", new)
+    if old == new:
         return None
-    if not new.name:
+    if not new:
         return ("lost",)
-    if not old.name:
+    if not old:
         return ("gained",)
-    return ("changed", old.name, new.name)
+    return ("changed", old, new)
+
+
+class _Rankings:
+    """Per manifest and solution restriction, the op's kernels that restriction leaves, in priority order."""
+
+    def __init__(self, op: Op, base: Manifest, head: Manifest):
+        self.op, self.manifests, self.lists = op, (base, head), {}
+
+    def winners(self, probe: Any) -> tuple[str, str]:
+        """The winners a probe's expected eligible kernels give (the request space's profile, no solve)."""
+        solution = probe.request.solution
+        lists = self.lists.get(solution)
+        if lists is None:
+            restricted = KernelRequest(op=self.op, solution=solution)
+            lists = self.lists[solution] = [
+                [k.name for k in sorted(m.by_op[self.op], key=priority_rank_key) if not restriction_reasons(k, restricted)]
+                for m in self.manifests]
+        names = [next((n for n in ranked if n in expected), "") for ranked, expected in zip(lists, probe.expected)]
+        return names[0], names[1]
 
 
 def _default(request: KernelRequest, name: str) -> Any:
@@ -250,7 +289,7 @@ def _minimise(solver: _Solver, request: KernelRequest, outcome: tuple) -> Kernel
                 candidate = KernelRequest(op=request.op, arch=request.arch, **trial)
             except KernelselError:
                 continue
-            if _outcome(*solver.both(candidate)) == outcome:
+            if _outcome(*solver.winners(candidate)) == outcome:
                 fields, changed = trial, True
     return KernelRequest(op=request.op, arch=request.arch, **fields)
 
@@ -372,10 +411,16 @@ def _mentions(line: str, ops: Iterable[Op]) -> bool:
 
 
 def _collapse(findings: list[Finding]) -> list[Finding]:
-    findings = list(findings)
-    while _step(findings):
-        pass
-    return [part for f in findings for part in _split(f)]
+    """Join findings step by step; only findings of the same change can join, so each change is joined apart."""
+    by_change: dict[tuple, list[Finding]] = {}
+    for f in findings:
+        by_change.setdefault((f.kind, f.before, f.after), []).append(f)
+    out = []
+    for group in by_change.values():
+        while _step(group):
+            pass
+        out += group
+    return [part for f in out for part in _split(f)]
 
 
 # ------------------------------------------------------------- kernel diff
@@ -456,6 +501,7 @@ class DiffReport:
     kernels_changed: list[KernelChange]
     ops_compared: list[str]
     requests_checked: int
+    limits: list[str] = field(default_factory=list)  # where the diff is bounded (not every class probed or named)
 
     @property
     def has_changes(self) -> bool:
@@ -475,6 +521,7 @@ class DiffReport:
             "head": side(self.head),
             "ops_compared": self.ops_compared,
             "requests_checked": self.requests_checked,
+            "limits": self.limits,
             "lost": [f.to_dict() for f in self.lost],
             "gained": [f.to_dict() for f in self.gained],
             "changed": [f.to_dict() for f in self.changed],
@@ -495,6 +542,7 @@ class DiffReport:
             f"checked   {self.requests_checked} request classes over "
             f"{', '.join(self.ops_compared) or 'no op (no op has kernel changes)'}",
         ]
+        lines += [f"{'limit' if i == 0 else '':<9} {text}" for i, text in enumerate(self.limits)]
         if not self.has_changes:
             lines.append("no changes")
             return "\n".join(lines)
@@ -535,6 +583,7 @@ class DiffReport:
                        f"**lose every candidate kernel** with this change.")
             out.append("")
         out.append(f"{self.requests_checked} request classes checked over {', '.join(self.ops_compared)}.")
+        out += [f"> [!NOTE]\n> Bounded: {_md(text)}." for text in self.limits]
         tables = (
             ("Requests that lose all candidates", self.lost, "what they had, and why it is gone"),
             ("Selection changes", self.changed, "before → after, and why"),
@@ -564,25 +613,49 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+MAX_STATES = 200
+"""Partial request classes kept per arch class while enumerating an op (``enumerate_requests``): bounds the work
+of a diff of many independently constrained kernels (the bundled manifest needs far fewer)."""
+MANY_CHANGES = 300
+"""Past this many changed request classes in an op, each change (same solution restriction, old and new winner)
+is named once and its other classes are counted with it; and only the first ``MAX_MINIMISED`` named ones are
+minimised (the others show every field their request sets)."""
+MAX_MINIMISED = 40
+
+
 def diff_manifests(base: Manifest, head: Manifest, *, skip_identical_ops: bool = True) -> DiffReport:
     """Compare two manifests request by request (the method is in the module docstring)."""
     solver = _Solver(base, head)
     findings: dict[str, list[Finding]] = {"lost": [], "gained": [], "changed": []}
-    compared = []
+    compared: list[str] = []
+    limits: list[str] = []
     checked = 0
     same_solutions = base.solutions == head.solutions
     for op in Op:
         if skip_identical_ops and same_solutions and _op_dump(base, op) == _op_dump(head, op):
             continue
         compared.append(op.value)
-        for probe in request_space(op, base, head):
-            checked += 1
-            old, new = solver.both(probe.request)
-            outcome = _outcome(old, new)
-            if outcome is None:
-                continue
+        space = enumerate_requests(op, base, head, max_states=MAX_STATES)
+        if not space.complete:
+            limits.append(f"{op.value}: more request classes than {MAX_STATES:,} per arch class; those past the limit "
+                          f"were not probed, so a change among them is not shown")
+        checked += len(space.probes)
+        rankings = _Rankings(op, base, head)
+        changes = [(p, o) for p in space.probes if (o := _outcome(*rankings.winners(p))) is not None]
+        bounded = len(changes) > MANY_CHANGES
+        per_change: dict[tuple, Finding] = {}
+        counted = minimised = 0
+        for probe, outcome in changes:
             kind = outcome[0]
-            small = _minimise(solver, probe.request, outcome)
+            key = (outcome, probe.request.solution)
+            shown = per_change.get(key)
+            if bounded and shown is not None:
+                shown.classes += 1  # counted with its change, not named
+                counted += 1
+                continue
+            small = probe.request
+            if not bounded or minimised < MAX_MINIMISED:
+                small, minimised = _minimise(solver, probe.request, outcome), minimised + 1
             old_m, new_m = solver.both(small)
             findings[kind].append(Finding(
                 kind=kind,
@@ -593,8 +666,13 @@ def diff_manifests(base: Manifest, head: Manifest, *, skip_identical_ops: bool =
                 because=_because(old_m, new_m, kind, op.value),
                 now=new_m.why if new_m.kernel is not None else "",
                 examples=[{"op": op.value, "archs": [a.value for a in probe.archs], "request": probe.request.given(),
-                           "before": old.name or None, "after": new.name or None}],
+                           "before": old_m.name or None, "after": new_m.name or None}],
             ))
+            per_change.setdefault(key, findings[kind][-1])
+        if bounded:
+            limits.append(f"{op.value}: {len(changes):,} request classes change; each change is named once (the first "
+                          f"{MAX_MINIMISED} cut down to the fields that matter) and its other {counted:,} classes "
+                          f"are counted with it")
     added, removed, kernels_changed = kernel_changes(base, head)
 
     def order(f: Finding) -> tuple:
@@ -606,7 +684,7 @@ def diff_manifests(base: Manifest, head: Manifest, *, skip_identical_ops: bool =
         gained=sorted(_collapse(findings["gained"]), key=order),
         changed=sorted(_collapse(findings["changed"]), key=order),
         added=added, removed=removed, kernels_changed=kernels_changed,
-        ops_compared=compared, requests_checked=checked,
+        ops_compared=compared, requests_checked=checked, limits=limits,
     )
 
 

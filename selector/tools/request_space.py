@@ -273,11 +273,31 @@ class Probe:
     expected: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
 
 
+@dataclass(frozen=True)
+class RequestSpace:
+    """The probes of an op, and whether they are all of its outcomes (see ``enumerate_requests``)."""
+
+    probes: list[Probe]
+    complete: bool = True
+    limit: Optional[int] = None  # the partial request classes kept per arch class, when that cut the enumeration
+
+
 def request_space(op: Op, base: Manifest, head: Manifest) -> list[Probe]:
     """One request per distinct outcome the pooled kernels of ``op`` can produce (see the module docstring)."""
+    return enumerate_requests(op, base, head).probes
+
+
+def enumerate_requests(op: Op, base: Manifest, head: Manifest, *, max_states: Optional[int] = None) -> RequestSpace:
+    """``request_space``, bounded: at most ``max_states`` partial request classes per arch class at every step.
+
+    The distinct outcomes of an op can grow exponentially with its kernels (independent constraints on
+    many fields: 48 random kernels gave 12,392 classes).  With ``max_states`` the enumeration keeps the
+    first classes of each arch class in a fixed order and says it is not complete (``complete=False``);
+    every arch class keeps its share, so none is dropped whole.
+    """
     pool = _Pool.of(op, (base, head))
     if not pool.kernels:
-        return []
+        return RequestSpace([])
     constrained = pool.constrained()
     joint = {f for g in _JOINT_GROUPS for f in g}
     groups: list[tuple[str, ...]] = [g for g in _JOINT_GROUPS if constrained & set(g)]
@@ -294,9 +314,11 @@ def request_space(op: Op, base: Manifest, head: Manifest) -> list[Probe]:
     arch_classes = _classes(pool, _ARCH, constrained)
     for ai, cls in enumerate(arch_classes):
         states.setdefault((ai, cls.passes, cls.matches), (ai, dict(cls.assignment)))
+    complete = True
     for unit in units:
         classes = _classes(pool, unit, constrained)
         merged: dict[tuple, tuple[int, dict[str, Any]]] = {}
+        kept: dict[int, int] = {}  # arch class -> partial classes kept
         for (ai, passes, matches), (_, assignment) in states.items():
             for cls in classes:
                 p2 = tuple(a and b for a, b in zip(passes, cls.passes))
@@ -304,8 +326,13 @@ def request_space(op: Op, base: Manifest, head: Manifest) -> list[Probe]:
                     continue
                 m2 = tuple(matches[i] and cls.matches[i] and p2[owner(i)] for i in range(n_excl))
                 key = (ai, p2, m2)
-                if key not in merged:
-                    merged[key] = (ai, assignment | dict(cls.assignment))
+                if key in merged:
+                    continue
+                if max_states is not None and kept.get(ai, 0) >= max_states:
+                    complete = False
+                    continue
+                kept[ai] = kept.get(ai, 0) + 1
+                merged[key] = (ai, assignment | dict(cls.assignment))
         states = merged
     outcomes: dict[tuple, tuple[int, dict[str, Any]]] = {}
     for (ai, passes, matches), (_, assignment) in states.items():
@@ -322,4 +349,4 @@ def request_space(op: Op, base: Manifest, head: Manifest) -> list[Probe]:
         for solution in solutions:
             fields = assignment | ({"solution": solution} if solution is not None else {})
             probes.append(Probe(KernelRequest(op=op, **fields), arch_classes[ai].members, expected))
-    return probes
+    return RequestSpace(probes, complete, None if complete else max_states)

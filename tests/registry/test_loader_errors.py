@@ -120,3 +120,12 @@ def test_overlay_disable_twice_or_of_its_own_kernel_is_an_error(tmp_path, monkey
         load_manifest(_overlay(tmp_path, "kernels:\n" + entry + "disable: [triton-mha-decode, triton-mha-decode]\n"))
     with pytest.raises(ManifestError, match=r"disable\[0\]: 'mine' is added by this overlay \(kernels\[0\]\)"):
         load_manifest(_overlay(tmp_path, "kernels:\n" + entry + "disable: [mine]\n"))
+
+
+def test_an_exclusion_beside_an_equals_constraint_loads(tmp_path):
+    """The covers-everything check reads a kernel's admitted values; an equals constraint has none of its own."""
+    text = (BROKEN / "_valid.yaml").read_text().replace("kv_dtype: [bf16]", "kv_dtype: {equals: q_dtype}").replace(
+        "    priority: 5", "    exclude:\n      - when: {kv_dtype: bf16, head_dim_qk: 128}\n        reason: r\n        ref: x\n    priority: 5")
+    path = tmp_path / "equals.yaml"
+    path.write_text(text)
+    assert load_manifest(path).kernels[0].exclude

@@ -14,6 +14,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -453,3 +454,78 @@ def test_any_ref_reads_a_manifest_or_fails_cleanly_and_writes_nothing(tmp_path_f
         os.chdir(cwd)
     after = sorted(p.relative_to(root) for p in root.rglob("*") if ".git" not in p.parts)
     assert after == before, f"{spec!r} made git write {set(after) - set(before)}"
+
+
+# ------------------------------------------------------------- bounded work
+
+def random_kernels(n: int, seed: int) -> list[dict]:
+    """``n`` mha_decode kernels, each constraining many fields independently (the case that blew up)."""
+    import random
+
+    rng = random.Random(seed)
+    archs = [a.value for a in sorted(Arch)]
+    dtypes = [d.value for d in DType if d is not DType.FP32]
+    backends = {k["solution"]: k["backend"] for k in bundled_data()["kernels"] if k["op"] == Op.MHA_DECODE.value}
+    solutions = [s for s in backends if s != Solution.REFERENCE.value]
+    out = []
+    for i in range(n):
+        lo = rng.randrange(len(archs))
+        solution = rng.choice(solutions)
+        kernel = {
+            "name": f"k{i:03d}", "solution": solution, "backend": backends[solution],
+            "arch": {"min": archs[lo], "max": archs[rng.randrange(lo, len(archs))]},
+            "dtypes": {"q_dtype": rng.sample(dtypes[:2], rng.randint(1, 2)), "kv_dtype": rng.sample(dtypes, rng.randint(1, 4))},
+            "shapes": {"head_dim_qk": sorted(rng.sample([64, 96, 128, 192, 256], rng.randint(1, 4))),
+                       "page_size": {"min": rng.choice([1, 8, 16]), "max": rng.choice([64, 128, 256])},
+                       "num_qo_heads": {"max": rng.choice([64, 128, 256])}, "q_len": {"max": rng.choice([1, 2, 4, 8])}},
+            "features": {f: rng.random() < 0.5 for f in ("sinks", "sliding_window", "logits_soft_cap", "return_lse")},
+            "priority": rng.randint(4, 15),
+        }
+        if rng.random() < 0.3:
+            kernel["exclude"] = [{"when": {"kv_dtype": rng.choice(dtypes[2:]), "head_dim_qk": 128},
+                                  "reason": "random", "ref": "tests/selector/tools/test_diff.py"}]
+        out.append(kernel)
+    return out
+
+
+def test_the_bundled_manifest_is_enumerated_completely_within_the_bound():
+    """The bound on partial request classes never cuts a real manifest short (it needs a quarter of it)."""
+    from selector.tools import diff
+    from selector.tools.request_space import enumerate_requests
+
+    m = load_manifest(BUNDLED)
+    for op in Op:
+        space = enumerate_requests(op, m, m, max_states=diff.MAX_STATES // 4)
+        assert space.complete and len(space.probes) == len(request_space(op, m, m)), op
+
+
+def test_a_diff_of_100_changed_kernels_is_bounded_and_what_it_names_is_real(tmp_path):
+    """24 random kernels took 250 s and 480 MB, 32 did not finish in 600 s: the request classes grow
+    exponentially.  Now the work is bounded (under 5 s of CPU for 100 changed kernels) and the report says
+    where; every loss and change it names is one the solver confirms."""
+    import random
+
+    kernels = random_kernels(100, seed=5)
+    rng = random.Random(6)
+    changed = copy.deepcopy(kernels)
+    for k in changed:  # every kernel changes: a priority step and one head dim in or out
+        k["priority"] = max(4, min(15, k["priority"] + rng.choice([-1, 1])))
+        k["shapes"]["head_dim_qk"] = sorted(set(k["shapes"]["head_dim_qk"]) ^ {rng.choice([64, 96, 128, 192, 256])}) or [128]
+    base, head = write(tmp_path, "base.yaml", synthetic(kernels)), write(tmp_path, "head.yaml", synthetic(changed))
+    probe = ("import json, sys, time\nfrom registry.loader import load_manifest\nfrom selector.tools.diff import diff_manifests\n"
+             "b, h = load_manifest(sys.argv[1]), load_manifest(sys.argv[2])\nt = time.process_time()\n"
+             "report = diff_manifests(b, h)\nprint(json.dumps({'cpu': time.process_time() - t, **report.to_dict()}))")
+    out = subprocess.run([sys.executable, "-c", probe, str(base), str(head)], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads(out.stdout)
+    assert data["cpu"] < 5.0, f"{data['cpu']:.1f} s of CPU"
+    assert data["limits"] and all(line.startswith("mha_decode: ") for line in data["limits"])
+    assert data["changed"] and data["lost"], "100 changed kernels change and lose some requests"
+    m_base, m_head = load_manifest(base), load_manifest(head)
+    for finding in data["lost"] + data["changed"]:
+        for example in finding["examples"]:
+            request = KernelRequest(**example["request"])
+            old = solve(m_base, Platform.hypothetical(request.arch), request).name or None
+            new = solve(m_head, Platform.hypothetical(request.arch), request).name or None
+            assert (old, new) == (example["before"], example["after"]) and old != new, example
