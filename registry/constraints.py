@@ -146,6 +146,10 @@ def check_reachable(field: str, constraint: Any, lowest: int, highest: int) -> N
     A list value or a range outside what any request can give would silently
     never match, so a kernel (or an exclusion) would be dead without a word.
     """
+    if isinstance(constraint, Equals):  # its `or` values are values of the field like a list's
+        if constraint.alternatives:
+            check_reachable(field, OneOf(values=constraint.alternatives), lowest, highest)
+        return
     if isinstance(constraint, OneOf):
         low = [v for v in constraint.values if _is_int(v) and v < lowest]
         if low:

@@ -4,8 +4,8 @@ Argv are drawn per command from the command's own click parameters (a new flag i
 and a pool of hostile values: empty and blank strings, option look-alikes, huge and non-ASCII numbers,
 vocabulary words and near misses, kernel names, missing, broken and real files, git objects.  Whatever
 the argv: ``main`` exits 0, 1, 2 or 3 and never lets another exception out; exit 2 is exactly one line on
-stderr naming the command; nothing prints a traceback.  ``bench`` and ``verify`` run everything up to the
-timing and the GPU run (those two are replaced by stubs that record what they were asked to do).
+stderr naming the command; nothing prints a traceback.  ``bench``, ``verify`` and ``verify-model`` run
+everything up to the timing, the GPU run or the models (replaced by stubs that record what they were asked).
 """
 
 from __future__ import annotations
@@ -146,6 +146,13 @@ def stubbed(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "run_bench", _Stub(_Report()))
     monkeypatch.setattr(verify, "verify", _Stub(_Report()))
     monkeypatch.setattr(bench, "environment", lambda manifest, device, arch: _env(device, arch))
+    try:  # verify-model runs real models: everything up to that is fuzzed
+        from selector.tools import model_conformance
+    except ImportError:
+        pass
+    else:
+        monkeypatch.setattr(model_conformance, "verify_models", _Stub({"failed": 0}))
+        monkeypatch.setattr(model_conformance, "render_report", lambda report: "stub report")
     monkeypatch.chdir(tmp_path)
     for name in ("KERNELSEL_MANIFEST", "KERNELSEL_PERF", "KERNELSEL_DISABLE", "KERNELSEL_ADAPTER_ALLOWLIST"):
         monkeypatch.delenv(name, raising=False)
