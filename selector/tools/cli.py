@@ -682,7 +682,8 @@ def _list(text: Optional[str], flag: str, kind: type = str) -> list[Any]:
     if not values:
         raise Failure(f"{flag}: give at least one value", EXIT_USAGE)
     if kind is int:  # ASCII digits, at most 18 (int() would take '²' and choke on 5,000 digits)
-        bad = [brief(v, 20) for v in values if not re.fullmatch(r"[0-9]{1,18}", v) or int(v) < 1]
+        bad = [v if v.isascii() and v.isprintable() and len(v) <= 20 else brief(v, 20)
+               for v in values if not re.fullmatch(r"[0-9]{1,18}", v) or int(v) < 1]
         if bad:
             raise Failure(f"{flag}: {', '.join(bad)} is not a positive integer (comma-separated list)", EXIT_USAGE)
         return [int(v) for v in values]

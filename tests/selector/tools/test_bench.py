@@ -336,7 +336,7 @@ def test_cli_bench_writes_a_table_that_loads_and_merges_on_the_next_run(capsys, 
     "argv, message",
     [
         (["--op", "mha_decode", "--kv-len", "40,50", "--batch", "1"], r"these cases fall into one perf bucket"),
-        (["--op", "mha_decode", "--batch", "0"], r"--batch: '0' is not a positive integer"),
+        (["--op", "mha_decode", "--batch", "0"], r"--batch: 0 is not a positive integer"),
         (["--op", "mha_decode", "--new-len", "4"], r"--new-len is for mha_extend and mha_prefill"),
         (["--op", "mha_decode", "--kernel", "torch-mha-decod"], r"no kernel named 'torch-mha-decod' \(did you mean"),
         ([], r"give --op \(and the grid options\) or --suite"),

@@ -108,7 +108,7 @@ BAD = [
     (["bench"], r"kernelsel bench: give --op \(and the grid options\) or --suite, not both"),
     (["bench", "--op", "mha_decode", "--suite", "x.yaml"], r"kernelsel bench: give --op \(and the grid options\) or --suite, not both"),
     (["bench", "--op", "mha_decode", "--repeats", "0"], r"kernelsel bench: --repeats: 0 is not in the range x>=1"),
-    (["bench", "--op", "mha_decode", "--batch", "a,b"], r"kernelsel bench: --batch: 'a', 'b' is not a positive integer"),
+    (["bench", "--op", "mha_decode", "--batch", "a,b"], r"kernelsel bench: --batch: a, b is not a positive integer"),
     (["bench", "--op", "mha_decode", "--batch", "\u00b2"], r"kernelsel bench: --batch: '\u00b2' is not a positive integer"),
     (["bench", "--op", "mha_decode", "--batch", "{digits}"], r"kernelsel bench: --batch: '9+\.\.\. is not a positive integer"),
     (["bench", "--op", "mha_decode", "--device", "tpu"], r"kernelsel bench: --device: 'tpu' is not a device; expected cuda, cuda:N or cpu$"),
