@@ -26,7 +26,7 @@ import yaml
 from registry.constraints import Equals, IntRange
 from registry.errors import KernelselError, ManifestError, RequestError
 from registry.loader import bundled_perf_dir, load_manifest, load_perf_table
-from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
+from registry.ops import FEATURE_FIELDS_BY_OP, RAGGED_OPS, SHAPE_FIELDS_BY_OP
 from registry.perf import PERF_KEY, PerfEntry, PerfTable
 from registry.vocab import Arch, Backend, DType, Op, Solution
 from selector.availability import UnavailableKernels
@@ -240,6 +240,8 @@ def random_request(rng: random.Random, manifest, op: Op, declared: dict[str, lis
     if rng.random() < 0.5:
         fields["batch_size"] = rng.choice([1, 3, 8, 64, 100])
         fields["kv_len"] = rng.choice([1, 500, 4096, 5000])
+        if op in RAGGED_OPS and rng.random() < 0.7:
+            fields["new_len"] = fields["kv_len"] if op is Op.MHA_PREFILL else rng.choice([1, 7, 300, fields["kv_len"]])
     try:
         return KernelRequest(**fields)
     except RequestError:
@@ -252,8 +254,8 @@ def _perf_table(rng: random.Random, manifest, arch: Arch, requests: list[KernelR
     for r in requests:
         shape = {f: getattr(getattr(r, f), "value", getattr(r, f)) for f in PERF_KEY}
         key = (r.op, tuple(shape.items()))
-        if key in seen or not manifest.by_op[r.op]:
-            continue
+        if key in seen or not manifest.by_op[r.op] or (r.op in RAGGED_OPS and r.new_len is None):
+            continue  # a ragged op's bucket needs its new tokens
         seen.add(key)
         names = rng.sample([k.name for k in manifest.by_op[r.op]], rng.randint(1, len(manifest.by_op[r.op])))
         entries.append(PerfEntry(op=r.op, shape=shape, median_us={n: rng.choice([10.0, 12.5, 12.5, 40.0]) for n in names}))
@@ -362,3 +364,28 @@ def test_the_masks_number_kernels_by_priority_then_name(manifest):
         assert isinstance(index, CompiledOp)
         assert list(index.kernels) == sorted(manifest.by_op[op], key=lambda k: (-k.priority, k.name))
         assert [index.bit[k.name] for k in index.kernels] == list(range(len(index.kernels)))
+
+
+def test_compiled_solver_matches_the_reference_with_the_committed_table_and_its_predictions(manifest):
+    """Measured and predicted times (the committed H200 table): its buckets and nearby unmeasured ones."""
+    tables = [load_perf_table(p) for p in sorted(bundled_perf_dir().glob("*.yaml"))]
+    compared = predicted = 0
+    for table in tables:
+        platform = Platform.hypothetical(table.arch)
+        for entry in table.entries:
+            for scale in (1, 2, 8, 64):
+                shape = dict(entry.shape)
+                for field in ("batch_size", "kv_len", "new_len"):
+                    if shape.get(field) is not None:
+                        shape[field] = shape[field] * scale
+                if shape.get("new_len") and entry.op is Op.MHA_PREFILL:
+                    shape["new_len"] = shape["kv_len"]
+                try:
+                    request = KernelRequest(op=entry.op, arch=table.arch, **shape)
+                except RequestError:
+                    continue
+                for overrides in (Overrides(), Overrides(predict=False)):
+                    if same_decision(manifest, platform, request, overrides, table):
+                        compared += 1
+                        predicted += "predicted" in solve(manifest, platform, request, overrides, table).why
+    assert compared >= 200 and predicted >= 20, (compared, predicted)
