@@ -84,6 +84,13 @@ def test_the_keyword_form_hits_without_building_a_request_and_buckets_first(toy_
     assert select_kernel(**DECODE, batch_size=4, kv_len=2000).request.kv_len == 2048
 
 
+def test_new_tokens_are_bucketed_in_the_keyword_key_too(toy_env, monkeypatch):
+    extend = dict(op="mha_extend", arch="sm_90", q_dtype="bf16", head_dim_qk=128, kv_len=4096)
+    first = select_kernel(**extend, new_len=100)
+    monkeypatch.setattr(api, "KernelRequest", None)  # building one now would raise TypeError
+    assert all(select_kernel(**extend, new_len=n) is first for n in (65, 100, 128))
+
+
 def test_a_torch_dtype_argument_is_keyed(toy_env, monkeypatch):
     torch = pytest.importorskip("torch")
     first = select_kernel(**{**DECODE, "q_dtype": torch.bfloat16})
