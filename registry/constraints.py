@@ -227,6 +227,11 @@ class Equals(_Strict):
     def alternatives(self) -> tuple[Any, ...]:
         return self.or_ or ()
 
+    @property
+    def target(self) -> Any:
+        """The kernel's constraint on ``equals`` that ``bound`` attached (None: none), checked when it is unset."""
+        return self._target
+
     def check(self, field: str, value: Any, request: Any = None) -> Optional[str]:
         if value in self.alternatives:
             return None

@@ -48,7 +48,8 @@ def bucket(n: Optional[int]) -> Optional[int]:
     """The power-of-two bucket of a batch size or KV length (next power of two, at least 1)."""
     if n is None:
         return None
-    return 1 << max(0, int(n) - 1).bit_length()
+    n = int(n)
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def _number(value: Any) -> Any:

@@ -37,6 +37,7 @@ UNAVAILABLE = "unavailable: "
 """Prefix of every unavailability reason the solver shows."""
 
 _MAX_MESSAGE = 240
+_NOTHING: Mapping[str, str] = MappingProxyType({})
 
 
 @functools.lru_cache(maxsize=None)
@@ -153,6 +154,8 @@ class UnavailableKernels:
 
     def reasons(self, request: Optional[Hashable] = None) -> Mapping[str, str]:
         """kernel -> reason for ``request`` (kernel-wide ones, then the request's own): what the solver rejects."""
+        if not self._kernel_wide and not self._per_request:  # nothing recorded (the usual case): no lock, no copy
+            return _NOTHING
         with self._lock:
             out = dict(self._kernel_wide)
             if request is not None:

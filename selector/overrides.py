@@ -10,6 +10,8 @@
                                      (default ``on``: predict the others from the table's other buckets)
 * ``KERNELSEL_ADAPTER_ALLOWLIST=PREFIX,...``  packages besides registry.adapters whose classes a
                                      manifest's ``adapter:`` may name (read by ``load_manifest``; shown here)
+* ``KERNELSEL_CACHE_SIZE=N``         how many selections the default selector keeps (default 4096);
+                                     changes memory, never a choice, so explain does not show it
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ ENV_DISABLE = "KERNELSEL_DISABLE"
 ENV_PERF = "KERNELSEL_PERF"
 ENV_PREDICT = "KERNELSEL_PREDICT"
 ENV_TUNE = "KERNELSEL_TUNE"
+ENV_CACHE_SIZE = "KERNELSEL_CACHE_SIZE"
 _SWITCH = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}
 
 
@@ -43,6 +46,7 @@ class Overrides:
     adapter_allowlist: tuple[str, ...] = ()
     predict: bool = True
     tune: bool = False
+    cache_size: Optional[int] = None  # None: the Selector's default
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Overrides":
@@ -64,8 +68,12 @@ class Overrides:
         allow = tuple(p.strip() for p in environ.get(ENV_ADAPTER_ALLOWLIST, "").split(",") if p.strip())
         predict = _switch(environ, ENV_PREDICT, True)
         tune = _switch(environ, ENV_TUNE, False)
+        size = environ.get(ENV_CACHE_SIZE, "").strip()
+        if size and not (size.isascii() and size.isdigit() and len(size) <= 18 and int(size) >= 1):
+            raise RequestError(f"{ENV_CACHE_SIZE}: {size[:40]!r} is not a whole number of selections >= 1 (e.g. 4096)")
         return cls(manifest=environ.get(ENV_MANIFEST) or None, force=tuple(force), disable=disable,
-                   perf=environ.get(ENV_PERF) or None, adapter_allowlist=allow, predict=predict, tune=tune)
+                   perf=environ.get(ENV_PERF) or None, adapter_allowlist=allow, predict=predict, tune=tune,
+                   cache_size=int(size) if size else None)
 
     def problems(self, manifest: "Manifest") -> list[str]:
         """Why these overrides cannot apply to ``manifest`` (a name it lacks, a kernel of another op); [] if none.

@@ -41,13 +41,14 @@ from typing import Any, Iterable, Optional
 
 from registry.errors import KernelselError, brief
 from registry.loader import load_manifest
+from registry.priority import priority_rank_key
 from registry.yaml_reader import MAX_BYTES, read_yaml
 from registry.schema import Features, KernelSpec, Manifest, Shapes
 from registry.vocab import Arch, Op
 from selector.platform import Platform
 from selector.request import KernelRequest
 from selector.selection import Selection
-from selector.solver import priority_rank_key, reasons, restriction_reasons, solve
+from selector.solver import reasons, restriction_reasons, solve
 from selector.tools.request_space import enumerate_requests
 
 
