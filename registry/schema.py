@@ -22,7 +22,6 @@ from pydantic import (
     PrivateAttr,
     Strict,
     StrictBool,
-    StrictInt,
     Tag,
     ValidationInfo,
     conlist,

@@ -125,9 +125,10 @@ def solve(
             "request.arch: not given and no CUDA device was detected; pass arch='sm_90' (or 9.0, sm90)"
         )
     kernels = manifest.by_op[request.op]
-    for problem in overrides.problems(manifest):
-        if problem.startswith(ENV_DISABLE):  # a disabled name the manifest lacks fails every op
-            raise RequestError(problem)
+    if overrides.disable:  # a disabled name the manifest lacks fails every op
+        for problem in overrides.problems(manifest):
+            if problem.startswith(ENV_DISABLE):
+                raise RequestError(problem)
     forced_name, forced_by = _forced(request, overrides)
     if forced_name is not None:
         problem = forced_kernel_problem(manifest, request.op, forced_name, forced_by)

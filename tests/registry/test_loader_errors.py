@@ -101,8 +101,8 @@ def test_a_name_used_twice_in_one_overlay_is_an_error_at_the_second_entry(tmp_pa
     path = _overlay(tmp_path, "kernels:\n" + entry.replace("priority: 5", "priority: 6") + entry)
     with pytest.raises(ManifestError) as info:
         load_manifest(path)
-    assert info.value.problems == [f"overlay.yaml:13:5: kernels[1].name: duplicate kernel name 'triton-mha-decode' "
-                                   f"in this overlay (first at kernels[0])"]
+    assert info.value.problems == ["overlay.yaml:13:5: kernels[1].name: duplicate kernel name 'triton-mha-decode' "
+                                   "in this overlay (first at kernels[0])"]
 
 
 def test_an_overlay_cannot_add_a_look_alike_that_escapes_disable(tmp_path):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-import pathlib
 import re
 
 import pytest

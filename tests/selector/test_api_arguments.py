@@ -53,3 +53,54 @@ def test_any_argument_gives_a_selection_or_a_kernelsel_error(toy_env, request, m
     except KernelselError:
         return
     assert isinstance(result, Selection)
+
+
+
+
+EQUAL_ACROSS_TYPES = [1, True, 1.0, "1", 0, False, 0.0, 9, 9.0, "9.0", 10.0, 64, 64.0, 128, 128.0, 2**63 - 1, 2**63,
+                      "bf16", "BF16 ", "sm_90", None]
+"""Values equal to one another across types or spellings (``True == 1 == 1.0``, ``9 == 9.0``, ``bf16`` and
+``BF16 ``), and a bucket's last value next to one out of range: one cache key must not answer for two of them."""
+
+
+def _twins(value) -> list:
+    """The values of EQUAL_ACROSS_TYPES equal to ``value`` but of another type, or spelled alike."""
+    def near(other):
+        try:
+            same = bool(other == value) or (isinstance(other, str) and isinstance(value, str)
+                                             and other.strip().lower() == value.strip().lower())
+        except Exception:  # an object whose == raises is nobody's twin
+            return False
+        return same and (type(other) is not type(value) or other != value)
+    return [other for other in EQUAL_ACROSS_TYPES if near(other)] + ([value + 1] if type(value) is int else [])
+
+
+def _outcome(call) -> tuple:
+    """What a call answers: the kernel and why, or the error's type and text."""
+    try:
+        selection = call()
+    except KernelselError as exc:
+        return type(exc), str(exc)
+    return selection.name, selection.why
+
+
+@settings(max_examples=int(os.environ.get("KERNELSEL_PROPERTY_EXAMPLES", 150)), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=st.lists(st.sampled_from(sorted(set(KernelRequest.model_fields) - {"op"})), min_size=1, max_size=3,
+                      unique=True),
+       data=st.data())
+def test_keyword_values_of_any_type_answer_as_the_request_does_whether_cached_or_not(toy_env, names, data):
+    """The keyword form keys raw arguments before any is checked: a hit must never answer what the request refuses.
+
+    A call, then one whose values equal the first's across types or spellings (``9`` after ``9.0``, ``True``
+    after ``1``, the next integer); each made twice (a miss, then -- when it could be keyed -- a hit), each
+    answering exactly what selecting its KernelRequest answers.  The default selector lives across examples.
+    """
+    first = {name: data.draw(st.sampled_from(EQUAL_ACROSS_TYPES) | ANYTHING, label=name) for name in names}
+    second = {name: data.draw(st.sampled_from(_twins(v)) if _twins(v) else ANYTHING, label=f"then {name}")
+              for name, v in first.items()}
+    for values in (first, second):
+        fields = {**GOOD, **values}
+        expected = _outcome(lambda: select_kernel(KernelRequest(**fields)))
+        assert _outcome(lambda: select_kernel(**fields)) == expected, fields
+        assert _outcome(lambda: select_kernel(**fields)) == expected, fields
