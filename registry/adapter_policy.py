@@ -19,8 +19,9 @@ from registry.errors import brief
 from registry.vocab import did_you_mean
 
 ADAPTER_PACKAGE = "registry.adapters"
-_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*$")
-_ADAPTER = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*):([A-Za-z_][A-Za-z0-9_]*)$")
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+_ADAPTER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*):([A-Za-z_][A-Za-z0-9_]*)")
+"""Matched with ``fullmatch``: ``$`` would also match before a final newline (``mod:Class\n``)."""
 
 ENV_ADAPTER_ALLOWLIST = "KERNELSEL_ADAPTER_ALLOWLIST"
 """Comma-separated module prefixes whose classes a manifest's ``adapter:`` may name, besides registry.adapters."""
@@ -44,7 +45,7 @@ def parse_adapter_allowlist(prefixes: Union[str, Iterable[str], None], source: s
         text = str(raw).strip()
         if not text and isinstance(prefixes, str):
             continue  # "a,,b" or a trailing comma
-        if not _MODULE.match(text):
+        if not _MODULE.fullmatch(text):
             raise ValueError(f"{source}: {brief(text)} is not a module prefix like mycompany.kernels "
                              f"(dotted Python identifiers, no ':' or '/')")
         if text.split(".")[0] in sys.stdlib_module_names:
@@ -117,7 +118,7 @@ def check_adapter_path(path: Any, allowlist: Iterable[str] = ()) -> Optional[str
     """
     allowed = (ADAPTER_PACKAGE,) + tuple(p for p in allowlist if p != ADAPTER_PACKAGE)
     accepted = " or ".join(f"{p}.MODULE:Class" for p in allowed)
-    m = _ADAPTER.match(path) if isinstance(path, str) else None
+    m = _ADAPTER.fullmatch(path) if isinstance(path, str) else None
     if m is None:
         return f"{brief(path)} is not 'module:Class'; expected {accepted}"
     module, attr = m.groups()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, conlist, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, conlist, field_validator, model_validator
 from typing_extensions import TypedDict
 
 from registry.errors import brief
@@ -56,10 +56,11 @@ class IntRange(_Strict):
 
     model_config = ConfigDict(json_schema_extra={"minProperties": 1})
 
-    min: Optional[int] = Field(default=None, ge=0)
-    max: Optional[int] = Field(default=None, ge=0)
-    multiple_of: Optional[int] = Field(default=None, ge=1)
-    power_of_two: bool = False
+    # strict: a quoted '16' or a 16.0 is a typo in a manifest, not a bound to convert
+    min: Optional[StrictInt] = Field(default=None, ge=0)
+    max: Optional[StrictInt] = Field(default=None, ge=0)
+    multiple_of: Optional[StrictInt] = Field(default=None, ge=1)
+    power_of_two: StrictBool = False
 
     @model_validator(mode="after")
     def _ordered(self) -> "IntRange":
@@ -93,6 +94,18 @@ class IntRange(_Strict):
     def allows(self, value: int, request: Any = None) -> bool:
         return self.check("", value) is None
 
+    def first_allowed(self, lowest: int) -> Optional[int]:
+        """The smallest value >= ``lowest`` the range admits, or None when it admits none (unsatisfiable)."""
+        lo = lowest if self.min is None else max(lowest, self.min)
+        step = self.multiple_of or 1
+        if self.power_of_two:
+            if step & (step - 1):  # no power of two is a multiple of 3, 6, 12, ...
+                return None
+            first = 1 << (max(lo, step, 1) - 1).bit_length()
+        else:
+            first = -(-lo // step) * step
+        return first if self.max is None or first <= self.max else None
+
 
 Shape = Union[OneOf, IntRange]
 """A shape constraint: a list (one-of) or a mapping (range)."""
@@ -113,6 +126,9 @@ def shape_constraint(raw: Any) -> Any:
     """
     if isinstance(raw, (OneOf, IntRange)):
         return raw
+    if raw is None:  # a key written without a value; leave the key out to leave the field unconstrained
+        raise ValueError("no value: list the allowed integers or give a {min, max} range "
+                         "(leave the key out to allow any value)")
     if isinstance(raw, list) or _is_int(raw):
         return OneOf(values=int_values(raw))
     if isinstance(raw, dict):
@@ -122,6 +138,31 @@ def shape_constraint(raw: Any) -> Any:
                                  f"expected some of: {', '.join(IntRange.model_fields)}")
         return IntRange(**raw)
     raise ValueError(f"expected a list of allowed integers or a mapping with min/max/multiple_of/power_of_two, got {brief(raw)}")
+
+
+def check_reachable(field: str, constraint: Any, lowest: int, highest: int) -> None:
+    """ValueError unless ``constraint`` admits some value in ``lowest..highest`` (what a request can give).
+
+    A list value or a range outside what any request can give would silently
+    never match, so a kernel (or an exclusion) would be dead without a word.
+    """
+    if isinstance(constraint, Equals):  # its `or` values are values of the field like a list's
+        if constraint.alternatives:
+            check_reachable(field, OneOf(values=constraint.alternatives), lowest, highest)
+        return
+    if isinstance(constraint, OneOf):
+        low = [v for v in constraint.values if _is_int(v) and v < lowest]
+        if low:
+            raise ValueError(f"{_fmt(low[0])} is below {lowest}, the smallest {field} a request can give")
+        high = [v for v in constraint.values if _is_int(v) and v > highest]
+        if high:
+            raise ValueError(f"{brief(high[0])} is above {highest}, the largest {field} a request can give")
+    elif isinstance(constraint, IntRange):
+        first = constraint.first_allowed(lowest)
+        if first is None or first > highest:
+            written = ", ".join(f"{k}: {str(v).lower()}" for k, v in constraint.model_dump(exclude_defaults=True).items())
+            raise ValueError(f"{{{written}}} admits no {field} a request can give ({lowest}..{highest}): "
+                             f"no request can match it")
 
 
 def value_set(raw: Any, allowed: list[str], what: str) -> OneOf:
@@ -185,6 +226,11 @@ class Equals(_Strict):
     @property
     def alternatives(self) -> tuple[Any, ...]:
         return self.or_ or ()
+
+    @property
+    def target(self) -> Any:
+        """The kernel's constraint on ``equals`` that ``bound`` attached (None: none), checked when it is unset."""
+        return self._target
 
     def check(self, field: str, value: Any, request: Any = None) -> Optional[str]:
         if value in self.alternatives:

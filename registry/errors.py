@@ -18,6 +18,9 @@ class ManifestError(KernelselError):
         head = f"{n} problem{'s' if n != 1 else ''} in manifest"
         super().__init__(head + ":\n" + "\n".join(self.problems))
 
+    def __reduce__(self) -> tuple:  # pickled by its problems (the default would rebuild it from the message)
+        return (type(self), (self.problems,))
+
 
 class RequestError(KernelselError, ValueError):
     """A request with a bad field; the message names the field and what is accepted.
@@ -29,6 +32,9 @@ class RequestError(KernelselError, ValueError):
     def __init__(self, message: str, problems: Optional[list[str]] = None):
         self.problems = list(problems) if problems else [message]
         super().__init__(message)
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (str(self), self.problems))
 
 
 class MissingDependencyError(KernelselError, ImportError):

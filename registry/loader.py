@@ -17,11 +17,10 @@ from pydantic import ValidationError
 
 from registry.adapter_policy import adapter_allowlist_from_env, parse_adapter_allowlist
 from registry.errors import ManifestError, brief
-from registry.schema import KernelSpec, Manifest
+from registry.schema import CROSS_KERNEL_CHECKED, KernelSpec, Manifest, cross_kernel_problems
 from registry.vocab import did_you_mean
 from registry.yaml_reader import (
     Marks,
-    error_message,
     kind_of,
     located,
     path_text,
@@ -67,15 +66,33 @@ def _load(path: Path, text: Optional[str], allow: tuple[str, ...], chain: tuple[
         raise ManifestError([f"{filename}:1:1: (top level): expected a mapping with schema_version and kernels, "
                              f"got {kind_of(data)}"])
     digest = hashlib.sha256(raw_text.encode()).hexdigest()
-    context = {"adapter_allowlist": allow}
+    context = {"adapter_allowlist": allow, CROSS_KERNEL_CHECKED: True}
     if "base" in data:
         return _load_overlay(path, filename, data, marks, digest, context, chain + (_identity(path),))
+    problems: list[str] = []
     try:
         manifest = Manifest.model_validate(data, context=context)
     except ValidationError as exc:
-        raise ManifestError(validation_problems(exc, marks, filename)) from None
+        problems = validation_problems(exc, marks, filename)
+    kernels, solutions = data.get("kernels"), data.get("solutions")
+    if isinstance(kernels, list):  # checked here, not by the model, so they come with every entry's own problems
+        problems += [located(marks, filename, loc, message) for loc, message in
+                     cross_kernel_problems(kernels, solutions if isinstance(solutions, dict) else None)]
+    if problems:
+        raise ManifestError(_in_file_order(problems, filename))
     _stamp(manifest, marks, filename, digest)
     return manifest
+
+
+def _in_file_order(problems: list[str], filename: str) -> list[str]:
+    """Problems sorted by line and column, as a compiler lists them (stable for equal places)."""
+    def place(problem: str) -> tuple[int, int]:
+        if not problem.startswith(filename + ":"):
+            return (0, 0)
+        line, col = (problem[len(filename) + 1:].split(":", 2) + ["", ""])[:2]
+        return (int(line), int(col)) if line.isdigit() and col.isdigit() else (0, 0)
+
+    return sorted(problems, key=place)
 
 
 
@@ -129,7 +146,14 @@ def _load_overlay(path: Path, filename: str, data: dict, marks: Marks, digest: s
         raise ManifestError([located(marks, filename, ("base",), f"{brief(base_ref)}: {p}") for p in exc.problems]) from None
     kernels = {k.name: k for k in base.kernels}
     order = [k.name for k in base.kernels]
+    own: dict[str, int] = {}  # name -> index in this overlay's kernels
     for i, raw in enumerate(kernels_raw or []):
+        name = raw.get("name") if isinstance(raw, dict) else None
+        if isinstance(name, str):
+            if name in own:  # never "the last one wins"
+                problems.append(located(marks, filename, ("kernels", i, "name"), f"duplicate kernel name {brief(name)} "
+                                        f"in this overlay (first at kernels[{own[name]}])"))
+            own.setdefault(name, i)
         try:
             spec = KernelSpec.model_validate(raw, context=context)
         except ValidationError as exc:
@@ -144,28 +168,39 @@ def _load_overlay(path: Path, filename: str, data: dict, marks: Marks, digest: s
         if spec.name not in kernels:
             order.append(spec.name)
         kernels[spec.name] = spec
+    disabled: dict[str, int] = {}
     for i, name in enumerate(disable_raw or []):
-        if not isinstance(name, str) or name not in kernels:
-            line, col = marks.marks.get(("disable", i), (1, 1))
+        line, col = marks.marks.get(("disable", i), (1, 1))
+        if isinstance(name, str) and name in disabled:
+            problems.append(f"{filename}:{line}:{col}: disable[{i}]: {brief(name)} is already disabled at disable[{disabled[name]}]")
+        elif isinstance(name, str) and name in own:
+            problems.append(f"{filename}:{line}:{col}: disable[{i}]: {brief(name)} is added by this overlay "
+                            f"(kernels[{own[name]}]); remove the entry instead of disabling it")
+        elif not isinstance(name, str) or name not in kernels:
             problems.append(f"{filename}:{line}:{col}: disable[{i}]: no kernel named {brief(name)}"
                             f"{did_you_mean(str(name), order) if isinstance(name, str) else ''}")
         else:
+            disabled[name] = i
             kernels.pop(name)
             order.remove(name)
     if problems:
-        raise ManifestError(problems)
-    try:  # validated kernel models pass through as they are; this runs the cross-kernel checks
-        merged = Manifest.model_validate(
-            {
-                "schema_version": base.schema_version,
-                "solutions": base.solutions,
-                "attention_plan": base.attention_plan,
-                "kernels": tuple(kernels[n] for n in order),
-            },
-            context=context,
-        )
-    except ValidationError as exc:
-        raise ManifestError([f"{filename}:1:1: merged manifest: {error_message(e)}" for e in exc.errors(include_url=False)]) from None
+        raise ManifestError(_in_file_order(problems, filename))
+    merged_kernels = tuple(kernels[n] for n in order)
+    cross = cross_kernel_problems(merged_kernels, base.solutions)
+    if cross:  # each at the overlay entry that causes it (or at base: for a base kernel)
+        raise ManifestError([located(marks, filename, ("kernels", own[merged_kernels[loc[1]].name]) + loc[2:]
+                                     if merged_kernels[loc[1]].name in own else ("base",), message)
+                             for loc, message in cross])
+    # validated kernel models pass through as they are; the cross-kernel checks ran above
+    merged = Manifest.model_validate(
+        {
+            "schema_version": base.schema_version,
+            "solutions": base.solutions,
+            "attention_plan": base.attention_plan,
+            "kernels": merged_kernels,
+        },
+        context=context,
+    )
     merged._path = filename
     merged._digest = hashlib.sha256((base.digest + digest).encode()).hexdigest()[:12]
     return merged
@@ -183,7 +218,7 @@ def load_perf_table(path: os.PathLike | str, *, text: Optional[str] = None) -> "
         table = PerfTable.model_validate(data)
     except ValidationError as exc:
         raise ManifestError(validation_problems(exc, marks, filename)) from None
-    table._path = filename
+    table._path, table._marks = filename, marks
     return table
 
 

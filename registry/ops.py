@@ -23,6 +23,18 @@ SHAPE_FIELDS_BY_OP: dict[Op, frozenset[str]] = {
 }
 """Shape fields that mean something for each op."""
 
+SHAPE_MINIMUM: dict[str, int] = {"qk_rope_head_dim": 0}
+"""The smallest value a request may give a shape field, where it is not 1 (an MLA query may have no rope part)."""
+
+
+SHAPE_MAXIMUM = 2**63 - 1
+"""The largest value a request may give any shape field (an int64); a manifest value above it could never match."""
+
+
+def shape_minimum(field: str) -> int:
+    """The smallest value of ``field`` in any request: a manifest value below it could never match."""
+    return SHAPE_MINIMUM.get(field, 1)
+
 _ALL_FEATURES = frozenset(
     {"sinks", "sliding_window", "logits_soft_cap", "return_lse", "non_causal", "noncontiguous_kv", "cuda_graph"}
 )

@@ -21,13 +21,13 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from typing import Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, Callable, Optional, TypeVar
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import BeforeValidator, Field, PrivateAttr, field_validator, model_validator
 
 from registry.errors import brief
 from registry.ops import RAGGED_OPS
-from registry.schema import StrictModel
+from registry.schema import Int, StrictModel
 from registry.vocab import Arch, DType, Op, did_you_mean, parse_arch
 
 PERF_KEY: tuple[str, ...] = (
@@ -48,7 +48,18 @@ def bucket(n: Optional[int]) -> Optional[int]:
     """The power-of-two bucket of a batch size or KV length (next power of two, at least 1)."""
     if n is None:
         return None
-    return 1 << max(0, int(n) - 1).bit_length()
+    n = int(n)
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def _number(value: Any) -> Any:
+    """A time or a bandwidth as written: a number, not a quoted '12' or a true."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {brief(value)}")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_number)]
 
 
 def _plain(value: Any) -> Any:
@@ -66,8 +77,8 @@ class PerfEntry(StrictModel):
 
     op: Op
     shape: dict[str, Any] = Field(description="request fields from PERF_KEY identifying the bucket")
-    median_us: dict[str, float] = Field(min_length=1, description="kernel name -> median time in microseconds")
-    tbps: dict[str, float] = Field(default_factory=dict, description="kernel name -> achieved KV bandwidth, TB/s")
+    median_us: dict[str, Number] = Field(min_length=1, description="kernel name -> median time in microseconds")
+    tbps: dict[str, Number] = Field(default_factory=dict, description="kernel name -> achieved KV bandwidth, TB/s")
 
     @field_validator("shape")
     @classmethod
@@ -77,8 +88,8 @@ class PerfEntry(StrictModel):
             if key not in PERF_KEY:
                 raise ValueError(f"unknown shape field {brief(key)}{did_you_mean(str(key), list(PERF_KEY))}; "
                                  f"expected some of: {', '.join(PERF_KEY)}")
-            if value is None:
-                continue
+            if value is None:  # the same as leaving the key out, which is what to write
+                raise ValueError(f"{key}: no value; leave the key out for a bucket without it")
             if key in _DTYPE_KEYS:
                 if not isinstance(value, str) or value not in DType.values():
                     raise ValueError(f"{key}: {brief(value)} is not one of {', '.join(DType.values())}"
@@ -127,7 +138,7 @@ class PerfEntry(StrictModel):
 class PerfTable(StrictModel):
     """Measured times on one GPU model and arch."""
 
-    schema_version: int = Field(1, ge=1, le=1)
+    schema_version: Int = Field(1, ge=1, le=1)
     gpu: str = Field(min_length=1, description="torch.cuda.get_device_name(), e.g. 'NVIDIA H200'")
     arch: Arch
     software: dict[str, str] = Field(default_factory=dict, description="library versions when measured")
@@ -137,6 +148,7 @@ class PerfTable(StrictModel):
 
     _path: str = ""
     _derived: dict = PrivateAttr(default_factory=dict)
+    _marks: Any = None  # registry.yaml_reader.Marks of the file it was read from, to locate later problems
 
     @field_validator("arch", mode="before")
     @classmethod
@@ -173,6 +185,12 @@ class PerfTable(StrictModel):
             if name not in self._derived:
                 self._derived[name] = build(self)
             return self._derived[name]
+
+    def located(self, loc: tuple, message: str) -> str:
+        """``file:line:col: path: message`` for a problem found after loading (e.g. against a manifest)."""
+        from registry.yaml_reader import Marks, located
+
+        return located(self._marks or Marks(None), self._path or "perf table", loc, message)
 
     def matches(self, gpu: str, arch: Optional[Arch]) -> bool:
         return self.arch is arch and (not gpu or gpu == self.gpu)

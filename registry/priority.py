@@ -28,7 +28,9 @@ Ties break by kernel name, so the order is total and identical everywhere.
 
 from __future__ import annotations
 
+import functools
 from enum import IntEnum
+from typing import Any
 
 
 class Band(IntEnum):
@@ -42,10 +44,17 @@ class Band(IntEnum):
 PRIORITY_MAX = 19
 
 
+@functools.lru_cache(maxsize=64)
 def band_of(priority: int) -> Band:
     """The band containing ``priority`` (largest band start <= priority)."""
     return max((b for b in Band if b <= priority), key=int)
 
 
+@functools.lru_cache(maxsize=64)
 def band_name(priority: int) -> str:
     return band_of(priority).name.lower()
+
+
+def priority_rank_key(kernel: Any) -> tuple[int, str]:
+    """How eligible kernels rank without measured times: priority descending, then name (a total order)."""
+    return (-kernel.priority, kernel.name)

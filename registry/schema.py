@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Iterable, Literal, Optional, Sequence, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
     PrivateAttr,
+    Strict,
+    StrictBool,
     Tag,
     ValidationInfo,
     conlist,
@@ -38,15 +41,17 @@ from registry.constraints import (
     IntRange,
     OneOf,
     arch_spec,
+    check_reachable,
     equals_constraint,
     int_values,
     shape_constraint,
     value_set,
 )
-from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
+from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP, SHAPE_MAXIMUM, shape_minimum
 from registry.errors import brief
 from registry.priority import PRIORITY_MAX, Band, band_of
 from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean
+from registry.yaml_reader import path_text
 
 
 
@@ -70,14 +75,34 @@ class StrictModel(BaseModel):
         return data
 
 
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be blank")
+    return v
+
+
+Text = Annotated[str, AfterValidator(_not_blank)]
+"""Text that says something: a reason, a ref, an install command (an empty one would show nothing)."""
+Int = Annotated[int, Strict()]
+"""An integer as written: a quoted '5', a 5.0 or a true is a typo, not a number to convert."""
+
+
+def _not_bool(v: Any) -> Any:
+    if isinstance(v, bool):  # True == 1 to Python: `schema_version: true` would pass as 1
+        raise ValueError(f"expected an integer, got {v}")
+    return v
+
+
 def _dtypes(raw: Any, info: ValidationInfo) -> Any:
+    if raw is None:  # `q_dtype:` with nothing after it
+        raise ValueError("no value: list the allowed dtypes, e.g. [bf16, fp16]")
     if isinstance(raw, dict) and (raw.keys() & {"equals", "or"}):
         return equals_constraint(raw, info.field_name, FIELD_KINDS, _dtype_values)
     if isinstance(raw, list):
         return {"values": raw}
     if isinstance(raw, str):
         return {"values": [raw]}
-    if raw is not None and not isinstance(raw, (dict, DTypeSet, Equals)):
+    if not isinstance(raw, (dict, DTypeSet, Equals)):
         raise ValueError(f"expected a dtype, a list of dtypes or {{equals: FIELD}}, got {brief(raw)}")
     return raw
 
@@ -89,7 +114,7 @@ def _dtype_values(raw: Any) -> tuple[DType, ...]:
 def _shape(raw: Any, info: ValidationInfo) -> Any:
     if isinstance(raw, dict) and (raw.keys() & {"equals", "or"}):
         return equals_constraint(raw, info.field_name, FIELD_KINDS, int_values)
-    return raw if raw is None else shape_constraint(raw)
+    return shape_constraint(raw)  # a key without a value (None) is an error there
 
 
 def _set_or_equals(value: Any) -> str:
@@ -107,11 +132,12 @@ DTypeEqualsInput = TypedDict(
 )
 DTypeEqualsInput.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
 
-# json_schema_input_type: the JSON schema describes the YAML spelling (lists, range mappings), not the models
+# json_schema_input_type: the JSON schema describes the YAML spelling (lists, range mappings), not the models.
+# A key written without a value (null) is an error, never "unconstrained": leave the key out for that.
 DTypes_ = Annotated[
     Optional[Annotated[Union[Annotated[DTypeSet, Tag("set")], Annotated[Equals, Tag("equals")]],
                        Discriminator(_set_or_equals)]],
-    BeforeValidator(_dtypes, json_schema_input_type=Optional[Union[DTYPES_INPUT, DTypeEqualsInput]]),
+    BeforeValidator(_dtypes, json_schema_input_type=Union[DTYPES_INPUT, DTypeEqualsInput]),
 ]
 
 ShapeEqualsInput = TypedDict(
@@ -123,7 +149,7 @@ ShapeEqualsInput.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignor
 
 ShapeC = Annotated[
     Optional[Union[OneOf, IntRange, Equals]],
-    BeforeValidator(_shape, json_schema_input_type=Optional[Union[SHAPE_INPUT, ShapeEqualsInput]]),
+    BeforeValidator(_shape, json_schema_input_type=Union[SHAPE_INPUT, ShapeEqualsInput]),
 ]
 
 
@@ -154,17 +180,24 @@ class Shapes(StrictModel):
     qk_nope_head_dim: ShapeC = Field(default=None, description="MLA non-rope query/key head dim before absorption")
     topk: ShapeC = Field(default=None, description="sparse MLA: selected positions per query token")
 
+    @field_validator("*")
+    @classmethod
+    def _reachable(cls, v: Any, info: ValidationInfo) -> Any:
+        """A value or range no request can give would make the kernel silently unreachable."""
+        check_reachable(info.field_name, v, shape_minimum(info.field_name), SHAPE_MAXIMUM)
+        return v
+
 
 class Features(StrictModel):
-    """What a kernel supports.  Anything not declared ``true`` is unsupported."""
+    """What a kernel supports.  Anything not declared ``true`` is unsupported (``'yes'`` or ``1`` is an error)."""
 
-    sinks: bool = Field(default=False, description="attention sinks: one fp32 logit per head in the softmax denominator")
-    sliding_window: bool = Field(default=False, description="sliding-window (local) attention via window_left")
-    logits_soft_cap: bool = Field(default=False, description="cap * tanh(score / cap) on the scaled logits")
-    return_lse: bool = Field(default=False, description="returns the log-sum-exp, needed by decode-context-parallel (DCP) merging")
-    non_causal: bool = Field(default=False, description="non-causal (bidirectional) attention over the new tokens")
-    noncontiguous_kv: bool = Field(default=False, description="K/V given as strided (non-contiguous) views")
-    cuda_graph: bool = Field(default=False, description="run() is capturable in a CUDA graph")
+    sinks: StrictBool = Field(default=False, description="attention sinks: one fp32 logit per head in the softmax denominator")
+    sliding_window: StrictBool = Field(default=False, description="sliding-window (local) attention via window_left")
+    logits_soft_cap: StrictBool = Field(default=False, description="cap * tanh(score / cap) on the scaled logits")
+    return_lse: StrictBool = Field(default=False, description="returns the log-sum-exp, needed by decode-context-parallel (DCP) merging")
+    non_causal: StrictBool = Field(default=False, description="non-causal (bidirectional) attention over the new tokens")
+    noncontiguous_kv: StrictBool = Field(default=False, description="K/V given as strided (non-contiguous) views")
+    cuda_graph: StrictBool = Field(default=False, description="run() is capturable in a CUDA graph")
 
 
 REQUEST_FIELDS: tuple[str, ...] = (
@@ -195,7 +228,9 @@ def _when_value(field: str, raw: Any) -> Any:
         if not isinstance(raw, bool):
             raise ValueError(f"expected true or false, got {brief(raw)}")
         return OneOf(values=(raw,))
-    return shape_constraint(raw)
+    constraint = shape_constraint(raw)
+    check_reachable(field, constraint, shape_minimum(field), SHAPE_MAXIMUM)  # else the exclusion could never match
+    return constraint
 
 
 class Exclusion(StrictModel):
@@ -208,8 +243,8 @@ class Exclusion(StrictModel):
     when: Annotated[dict[str, Any], BeforeValidator(lambda v: v, json_schema_input_type=_WHEN_INPUT)] = Field(
         description="request field -> value, list of values, or {min, max} range", json_schema_extra={"minProperties": 1}
     )
-    reason: str = Field(min_length=1)
-    ref: str = Field(min_length=1, description="pull request, library source file or committed result that documents the problem")
+    reason: Text = Field(min_length=1)
+    ref: Text = Field(min_length=1, description="pull request, library source file or committed result that documents the problem")
 
     @field_validator("when")
     @classmethod
@@ -241,6 +276,9 @@ class Exclusion(StrictModel):
         return ", ".join(f"{f}={c.describe()}" for f, c in self.when.items())
 
 
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+"""A kernel name, matched with ``fullmatch`` (``$`` would admit a look-alike ending in a newline)."""
+
 
 FACT_PATHS: tuple[str, ...] = (
     ("arch",)
@@ -265,7 +303,6 @@ def _fact_path(key: Any) -> str:
 FactPath = Annotated[str, BeforeValidator(_fact_path)]
 
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 class KernelSpec(StrictModel):
     """One manifest entry: an implementation of one op with its declared capability and priority."""
 
@@ -284,9 +321,9 @@ class KernelSpec(StrictModel):
     settings: dict[str, Union[bool, int, str]] = Field(
         default_factory=dict, description="settings the engine must adopt when this kernel is chosen (e.g. KV-cache layout)"
     )
-    priority: int = Field(ge=0, le=PRIORITY_MAX, description="see registry.priority for the bands")
-    refs: tuple[str, ...] = Field(min_length=1, description="pull requests, library source files or committed results backing the facts")
-    sources: dict[FactPath, Annotated[str, Field(min_length=1)]] = Field(
+    priority: Int = Field(ge=0, le=PRIORITY_MAX, description="see registry.priority for the bands")
+    refs: tuple[Text, ...] = Field(min_length=1, description="pull requests, library source files or committed results backing the facts")
+    sources: dict[FactPath, Annotated[Text, Field(min_length=1)]] = Field(
         default_factory=dict,
         description="fact path (arch, dtypes.q_dtype, shapes.page_size, features.sinks, settings.<key>) -> the "
                     "source line or pull request that states it, e.g. flashinfer/jit/xqa.py:82-86",
@@ -298,7 +335,7 @@ class KernelSpec(StrictModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
+        if not _NAME.fullmatch(v):
             raise ValueError(f"{brief(v)} is not a kernel name (lower-case letters, digits, '-', '_', '.')")
         return v
 
@@ -323,34 +360,93 @@ class KernelSpec(StrictModel):
             raise ValueError(problem)
         return v
 
-    @model_validator(mode="after")
-    def _fits_op(self) -> "KernelSpec":
-        shapes = SHAPE_FIELDS_BY_OP[self.op]
+    # The checks below read fields validated before them (op, solution) from info.data, so each runs
+    # whatever else in the entry failed: validate reports an entry's every problem in one run.
+    @field_validator("shapes")
+    @classmethod
+    def _shapes_fit_op(cls, shapes: "Shapes", info: ValidationInfo) -> "Shapes":
+        op = info.data.get("op")
+        if op is None:
+            return shapes
+        fields = SHAPE_FIELDS_BY_OP[op]
         for field in Shapes.model_fields:
-            if getattr(self.shapes, field) is not None and field not in shapes:
-                raise ValueError(f"shapes.{field} means nothing for op {self.op.value}; it takes: {', '.join(sorted(shapes))}")
+            if getattr(shapes, field) is not None and field not in fields:
+                raise ValueError(f"shapes.{field} means nothing for op {op.value}; it takes: {', '.join(sorted(fields))}")
+            c = getattr(shapes, field)
+            if isinstance(c, Equals) and c.equals not in fields:
+                raise ValueError(f"shapes.{field}.equals names {c.equals}, which means nothing for op "
+                                 f"{op.value}; it takes: {', '.join(sorted(fields))}")
+        return shapes
+
+    @model_validator(mode="after")
+    def _equals_name_a_plain_field(self) -> "KernelSpec":
+        """``{equals: F}`` where F is itself ``{equals: G}``: a chain the solver would not follow."""
         for group, fields in (("dtypes", self.dtypes), ("shapes", self.shapes)):
             for field in type(fields).model_fields:
                 c = getattr(fields, field)
-                if not isinstance(c, Equals):
-                    continue
-                if group == "shapes" and c.equals not in shapes:
-                    raise ValueError(f"{group}.{field}.equals names {c.equals}, which means nothing for op "
-                                     f"{self.op.value}; it takes: {', '.join(sorted(shapes))}")
-                if isinstance(getattr(fields, c.equals), Equals):
+                if isinstance(c, Equals) and isinstance(getattr(fields, c.equals), Equals):
                     raise ValueError(f"{group}.{field}.equals names {c.equals}, itself {{equals: "
                                      f"{getattr(fields, c.equals).equals}}}; name that field instead")
-        features = FEATURE_FIELDS_BY_OP[self.op]
-        for field in Features.model_fields:
-            if getattr(self.features, field) and field not in features:
-                raise ValueError(f"features.{field} means nothing for op {self.op.value}")
-        is_ref = self.solution is Solution.REFERENCE
-        if is_ref != (band_of(self.priority) is Band.REFERENCE):
-            raise ValueError(
-                f"priority {self.priority} is in band {band_of(self.priority).name.lower()}, but solution is "
-                f"{self.solution.value}: reference kernels take 0..3 and only they do"
-            )
         return self
+
+    @field_validator("features")
+    @classmethod
+    def _features_fit_op(cls, features: "Features", info: ValidationInfo) -> "Features":
+        op = info.data.get("op")
+        for field in Features.model_fields if op is not None else ():
+            if getattr(features, field) and field not in FEATURE_FIELDS_BY_OP[op]:
+                raise ValueError(f"features.{field} means nothing for op {op.value}")
+        return features
+
+    @field_validator("exclude")
+    @classmethod
+    def _exclusions_fit_op(cls, exclude: tuple[Exclusion, ...], info: ValidationInfo) -> tuple[Exclusion, ...]:
+        """An exclusion on a field the op does not take could never match (or would always): refused."""
+        op = info.data.get("op")
+        if op is None:
+            return exclude
+        takes = SHAPE_FIELDS_BY_OP[op] | FEATURE_FIELDS_BY_OP[op]
+        for i, e in enumerate(exclude):
+            for field in e.when:
+                if (field in Shapes.model_fields or field in Features.model_fields) and field not in takes:
+                    raise ValueError(f"exclude[{i}].when.{field} means nothing for op {op.value}; "
+                                     f"it takes: {', '.join(sorted(takes))}")
+        return exclude
+
+    @field_validator("priority")
+    @classmethod
+    def _priority_fits_solution(cls, priority: int, info: ValidationInfo) -> int:
+        solution = info.data.get("solution")
+        if solution is None:
+            return priority
+        if (solution is Solution.REFERENCE) != (band_of(priority) is Band.REFERENCE):
+            raise ValueError(
+                f"priority {priority} is in band {band_of(priority).name.lower()}, but solution is "
+                f"{solution.value}: reference kernels take 0..3 and only they do"
+            )
+        return priority
+
+    @model_validator(mode="after")
+    def _no_exclusion_covers_everything(self) -> "KernelSpec":
+        """An exclusion matching every request the kernel admits makes it a kernel that can never be chosen."""
+        for i, e in enumerate(self.exclude):
+            if all(self._admitted(f) is not None and self._admitted(f) <= set(c.values) for f, c in e.when.items()
+                   if isinstance(c, OneOf)) and all(isinstance(c, OneOf) for c in e.when.values()):
+                raise ValueError(f"exclude[{i}].when matches every request this kernel admits "
+                                 f"({e.describe()}): it could never be chosen")
+        return self
+
+    def _admitted(self, field: str) -> Optional[set]:
+        """Every value of ``field`` the kernel admits, when that is a finite known set (else None)."""
+        if field == "arch":
+            return set(self.arch.members())
+        if field in DTypes.model_fields:
+            c = getattr(self.dtypes, field)
+            return set(DType) if c is None else set(c.values) if isinstance(c, DTypeSet) else None
+        if field in Features.model_fields:
+            return {False, True} if getattr(self.features, field) else {False}
+        c = getattr(self.shapes, field, None)
+        return set(c.values) if isinstance(c, OneOf) else None
 
     @property
     def origin(self) -> str:
@@ -380,24 +476,64 @@ class KernelSpec(StrictModel):
         return tuple(f for f in Features.model_fields if not getattr(self.features, f))
 
 
+_DISTRIBUTION = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,98}[A-Za-z0-9])?")
+"""A distribution name as packaging spells it (PEP 508), matched with ``fullmatch``."""
+
+
+def _distribution(v: str) -> str:
+    if not _DISTRIBUTION.fullmatch(v):
+        raise ValueError(f"{brief(v)} is not a distribution name like flashinfer-python")
+    return v
+
+
 class SolutionInfo(StrictModel):
     """What a solution needs installed, and how to install it."""
 
-    requires: tuple[str, ...] = Field(min_length=1, description="Python distributions the adapters import")
-    install: str = Field(description="the command that installs them, shown when one is missing")
+    requires: tuple[Annotated[str, AfterValidator(_distribution)], ...] = Field(
+        min_length=1, description="Python distributions the adapters import")
+    install: Text = Field(description="the command that installs them, shown when one is missing")
 
 
 class AttentionPlanRule(StrictModel):
     """TokenSpeed's rule (lightseekorg/tokenspeed#445): postwrite only with a high-priority mha_prefill kernel and no FP8 attention."""
 
-    postwrite_min_priority: int = Field(ge=0, le=PRIORITY_MAX)
-    refs: tuple[str, ...] = Field(min_length=1)
+    postwrite_min_priority: Int = Field(ge=0, le=PRIORITY_MAX)
+    refs: tuple[Text, ...] = Field(min_length=1)
+
+
+CROSS_KERNEL_CHECKED = "cross_kernel_checked"
+"""Validation-context key: the caller (the loader) reports ``cross_kernel_problems`` itself, located."""
+
+
+def cross_kernel_problems(kernels: Sequence[Any], solutions: Optional[Iterable[Any]]) -> list[tuple[tuple, str]]:
+    """Problems between entries, as (YAML path, message): a name used twice, a solution not listed.
+
+    Reads validated ``KernelSpec`` objects and raw mappings alike, so the loader can report these in the
+    same run as each entry's own problems (pydantic runs a model's after-validator only when every
+    field validated).  ``solutions`` None: not known (skip that check).
+    """
+    def get(k: Any, key: str) -> Any:
+        return k.get(key) if isinstance(k, dict) else getattr(k, key, None)
+
+    listed = None if solutions is None else {getattr(s, "value", s) for s in solutions}
+    seen: dict[str, int] = {}
+    out = []
+    for i, k in enumerate(kernels):
+        name, solution = get(k, "name"), getattr(get(k, "solution"), "value", get(k, "solution"))
+        if isinstance(name, str):
+            if name in seen:
+                out.append((("kernels", i, "name"), f"duplicate kernel name {brief(name)} (first at kernels[{seen[name]}])"))
+            else:
+                seen[name] = i
+        if listed is not None and isinstance(solution, str) and solution in Solution.values() and solution not in listed:
+            out.append((("kernels", i, "solution"), f"{solution!r} is not listed under solutions"))
+    return out
 
 
 class Manifest(StrictModel):
     """A whole capability manifest."""
 
-    schema_version: Literal[1]
+    schema_version: Annotated[Literal[1], BeforeValidator(_not_bool)]
     solutions: dict[Solution, SolutionInfo]
     attention_plan: AttentionPlanRule
     kernels: tuple[KernelSpec, ...]
@@ -406,14 +542,12 @@ class Manifest(StrictModel):
     _digest: str = PrivateAttr(default="")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Manifest":
-        seen: dict[str, int] = {}
-        for i, k in enumerate(self.kernels):
-            if k.name in seen:
-                raise ValueError(f"kernels[{i}].name: duplicate kernel name {brief(k.name)} (first at kernels[{seen[k.name]}])")
-            seen[k.name] = i
-            if k.solution not in self.solutions:
-                raise ValueError(f"kernels[{i}].solution: {k.solution.value!r} is not listed under solutions")
+    def _consistent(self, info: ValidationInfo) -> "Manifest":
+        if (info.context or {}).get(CROSS_KERNEL_CHECKED):
+            return self
+        problems = cross_kernel_problems(self.kernels, self.solutions)
+        if problems:
+            raise ValueError("; ".join(f"{path_text(loc)}: {message}" for loc, message in problems))
         return self
 
     @property

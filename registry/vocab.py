@@ -136,7 +136,8 @@ def _spelling(value: object, what: str) -> str:
     raise RequestError(f"expected {what}, got {type(value).__name__} {brief(value)}")
 
 
-_ARCH_FORMS = re.compile(r"^(?:sm_?|compute_?)?(\d+)(?:\.(\d))?[af]?$", re.IGNORECASE)
+_ARCH_FORMS = re.compile(r"(?:sm_?|compute_?)?([0-9]{1,4})(?:\.([0-9]))?[af]?", re.IGNORECASE)
+"""Matched with ``fullmatch``; at most four digits, so a 5,000-digit number is refused, never converted."""
 
 
 def parse_arch(text: str | int | float | Arch) -> Arch:
@@ -149,7 +150,7 @@ def parse_arch(text: str | int | float | Arch) -> Arch:
     if isinstance(text, tuple) and len(text) == 2 and all(isinstance(p, int) and 0 <= p < 1000 for p in text):
         text = f"{text[0]}.{text[1]}"
     raw = _spelling(text, "an SM like 'sm_90', '9.0' or (9, 0)").strip()
-    m = _ARCH_FORMS.match(raw)
+    m = _ARCH_FORMS.fullmatch(raw)
     if m:
         major, minor = m.group(1), m.group(2)
         number = int(major) * 10 + int(minor) if minor is not None else int(major)

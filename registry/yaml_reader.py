@@ -267,6 +267,11 @@ class Marks:
             for i, v in enumerate(node.value):
                 self._walk(v, loc + (i,))
 
+    def __eq__(self, other: object) -> bool:  # by value: a model holding marks stays equal after pickling
+        return isinstance(other, Marks) and (self.marks, self.keys) == (other.marks, other.keys)
+
+    __hash__ = None  # type: ignore[assignment]
+
     def resolve(self, loc: Loc) -> tuple[Loc, tuple[int, int]]:
         """The longest YAML path along ``loc`` (skipping model-internal parts) and its mark."""
         found: Loc = ()
@@ -279,7 +284,7 @@ class Marks:
         return self.keys.get(loc)
 
 
-_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,59}$")
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,59}")
 
 
 def path_text(loc: Loc) -> str:
@@ -288,7 +293,7 @@ def path_text(loc: Loc) -> str:
     for part in loc:
         if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
-        elif isinstance(part, str) and _PLAIN_KEY.match(part):
+        elif isinstance(part, str) and _PLAIN_KEY.fullmatch(part):
             out += f".{part}" if out else part
         else:
             out += f"[{brief(part, 40)}]"
@@ -323,9 +328,23 @@ def _message_text(err: dict[str, Any]) -> str:
         return "expected text, got a mapping (quote text that contains ': ')"
     if kind == "extra_forbidden":
         return "unknown key"
+    bound = _BOUNDS.get(kind)
+    if bound is not None:
+        word, key = bound
+        return f"must be {word} {err.get('ctx', {}).get(key)}, got {_got(err.get('input'))}"
+    if kind in ("too_short", "too_long"):
+        ctx = err.get("ctx", {})
+        limit = ctx.get("min_length") if kind == "too_short" else ctx.get("max_length")
+        return f"expected {'at least' if kind == 'too_short' else 'at most'} {limit} item{'s' if limit != 1 else ''}, " \
+               f"got {ctx.get('actual_length')}"
     if kind in _TYPE_WORDS and kind not in ("enum", "literal_error"):
         return f"expected {_TYPE_WORDS[kind]}, got {_got(err.get('input'))}"
     return f"{msg} (got {brief(err.get('input'))})" if "input" in err and not isinstance(err.get("input"), (dict, list)) else msg
+
+
+_BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
+           "less_than": ("<", "lt")}
+"""Pydantic's bound errors, in the words the request's errors use: ``must be <= 19, got 99``."""
 
 
 def _got(value: Any) -> str:
@@ -342,7 +361,11 @@ def validation_problems(exc: ValidationError, marks: Marks, filename: str, prefi
     """One ``file:line:col: path: message`` line per pydantic error (a union's type errors merged into one)."""
     problems: list[str] = []
     merged: dict[tuple[str, int, int], int] = {}  # (path, line, col) of a type error -> its index in problems
-    for err in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    has_inner = {tuple(e["loc"])[:n] for e in errors for n in range(len(e["loc"]))}  # locations with an error below
+    for err in errors:
+        if err["type"] == "too_short" and tuple(err["loc"]) in has_inner:
+            continue  # "at least 1 item after validation" only because the bad items were dropped: they are reported
         loc = prefix + tuple(err["loc"])
         msg = error_message(err)
         path, (line, col) = marks.resolve(loc)
@@ -354,9 +377,13 @@ def validation_problems(exc: ValidationError, marks: Marks, filename: str, prefi
         elif err["type"] == "missing" and loc:
             path = path + (loc[-1],)  # the mapping's mark, the missing key's name
         else:  # a cross-field message that starts with a field path: point at that field
-            inner = path + tuple(msg.split(" ", 1)[0].split("."))
-            if inner in marks.marks:
-                path, (line, col) = inner, marks.key_mark(inner) or marks.marks[inner]
+            for inner in _named_paths(path, msg):
+                if inner in marks.marks:
+                    path, (line, col) = inner, marks.key_mark(inner) or marks.marks[inner]
+                    label = msg.split(" ", 1)[0]
+                    if label.endswith(":"):  # "head_dim_qk: 0 is below 1": the located path says it now
+                        msg = msg[len(label):].lstrip()
+                    break
         where = (path_text(path), line, col)
         if err["type"] in _TYPE_WORDS and err["type"] not in ("enum", "literal_error", "model_type"):
             if where in merged:  # a union: "expected true/false, an integer or text, got [1]"
@@ -369,6 +396,28 @@ def validation_problems(exc: ValidationError, marks: Marks, filename: str, prefi
             merged[where] = len(problems)
         problems.append(f"{filename}:{line}:{col}: {path_text(path)}: {msg}")
     return problems
+
+
+_PATH_PART = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[[0-9]+\])*)")
+
+
+def _named_paths(path: Loc, message: str) -> list[Loc]:
+    """Where a message that starts with a field path (``exclude[0].when.q_len means ...``) may point, under ``path``.
+
+    The named path is taken below ``path``, or overlapping its last part (``shapes.x`` under ``kernels[0].shapes``).
+    """
+    parts: list[Any] = []
+    for word in message.split(" ", 1)[0].rstrip(":").split("."):
+        m = _PATH_PART.fullmatch(word)
+        if m is None:
+            return []
+        parts.append(m.group(1))
+        parts += [int(i) for i in re.findall(r"[0-9]+", m.group(2))]
+    named = tuple(parts)
+    out = [path + named]
+    if path and named and named[0] == path[-1]:
+        out.append(path[:-1] + named)
+    return out
 
 
 def _line_col(text: str, index: int) -> tuple[int, int]:

@@ -3,8 +3,12 @@
 The default context is built on first use: the manifest (``KERNELSEL_MANIFEST``
 or the bundled one), the installed libraries, and the environment overrides,
 each read once.  Selections are cached per request, so a hit costs about a
-dict lookup.  ``reset()`` drops the context (tests, or after changing the
-environment).
+dict lookup; ``select_kernel(op=..., ...)`` also keys its raw keyword
+arguments (``batch_size``, ``kv_len`` and ``new_len`` bucketed first), so a
+hit does not build the request.  Each cache keeps at most ``cache_size``
+entries (``Selector(cache_size=...)``, ``KERNELSEL_CACHE_SIZE``; 4096): an
+insert into a full one keeps only its newer half.  ``reset()`` drops the
+context (tests, or after changing the environment).
 
 Thread safety: a cache hit is one ``dict.get`` and takes no lock (a dict read
 is atomic under the GIL, and free-threaded CPython 3.13t guards each dict with
@@ -12,10 +16,13 @@ its own lock).  A miss takes the selector's lock, looks again, and only then
 detects the arch, finds the perf table and solves: so a request is solved
 once however many threads miss at the same time, every caller gets the same
 ``Selection`` object, and the platform and perf table change only under the
-lock.  A selection is stored only once complete.  The record of unavailable
-kernels (``selector.availability.UnavailableKernels``) has its own lock; after
-a change it drops the cached selections under the selector's lock, so a miss
-that read the record before the change cannot leave a stale selection behind.
+lock.  A selection is stored only once complete.  Eviction happens under the
+lock too, by replacing the dict: a hit never takes a lock, never reorders
+anything, and a reader holding the old dict still reads a whole one.  The
+record of unavailable kernels (``selector.availability.UnavailableKernels``)
+has its own lock; after a change it drops the cached selections (both caches)
+under the selector's lock, so a miss that read the record before the change
+cannot leave a stale selection behind.
 
 Tuning on first use (``tune=True``, ``KERNELSEL_TUNE=1``; ``selector.tuning``)
 happens on a miss, under the selector's lock: other threads' misses wait for
@@ -29,18 +36,20 @@ import dataclasses
 import logging
 import sys
 import threading
+from itertools import islice
 from typing import Any, Mapping, Optional
 
-from registry.errors import RequestError
+from registry.errors import KernelselError, ManifestError, RequestError, brief
 from registry.loader import load_manifest
-from registry.perf import PerfTable, overlay
+from registry.perf import PerfTable, bucket, overlay
 from registry.perf_policy import PERF_OFF, choose_perf_table
 from registry.schema import Manifest
-from registry.vocab import Arch
+from registry.vocab import Arch, Backend, DType, Op, Solution
 from selector.availability import UNAVAILABLE, UnavailableKernels, probe
 from selector.overrides import ENV_PERF, Overrides
+from selector.perf_check import perf_table_problems
 from selector.platform import TORCH, Gpu, Platform, detect_gpus, installed_versions, required_distributions
-from selector.request import KernelRequest
+from selector.request import BUCKETED_FIELDS, MAX_INT, KernelRequest
 from selector.selection import KernelUnavailableError, NoKernelError, Selection
 from selector.solver import solve
 from selector.tuning import (
@@ -56,6 +65,24 @@ from selector.tuning import (
 )
 
 log = logging.getLogger("kernelsel")
+
+DEFAULT_CACHE_SIZE = 4096
+"""Selections a Selector keeps per cache unless told otherwise (an engine sees a few hundred shape buckets)."""
+
+
+def _cache_size(value: Any) -> int:
+    if value is None:
+        return DEFAULT_CACHE_SIZE
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise RequestError(f"Selector(cache_size=...): expected a whole number of selections >= 1, got {value!r:.40}")
+    return value
+
+
+def _bounded(cache: dict, size: int) -> dict:
+    """``cache`` with room for one more entry: its newer half when it is full (a new dict; readers keep theirs)."""
+    if len(cache) < size:
+        return cache
+    return dict(islice(cache.items(), len(cache) - size // 2, None))
 
 
 class Selector:
@@ -73,11 +100,15 @@ class Selector:
     (``selector.tuning``; ``tune_settings``: budget, device, folder);
     ``tuned_tables=True`` lays that table over ``perf`` without tuning (the
     default selector does, unless ``KERNELSEL_PERF=off``).
+
+    Its caches keep at most ``cache_size`` selections each (default: the
+    overrides' ``KERNELSEL_CACHE_SIZE``, else 4096).
     """
 
     def __init__(self, manifest: Manifest, platform: Platform, overrides: Overrides = Overrides(),
                  perf: Optional[PerfTable] = None, *, auto_perf: bool = False, tune: bool = False,
-                 tune_settings: Optional[TuneSettings] = None, tuned_tables: bool = False):
+                 tune_settings: Optional[TuneSettings] = None, tuned_tables: bool = False,
+                 cache_size: Optional[int] = None):
         self.manifest = manifest
         self.platform = platform
         self.overrides = overrides
@@ -92,7 +123,9 @@ class Selector:
         self._ranking: tuple = (None, None, None)  # (perf, tuned, the two laid over each other)
         self._gpu: Optional[Gpu] = None  # found through torch once, when needed
         self._gpu_detected = False
+        self.cache_size = _cache_size(cache_size if cache_size is not None else overrides.cache_size)
         self._cache: dict[KernelRequest, Selection] = {}
+        self._by_fields: dict[tuple, Selection] = {}  # select_kernel's raw keyword arguments -> selection
         self._lock = threading.RLock()  # the miss path: solve, arch detection, perf lookup, dropping the cache
         self.unavailable_kernels = UnavailableKernels()
         self.unavailable_kernels.subscribe(self._forget_selections)
@@ -106,6 +139,9 @@ class Selector:
         libraries = installed_versions(required_distributions(manifest.solutions))
         # the arch (and the GPU's committed perf table) is found through torch only when needed: see solve()
         perf = choose_perf_table(overrides.perf, setting_name=ENV_PERF)
+        problems = perf_table_problems(perf.table, manifest) if perf.table is not None else []
+        if problems:  # a table KERNELSEL_PERF names must fit the manifest
+            raise ManifestError(problems)
         off = overrides.perf is not None and overrides.perf.strip().lower() == PERF_OFF
         return cls(manifest, Platform(arch=None, libraries=libraries, detected=True), overrides, perf.table,
                    auto_perf=perf.needs_gpu, tune=overrides.tune and not off, tuned_tables=not off)
@@ -142,7 +178,7 @@ class Selector:
             hit = self._cache.get(request)
             if hit is not None:  # another thread solved it while this one waited
                 return hit
-            full = self.complete(request)
+            full = self.complete(require_request(request))
             torch_loaded = request.arch is None or "torch" in sys.modules
             if self._auto_perf and torch_loaded:
                 self._auto_perf = False  # never import torch just for this: engines have it loaded already
@@ -156,7 +192,8 @@ class Selector:
                 selection, keep = self._tune_miss(full, selection)
                 if not keep:  # inside CUDA-graph capture: the next miss tunes
                     return selection
-            self._cache[request] = selection
+            cache = self._cache = _bounded(self._cache, self.cache_size)
+            cache[request] = selection
             return selection
 
     # ------------------------------------------------------------------ tuning
@@ -233,6 +270,7 @@ class Selector:
         with self._lock:
             self._tuned = cache.add([TuneResult(self.complete(request), times=dict(times))], method)
             self._cache = {}
+            self._by_fields = {}
 
     def tuned_table_key(self) -> Optional[str]:
         """The file name of this machine's tuned table (GPU model, arch, library versions), or None."""
@@ -264,10 +302,17 @@ class Selector:
         first rank tunes the bucket and every rank takes its times
         (``agree_on_tuning``), so no two ranks rank by different timings.
         """
+        require_request(request)
         tuning = self.tune if tune is None else tune
         if group is not None:
             key = (request, group)
-            hit = self._agreed.get(key)
+            try:
+                hit = self._agreed.get(key)
+            except TypeError:  # an unhashable group is no process group: say what is
+                from selector.distributed import check_group
+
+                check_group(group)
+                raise
             if hit is not None:
                 return hit
             with self._group_lock:  # not self._lock: other threads' cache misses go on during the collective
@@ -279,7 +324,9 @@ class Selector:
                     if tuning:
                         self.agree_on_tuning(request, group)
                         member = _WithoutTuning(self)
-                    hit = self._agreed[key] = select_in_group(member, request, group)
+                    hit = select_in_group(member, request, group)
+                    agreed = self._agreed = _bounded(self._agreed, self.cache_size)
+                    agreed[key] = hit
             return hit
         selection = self.solve(request, tune=tuning)
         if selection.kernel is None:
@@ -356,6 +403,14 @@ class Selector:
         """The unavailable-kernel record changed: cached selections may be stale (a hit stays one dict lookup)."""
         with self._lock:
             self._cache = {}
+            self._by_fields = {}
+
+    def _remember_fields(self, key: tuple, request: KernelRequest, selection: Selection) -> None:
+        """Key ``selection`` by the raw keyword arguments it was made from, unless it was dropped meanwhile."""
+        with self._lock:
+            if self._cache.get(request) is selection:  # not dropped since (an unavailability, tuned times)
+                cache = self._by_fields = _bounded(self._by_fields, self.cache_size)
+                cache[key] = selection
 
     def unavailable_reason(self, kernel: str, request: Optional[KernelRequest] = None) -> Optional[str]:
         """Why ``kernel`` cannot be used here (for ``request``), or None if nothing is recorded."""
@@ -397,18 +452,118 @@ _LOCK = threading.Lock()
 
 
 def default_selector() -> Selector:
+    """The selector built from the environment, once (``reset()`` forgets it).
+
+    Returns the one it read or built, never the global read again: ``reset()``
+    in another thread in between would make that None.
+    """
     global _DEFAULT
-    if _DEFAULT is None:
+    selector = _DEFAULT
+    if selector is None:
         with _LOCK:
-            if _DEFAULT is None:
-                _DEFAULT = Selector.from_env()
-    return _DEFAULT
+            selector = _DEFAULT
+            if selector is None:
+                selector = _DEFAULT = Selector.from_env()
+    return selector
+
+
+_KEYABLE: frozenset = frozenset({str, int, float, bool, type(None), Op, Arch, DType, Solution, Backend})
+"""Argument types whose equal values always mean the same request (a ``str`` equal to an enum names that member)."""
+
+_AMBIGUOUS = frozenset({bool, float})
+"""Types whose values equal integers of another meaning (``True == 1``, ``9.0 == 9``): a key then holds every type."""
+
+_CALL_SHAPES: dict[tuple[str, ...], tuple[int, tuple[int, ...]]] = {}
+"""Keyword names in call order -> (a number standing for them in keys, where the bucketed fields sit)."""
+_CALL_SHAPES_LOCK = threading.Lock()
+_MAX_CALL_SHAPES = 1024
+
+
+def _call_shape(names: tuple[str, ...]) -> Optional[tuple[int, tuple[int, ...]]]:
+    with _CALL_SHAPES_LOCK:
+        shape = _CALL_SHAPES.get(names)
+        if shape is None and len(_CALL_SHAPES) < _MAX_CALL_SHAPES:
+            shape = _CALL_SHAPES[names] = (len(_CALL_SHAPES), tuple(i + 1 for i, n in enumerate(names) if n in BUCKETED_FIELDS))
+        return shape
+
+
+def _fields_key(fields: dict[str, Any]) -> Optional[tuple]:
+    """A cache key from ``select_kernel``'s raw keyword arguments, or None: then the full path builds the request.
+
+    A number standing for the argument names (in call order), the values with
+    ``batch_size``/``kv_len``/``new_len`` bucketed as the request will (so a
+    growing KV length keeps hitting), and -- when a value is a ``bool`` or
+    ``float`` -- every value's type: ``arch=9.0`` is sm_90 but ``arch=9`` is
+    refused, though ``9.0 == 9``.  Anything else -- a value of another type, a
+    bucketed field that is not an integer in range -- takes the full path,
+    which raises what it always raised.
+    """
+    global _KEYABLE
+    names = (*fields,)
+    shape = _CALL_SHAPES.get(names) or _call_shape(names)
+    if shape is None:
+        return None
+    values = [shape[0], *fields.values()]
+    types = {*map(type, values)}
+    if not types <= _KEYABLE:
+        extra = types - _KEYABLE
+        if any(getattr(t, "__module__", None) != "torch" or getattr(t, "__qualname__", None) != "dtype" for t in extra):
+            return None
+        _KEYABLE = _KEYABLE | extra  # torch.bfloat16 and friends: singletons, equal only to themselves
+    for i in shape[1]:
+        value = values[i]
+        if value is not None:
+            if value.__class__ is not int or not 1 <= value <= MAX_INT:
+                return None
+            values[i] = bucket(value)
+    return (*values,) if types.isdisjoint(_AMBIGUOUS) else (*values, *map(type, values))
 
 
 def reset() -> None:
-    """Forget the default context: the manifest, platform and environment are read again on next use."""
+    """Forget the default context: the manifest, platform and environment are read again on next use.
+
+    Threads selecting meanwhile finish with the selector they already hold.
+    """
     global _DEFAULT
-    _DEFAULT = None
+    with _LOCK:
+        _DEFAULT = None
+
+
+def _request_of(request: Any, fields: dict[str, Any]) -> KernelRequest:
+    """The request to select for: the KernelRequest given, or one built from keyword fields."""
+    if request is None:
+        return KernelRequest(**fields)
+    if fields:
+        raise RequestError(f"pass either a KernelRequest or keyword fields, not both (got {', '.join(fields)})")
+    return require_request(request)
+
+
+def require_request(request: Any) -> KernelRequest:
+    """``request`` if it is a KernelRequest, else a RequestError saying what select_kernel takes."""
+    if not isinstance(request, KernelRequest):
+        raise RequestError(f"select_kernel takes a KernelRequest or keyword fields (select_kernel(op='mha_decode', "
+                           f"arch='sm_90', ...)), got {type(request).__name__} {brief(request)}")
+    return request
+
+
+def _selector_of(manifest: Any, platform: Any) -> Selector:
+    """The default selector, or one over the ``manifest`` / ``platform`` given (each checked)."""
+    if manifest is not None and not isinstance(manifest, Manifest):
+        raise RequestError(f"manifest= takes a Manifest (registry.load_manifest(path)), got "
+                           f"{type(manifest).__name__} {brief(manifest)}")
+    if platform is not None and not isinstance(platform, Platform):
+        raise RequestError(f"platform= takes a Platform (Platform.hypothetical('sm_90'), or leave it out for this "
+                           f"machine), got {type(platform).__name__} {brief(platform)}")
+    if manifest is None and platform is None:
+        return default_selector()
+    base = default_selector() if (manifest is None or platform is None) else None
+    return Selector(
+        manifest if manifest is not None else base.manifest,
+        platform if platform is not None else base.platform,
+        base.overrides if base is not None else Overrides(),
+        base.perf if base is not None else None,
+        tune_settings=base.tune_settings if base is not None else None,
+    )
 
 
 def select_kernel(
@@ -436,26 +591,36 @@ def select_kernel(
     request is first selected (a miss), and keeps the times in this machine's
     tuned table: see ``selector.tuning``.
     """
-    if request is not None and not fields and manifest is None and platform is None:
-        selector = _DEFAULT or default_selector()
-        hit = selector._cache.get(request)
-        if hit is not None and hit.kernel is not None:
-            return hit
-        return selector.select(request)
+    key = None
+    if manifest is None and platform is None:
+        if request is not None and not fields:
+            selector = _DEFAULT or default_selector()
+            try:
+                hit = selector._cache.get(request)
+            except TypeError:  # unhashable, so not a request: select() says what it takes
+                hit = None
+            if hit is not None and hit.kernel is not None:
+                return hit
+            return selector.select(request)
+        if request is None:
+            key = _fields_key(fields)
+            default = _DEFAULT
+            if key is not None and default is not None:
+                hit = default._by_fields.get(key)
+                if hit is not None and hit.kernel is not None:
+                    return hit
     group = fields.pop("group", None)
     tune = fields.pop("tune", None)
-    if request is None:
-        request = KernelRequest(**fields)
-    elif fields:
-        raise RequestError(f"pass either a KernelRequest or keyword fields, not both (got {', '.join(fields)})")
-    if manifest is None and platform is None:
-        return default_selector().select(request, group=group, tune=tune)
-    base = default_selector() if (manifest is None or platform is None) else None
-    selector = Selector(
-        manifest if manifest is not None else base.manifest,
-        platform if platform is not None else base.platform,
-        base.overrides if base is not None else Overrides(),
-        base.perf if base is not None else None,
-        tune_settings=base.tune_settings if base is not None else None,
-    )
-    return selector.select(request, group=group, tune=tune)
+    try:
+        request = _request_of(request, fields)
+        selector = _selector_of(manifest, platform)
+    except KernelselError as exc:
+        if group is None:
+            raise
+        from selector.distributed import fail_in_group
+
+        fail_in_group(fields.get("op") or getattr(request, "op", None), exc, group)  # the other ranks are waiting
+    selection = selector.select(request, group=group, tune=tune)
+    if key is not None and group is None:  # the default selector's: key it by the raw keyword arguments too
+        selector._remember_fields(key, request, selection)
+    return selection

@@ -37,6 +37,7 @@ UNAVAILABLE = "unavailable: "
 """Prefix of every unavailability reason the solver shows."""
 
 _MAX_MESSAGE = 240
+_NOTHING: Mapping[str, str] = MappingProxyType({})
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,6 +117,15 @@ class UnavailableKernels:
         self._per_request: dict[Hashable, dict[str, str]] = {}
         self._subscribers: list[Callable[[], Optional[Callable[[], None]]]] = []
 
+    def __getstate__(self) -> dict:
+        """Pickled as its records only: the lock and the subscribers belong to this process."""
+        with self._lock:
+            return {"kernel_wide": dict(self._kernel_wide), "per_request": {k: dict(v) for k, v in self._per_request.items()}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        self._kernel_wide, self._per_request = state["kernel_wide"], state["per_request"]
+
     def subscribe(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` after every change.  A bound method is held weakly: the record keeps no owner alive."""
         ref = weakref.WeakMethod(callback) if hasattr(callback, "__self__") else (lambda: callback)
@@ -144,6 +154,8 @@ class UnavailableKernels:
 
     def reasons(self, request: Optional[Hashable] = None) -> Mapping[str, str]:
         """kernel -> reason for ``request`` (kernel-wide ones, then the request's own): what the solver rejects."""
+        if not self._kernel_wide and not self._per_request:  # nothing recorded (the usual case): no lock, no copy
+            return _NOTHING
         with self._lock:
             out = dict(self._kernel_wide)
             if request is not None:

@@ -45,9 +45,9 @@ first -- or, better, pass a CPU group made once at start-up:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Optional, Protocol, Sequence
 
-from registry.errors import KernelselError
+from registry.errors import KernelselError, RequestError, brief
 from selector.availability import UNAVAILABLE
 from selector.request import KernelRequest
 from selector.selection import Selection
@@ -288,14 +288,36 @@ def _gather(obj: Any, group: Any) -> list:
     return out
 
 
-def select_in_group(member: GroupMember, request: KernelRequest, group: Any) -> Selection:
-    """The selection every rank of ``group`` adopts (a collective: call it on every rank)."""
+def check_group(group: Any) -> None:
+    """RequestError unless ``group`` is a process group of an initialised torch.distributed."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
         raise GroupSelectionError(
             "group= needs an initialised torch.distributed (dist.init_process_group) and one of its process groups"
         )
+    if not isinstance(group, dist.ProcessGroup):
+        raise RequestError(f"group= takes a torch.distributed process group (dist.new_group(backend='gloo'), "
+                           f"dist.group.WORLD), got {type(group).__name__} {brief(group)}")
+
+
+def fail_in_group(op: Any, error: BaseException, group: Any) -> NoReturn:
+    """This rank could not even build its request (or its selector): tell the other ranks, which are waiting in the
+    collective, and raise the GroupSelectionError every rank raises (it names this rank and ``error``)."""
+    import torch.distributed as dist
+
+    check_group(group)
+    view = RankView(rank=dist.get_rank(), op=str(getattr(op, "value", op) or "its op"),
+                    platform="its request or selector failed", manifest="none", error=f"{type(error).__name__}: {error}")
+    agree(_gather(view, group))  # a failed view: raises on every rank
+    raise GroupSelectionError(f"rank {view.rank}: {view.error}")  # not reached
+
+
+def select_in_group(member: GroupMember, request: KernelRequest, group: Any) -> Selection:
+    """The selection every rank of ``group`` adopts (a collective: call it on every rank)."""
+    import torch.distributed as dist
+
+    check_group(group)
     view, local = rank_view(member, request, dist.get_rank())
     decision = agree(_gather(view, group))
 

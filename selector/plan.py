@@ -6,6 +6,9 @@
 Postwrite is used only when a high-priority ``mha_prefill`` kernel is
 eligible (priority at least the manifest's ``attention_plan.postwrite_min_priority``)
 **and** FP8 attention (an fp8 query) is not in use; otherwise prewrite.
+
+``kernel=NAME`` forces the kernel, and with it the mode: an ``mha_prefill``
+kernel runs postwrite, an ``mha_extend`` kernel prewrite.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from registry.errors import RequestError
 from registry.ops import SHAPE_FIELDS_BY_OP
 from registry.priority import band_name
-from registry.vocab import Op
+from registry.vocab import Op, did_you_mean
 from selector.api import Selector, default_selector
 from selector.request import KernelRequest
 from selector.selection import NoKernelError, Selection
@@ -51,6 +55,8 @@ def select_plan(request: Optional[KernelRequest] = None, /, *, selector: Optiona
         fields = request.model_dump(exclude_defaults=True) | fields
     fields = {k: v for k, v in fields.items() if k != "op"}
     extend_req = KernelRequest(op=Op.MHA_EXTEND, **fields)
+    if extend_req.kernel is not None:
+        return _forced_plan(selector, fields, extend_req)
     threshold = selector.manifest.attention_plan.postwrite_min_priority
     if extend_req.q_dtype.is_fp8:
         extend = selector.select(extend_req)
@@ -73,3 +79,21 @@ def select_plan(request: Optional[KernelRequest] = None, /, *, selector: Optiona
     else:
         why = f"best mha_prefill kernel {prefill.kernel.name} has priority {prefill.kernel.priority} < {threshold}"
     return AttentionPlan("prewrite", extend, prefill, why)
+
+
+def _forced_plan(selector: Selector, fields: dict[str, Any], extend_req: KernelRequest) -> AttentionPlan:
+    """The plan a forced kernel implies: its op decides the mode; it must be eligible (else NoKernelError)."""
+    name = extend_req.kernel
+    spec = selector.manifest.by_name.get(name)
+    if spec is None or spec.op not in (Op.MHA_PREFILL, Op.MHA_EXTEND):
+        runs = [k.name for op in (Op.MHA_PREFILL, Op.MHA_EXTEND) for k in selector.manifest.by_op[op]]
+        raise RequestError(f"request.kernel: {name!r} is not an mha_prefill (postwrite) or mha_extend (prewrite) "
+                           f"kernel; one of: {', '.join(runs)}{did_you_mean(name, runs)}")
+    why = f"forced by kernel={name} (an {spec.op.value} kernel: {'postwrite' if spec.op is Op.MHA_PREFILL else 'prewrite'})"
+    if spec.op is Op.MHA_EXTEND:
+        return AttentionPlan("prewrite", selector.select(extend_req), None, why)
+    if extend_req.q_dtype.is_fp8:
+        raise RequestError(f"request.kernel: {name!r} runs postwrite, but FP8 attention (q_dtype "
+                           f"{extend_req.q_dtype.value}) always prewrites; force an mha_extend kernel")
+    prefill = selector.select(KernelRequest(op=Op.MHA_PREFILL, **{k: v for k, v in fields.items() if k not in _EXTEND_ONLY}))
+    return AttentionPlan("postwrite", prefill, prefill, why)

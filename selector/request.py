@@ -13,14 +13,25 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from registry.contracts import output_dtype
 from registry.errors import RequestError, brief
-from registry.ops import FEATURE_FIELDS_BY_OP, MLA_OPS, RAGGED_OPS, SHAPE_FIELDS_BY_OP, mla_dims_from_head_dims
+from registry.ops import (FEATURE_FIELDS_BY_OP, MLA_OPS, RAGGED_OPS, SHAPE_FIELDS_BY_OP, SHAPE_MAXIMUM,
+                          mla_dims_from_head_dims, shape_minimum)
 from registry.perf import bucket
 from registry.schema import Features, Shapes
 from registry.vocab import Arch, Backend, DType, Op, Solution, did_you_mean, parse_arch, parse_dtype
 
-MAX_INT = 2**63 - 1
+MAX_INT = SHAPE_MAXIMUM
 """Largest shape a request may give (an int64); a larger one is an error, not a number to format."""
-_Pos = Field(default=None, ge=1, le=MAX_INT)
+
+
+def _shape(name: str, description: str = "") -> Any:
+    """An optional shape field, at least its minimum (``registry.ops.shape_minimum``) and at most an int64."""
+    return Field(default=None, ge=shape_minimum(name), le=MAX_INT, description=description or None)
+
+_GIVEN_SETS: dict[frozenset, set] = {}
+"""One shared set per combination of given fields: a selection cache holds thousands of requests, most alike."""
+
+BUCKETED_FIELDS: tuple[str, ...] = ("batch_size", "kv_len", "new_len")
+"""Fields a request rounds up to a power of two (``registry.perf.bucket``): nearby shapes share one cache entry."""
 
 
 class KernelRequest(BaseModel):
@@ -33,16 +44,16 @@ class KernelRequest(BaseModel):
     q_dtype: DType = DType.BF16
     kv_dtype: Optional[DType] = Field(default=None, description="None: same as q_dtype")
     out_dtype: Optional[DType] = Field(default=None, description="None: q_dtype (bf16 for an fp8 query)")
-    head_dim_qk: Optional[int] = _Pos
-    head_dim_vo: Optional[int] = Field(default=None, ge=1, le=MAX_INT, description="None: same as head_dim_qk")
-    num_qo_heads: Optional[int] = _Pos
-    num_kv_heads: Optional[int] = _Pos
-    page_size: Optional[int] = _Pos
-    q_len: int = Field(default=1, ge=1, le=MAX_INT, description="query tokens per request in one decode step")
-    kv_lora_rank: Optional[int] = _Pos
-    qk_rope_head_dim: Optional[int] = Field(default=None, ge=0, le=MAX_INT)
-    qk_nope_head_dim: Optional[int] = _Pos
-    topk: Optional[int] = _Pos
+    head_dim_qk: Optional[int] = _shape("head_dim_qk")
+    head_dim_vo: Optional[int] = _shape("head_dim_vo", "None: same as head_dim_qk")
+    num_qo_heads: Optional[int] = _shape("num_qo_heads")
+    num_kv_heads: Optional[int] = _shape("num_kv_heads")
+    page_size: Optional[int] = _shape("page_size")
+    q_len: int = Field(default=1, ge=shape_minimum("q_len"), le=MAX_INT, description="query tokens per request in one decode step")
+    kv_lora_rank: Optional[int] = _shape("kv_lora_rank")
+    qk_rope_head_dim: Optional[int] = _shape("qk_rope_head_dim")
+    qk_nope_head_dim: Optional[int] = _shape("qk_nope_head_dim")
+    topk: Optional[int] = _shape("topk")
     batch_size: Optional[int] = Field(default=None, ge=1, le=MAX_INT, description="requests in the batch, bucketed up to a power of two (perf lookup)")
     kv_len: Optional[int] = Field(default=None, ge=1, le=MAX_INT, description="longest KV length, bucketed up to a power of two (perf lookup)")
     new_len: Optional[int] = Field(default=None, ge=1, le=MAX_INT, description="new tokens per request (mha_extend, mha_prefill), bucketed up to a power of two (perf lookup)")
@@ -57,6 +68,7 @@ class KernelRequest(BaseModel):
     backend: Optional[Backend] = Field(default=None, description="restrict to one backend")
     kernel: Optional[str] = Field(default=None, description="force one kernel by name")
 
+    _key: tuple = PrivateAttr(default=())  # every field's value, defaults filled: what equality compares
     _hash: int = PrivateAttr(default=0)
 
     def __init__(self, **data: Any) -> None:
@@ -76,7 +88,7 @@ class KernelRequest(BaseModel):
     def _dtype(cls, v: Any) -> Any:
         return v if v is None else parse_dtype(v)
 
-    @field_validator("batch_size", "kv_len", "new_len", mode="after")
+    @field_validator(*BUCKETED_FIELDS, mode="after")
     @classmethod
     def _bucket(cls, v: Optional[int]) -> Optional[int]:
         """Nearby shapes share one bucket: one cache entry and one perf-table row."""
@@ -125,8 +137,11 @@ class KernelRequest(BaseModel):
             if getattr(self, field) and field not in features:
                 raise ValueError(f"{field} means nothing for op {self.op.value}")
         self._new_tokens()
-        # hashed once the defaults are in: equal requests (kv_dtype given or defaulted) hash equal
-        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f) for f in type(self).model_fields)))
+        # keyed and hashed once the defaults are in: equal requests (kv_dtype given or defaulted) are equal
+        key = tuple(getattr(self, f) for f in type(self).model_fields)
+        self._share_given_set()
+        object.__setattr__(self, "_key", key)
+        object.__setattr__(self, "_hash", hash(key))
         return self
 
     def _new_tokens(self) -> None:
@@ -146,8 +161,27 @@ class KernelRequest(BaseModel):
         elif self.kv_len is not None and self.new_len > self.kv_len:
             raise ValueError(f"new_len {self.new_len} exceeds kv_len {self.kv_len} (kv_len counts the new tokens too)")
 
+    def _share_given_set(self) -> None:
+        """Use one set object for every request that gave the same fields (pydantic copies it before changing one).
+
+        A frozen model's set of given fields is only read; sharing it saves
+        about 700 bytes per cached request.
+        """
+        given = self.__pydantic_fields_set__
+        shared = _GIVEN_SETS.get(frozenset(given))
+        if shared is None and len(_GIVEN_SETS) < 4096:
+            shared = _GIVEN_SETS.setdefault(frozenset(given), set(given))
+        if shared is not None:
+            object.__setattr__(self, "__pydantic_fields_set__", shared)
+
     def __hash__(self) -> int:  # cached: a cache hit must cost about a dict lookup
         return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        """Equal field values (one tuple comparison: a cache hit with an equal request stays cheap)."""
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._key == other._key
 
     def restricted(self, solution: Any) -> "KernelRequest":
         """This request restricted to one solution."""

@@ -10,7 +10,8 @@ import logging
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from registry.adapter_policy import ADAPTER_PACKAGE
 from registry.errors import KernelselError
@@ -54,16 +55,24 @@ def _kernel_dict(k: KernelSpec) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True, eq=False)
+_NONE: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, eq=False, slots=True, init=False)
 class Selection:
-    """What ``select_kernel`` returns: the chosen kernel (or None) and every other verdict."""
+    """What ``select_kernel`` returns: the chosen kernel (or None), the ranked eligible kernels, every verdict.
+
+    Small by design (a selection cache holds thousands): the eligible kernels
+    are a bitmask over the op's compiled kernels (``selector.compiled``), and
+    ``eligible``, ``verdicts`` and ``rejected`` are built from it when read --
+    the verdicts by ``reasons()``, the one function that words eligibility --
+    and not kept.
+    """
 
     request: "KernelRequest"
     platform: "Platform"
     manifest: "Manifest"
     kernel: Optional[KernelSpec]
-    eligible: tuple[KernelSpec, ...]
-    verdicts: tuple[Verdict, ...]
     why: str
     forced_by: Optional[str] = None
     overrides: tuple[str, ...] = ()
@@ -72,8 +81,50 @@ class Selection:
     unavailable_kernels: UnavailableKernels = field(default_factory=UnavailableKernels, repr=False)
     """Where adapter failures are recorded: the record of the Selector that made this selection, so its later
     selections reject the kernel.  Shared data, never the Selector itself."""
-    _adapter: list = field(default_factory=list, repr=False)
-    _fallback: list = field(default_factory=list, repr=False)  # [(kernel, reason)..., used kernel] once one failed
+    _op: Any = field(default=None, repr=False)  # the op compiled for this manifest, platform and overrides
+    _eligible: int = field(default=0, repr=False)  # bit i: _op.kernels[i] is eligible
+    _first: tuple[int, ...] = field(default=(), repr=False)  # bits ranked ahead of the rest (timed, fastest first)
+    _forced: Optional[str] = field(default=None, repr=False)  # the kernel forced by name, for its verdict
+    _unavailable: Mapping[str, str] = field(default_factory=lambda: _NONE, repr=False)  # kernel -> why unusable
+    _adapter: Any = field(default=None, repr=False)  # built on first use
+    _fallback: tuple = field(default=(), repr=False)  # ((kernel, reason)..., used kernel) once one failed
+
+    def __init__(self, request: "KernelRequest", platform: "Platform", manifest: "Manifest", kernel: Optional[KernelSpec],
+                 why: str, forced_by: Optional[str] = None, overrides: tuple[str, ...] = (),
+                 estimates: Estimates = NO_ESTIMATES, group: str = "",
+                 unavailable_kernels: Optional[UnavailableKernels] = None, _op: Any = None, _eligible: int = 0,
+                 _first: tuple[int, ...] = (), _forced: Optional[str] = None, _unavailable: Mapping[str, str] = _NONE,
+                 _adapter: Any = None, _fallback: tuple = ()):
+        # written out (not the dataclass's): a miss builds one, and each frozen field costs a call
+        put = object.__setattr__
+        put(self, "request", request)
+        put(self, "platform", platform)
+        put(self, "manifest", manifest)
+        put(self, "kernel", kernel)
+        put(self, "why", why)
+        put(self, "forced_by", forced_by)
+        put(self, "overrides", overrides)
+        put(self, "estimates", estimates)
+        put(self, "group", group)
+        put(self, "unavailable_kernels", unavailable_kernels if unavailable_kernels is not None else UnavailableKernels())
+        put(self, "_op", _op)
+        put(self, "_eligible", _eligible)
+        put(self, "_first", _first)
+        put(self, "_forced", _forced)
+        put(self, "_unavailable", _unavailable)
+        put(self, "_adapter", _adapter)
+        put(self, "_fallback", _fallback)
+
+    def __getstate__(self) -> dict:
+        """Pickled as the decision (a process pool, ``all_gather_object``): not the adapter built in this process."""
+        state = {name: getattr(self, name) for name in self.__slots__}
+        state["_adapter"] = None
+        state["_unavailable"] = dict(self._unavailable)  # a read-only view does not pickle
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
 
     @classmethod
     def agreed(cls, local: "Selection", ranked: Sequence[KernelSpec], why: str, group: str, adapter: Any) -> "Selection":
@@ -85,11 +136,12 @@ class Selection:
         kernel's adapter, already built on every rank.  Such a selection never
         falls back to another kernel (the ranks would diverge).
         """
+        order = tuple(local._op.bit[k.name] for k in ranked)
         return cls(
-            request=local.request, platform=local.platform, manifest=local.manifest, kernel=ranked[0],
-            eligible=tuple(ranked), verdicts=local.verdicts, why=why, forced_by=local.forced_by,
-            overrides=local.overrides, estimates=local.estimates, group=group,
-            unavailable_kernels=local.unavailable_kernels, _adapter=[adapter],
+            request=local.request, platform=local.platform, manifest=local.manifest, kernel=ranked[0], why=why,
+            forced_by=local.forced_by, overrides=local.overrides, estimates=local.estimates, group=group,
+            unavailable_kernels=local.unavailable_kernels, _op=local._op, _eligible=sum(1 << b for b in order),
+            _first=order, _forced=local._forced, _unavailable=local._unavailable, _adapter=adapter,
         )
 
     # ------------------------------------------------------------------ access
@@ -111,6 +163,18 @@ class Selection:
     def perf_source(self) -> str:
         """``perf/<file>.yaml, <GPU>`` when measured or predicted times ranked the kernels, else ''."""
         return self.estimates.source if self.estimates.times else ""
+
+    @property
+    def eligible(self) -> tuple[KernelSpec, ...]:
+        """The eligible kernels, best first (built on each read)."""
+        return self._op.ranked(self._eligible, self._first)
+
+    @property
+    def verdicts(self) -> tuple[Verdict, ...]:
+        """Every kernel of the op in manifest order, with every reason it cannot serve (built on each read)."""
+        op = self._op
+        words = op.reasons(self.request, self.platform, self._forced, self._unavailable)
+        return tuple(Verdict(k, r) for k, r in zip(op.in_manifest_order, words))
 
     @property
     def rejected(self) -> tuple[Verdict, ...]:
@@ -150,11 +214,11 @@ class Selection:
         ``plan()`` per step.  Use ``make_adapter()`` for an independent one
         (e.g. one per CUDA-graph batch size).
         """
-        if not self._adapter:
+        if self._adapter is None:
             with _ADAPTER_LOCK:
-                if not self._adapter:
-                    self._adapter.append(self.make_adapter())
-        return self._adapter[0]
+                if self._adapter is None:
+                    object.__setattr__(self, "_adapter", self.make_adapter())
+        return self._adapter
 
     def make_adapter(self) -> Any:
         """A new adapter for the chosen kernel; if it cannot be used here, for the next eligible one.
@@ -182,7 +246,7 @@ class Selection:
             adapter, reason = self.unavailable_kernels.build_adapter(spec, self.request, install)
             if adapter is not None:
                 if failures:
-                    self._fallback[:] = failures + [spec.name]
+                    object.__setattr__(self, "_fallback", (*failures, spec.name))
                     log.warning("kernelsel: %s for %s; using %s, the next eligible kernel",
                                 "; ".join(f"{n} {r}" for n, r in failures), self.request.op.value, spec.name)
                 return adapter
@@ -303,10 +367,12 @@ class Selection:
             for name, reason in self._fallback[:-1]:
                 lines.append(f"fallback  {name} {reason}")
             lines.append(f"adapter   {self._fallback[-1]} (the next eligible kernel; select again to get its selection)")
-        width = max((len(v.kernel.name) for v in self.verdicts), default=0)
-        owidth = max((len(v.kernel.origin) for v in self.verdicts), default=0)
-        rank = {k.name: i + 1 for i, k in enumerate(self.eligible)}
-        ordered = [v for k in self.eligible for v in self.verdicts if v.kernel is k] + list(self.rejected)
+        verdicts, eligible = self.verdicts, self.eligible
+        width = max((len(v.kernel.name) for v in verdicts), default=0)
+        owidth = max((len(v.kernel.origin) for v in verdicts), default=0)
+        rank = {k.name: i + 1 for i, k in enumerate(eligible)}
+        by_name = {v.kernel.name: v for v in verdicts}
+        ordered = [by_name[k.name] for k in eligible if k.name in by_name] + [v for v in verdicts if not v.eligible]
         for v in ordered:
             head = f"  {'ok' if v.eligible else 'no'}  {v.kernel.name:<{width}}  {v.kernel.origin:<{owidth}}"
             if v.eligible:
@@ -352,6 +418,9 @@ class NoKernelError(KernelselError, LookupError):
         body = [f"  {v.kernel.name} ({v.kernel.origin}): {'; '.join(v.reasons)}" for v in selection.rejected]
         super().__init__(f"{head}\nrequest: {selection.request.describe()}\n" + "\n".join(body))
 
+    def __reduce__(self) -> tuple:  # rebuilt from its selection (the default would pass the message as one)
+        return (type(self), (self.selection,))
+
 
 class KernelUnavailableError(NoKernelError):
     """The kernel to run cannot be used on this machine: its library does not import or its adapter does not build.
@@ -382,3 +451,6 @@ class KernelUnavailableError(NoKernelError):
         if note:
             lines.append(note)
         KernelselError.__init__(self, "\n".join(lines))
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.selection, list(self.failures), self.note))

@@ -1,11 +1,18 @@
-"""The solver: every kernel of the op against every declared constraint, all reasons kept.
+"""The solver: the eligible kernels of the op, the best of them, and why; every reason on demand.
 
 ``solve(manifest, platform, request, overrides)`` is pure: it imports no
-torch, reads no environment and returns a ``Selection`` (winner or not)
-holding every verdict.  One function, ``reasons()``, decides eligibility;
-selection, errors and explain all read its output, and ``platform_reasons()``
-(the part that holds for every request on a machine, which ``kernelsel
-doctor`` lists) is made of the same checks with the same words.
+torch, reads no environment and returns a ``Selection`` (winner or not).
+Eligibility is defined by one function, ``reasons()``
+(``selector.eligibility``, re-exported here): a kernel is eligible when it
+finds nothing against it.  A solve does not call it: it reads the op's
+compiled masks (``selector.compiled``), which say the same for every kernel
+at once, in a few integer operations; the selection asks ``reasons()`` for
+the words only when explain, ``to_dict``, ``rejected``, ``verdicts`` or an
+error needs them.  Then the eligible kernels are ranked -- a separate step:
+by time where the perf table gives them one (measured in the request's
+bucket, else predicted: ``selector.ranking``), else by priority and name (the
+masks' bit order).  ``platform_reasons()`` (what
+``kernelsel doctor`` lists) is made of the same checks with the same words.
 """
 
 from __future__ import annotations
@@ -17,136 +24,73 @@ from registry.errors import RequestError
 from registry.priority import band_name
 from registry.perf import PerfTable
 from registry.schema import KernelSpec, Manifest
-from registry.vocab import Solution, did_you_mean
 from selector.availability import UnavailableKernels
-from selector.overrides import ENV_DISABLE, Overrides
+from selector.compiled import CompiledOp, compiled
+from selector.eligibility import DISABLED, REFERENCE_ONLY, library_reason, platform_reasons, reasons, restriction_reasons
+from selector.overrides import ENV_DISABLE, Overrides, forced_kernel_problem
 from selector.platform import Platform
 from selector.ranking import NO_ESTIMATES, Estimates, estimate
 from selector.request import KernelRequest
-from selector.selection import Selection, Verdict
+from selector.selection import Selection
+
+__all__ = ["DISABLED", "REFERENCE_ONLY", "library_reason", "platform_reasons", "reasons", "restriction_reasons", "solve"]
 
 _NONE: Mapping[str, str] = MappingProxyType({})
 
-DISABLED = f"disabled by {ENV_DISABLE}"
-"""The reason for a kernel named in ``KERNELSEL_DISABLE``."""
 
-REFERENCE_ONLY = "reference kernel: chosen only with solution=reference or kernel=<name>"
-"""The reason a reference (plain torch) kernel is not chosen automatically."""
+class Ranking:
+    """How the eligible kernels are ordered: ``first`` (bits, fastest first) ahead of the rest in priority order."""
+
+    __slots__ = ("first", "estimates")
+
+    def __init__(self, first: tuple[int, ...] = (), estimates: Estimates = NO_ESTIMATES):
+        self.first = first  # the eligible kernels with a time, by (time, priority, name)
+        self.estimates = estimates  # their measured and predicted times (selector.ranking)
 
 
-def reasons(
-    kernel: KernelSpec,
-    request: KernelRequest,
-    manifest: Manifest,
-    platform: Platform,
-    overrides: Overrides = Overrides(),
-    *,
-    forced: bool = False,
-    unavailable: Mapping[str, str] = _NONE,
-) -> tuple[str, ...]:
-    """Every reason ``kernel`` cannot serve ``request``; empty means eligible.
+_BY_PRIORITY = Ranking()
 
-    ``unavailable`` maps kernel names to why their adapter cannot be used on
-    this machine (found when one was built, see ``selector.availability``), or
-    in a process group why another rank cannot run them; shown verbatim.
+
+def rank(op: CompiledOp, eligible: int, request: KernelRequest, perf: Optional[PerfTable], predict: bool = True) -> Ranking:
+    """Order the ``eligible`` kernels (a mask of ``op``): time first, then priority, then name.
+
+    Times are measured in the request's bucket of ``perf`` (a table for this
+    arch), else predicted from its other buckets (``selector.ranking``).
+    Priority and name are the masks' bit order, so without times nothing
+    moves; times reorder only the kernels that have one (the others follow
+    them): total and deterministic.
     """
-    out: list[str] = []
-    if kernel.name in overrides.disable:
-        out.append(DISABLED)
-    if request.solution is not None and kernel.solution is not request.solution:
-        out.append(f"solution {kernel.solution.value}, request restricted to {request.solution.value}")
-    if request.backend is not None and kernel.backend is not request.backend:
-        out.append(f"backend {kernel.backend.value}, request restricted to {request.backend.value}")
-    if kernel.solution is Solution.REFERENCE and request.solution is not Solution.REFERENCE and not forced:
-        out.append(REFERENCE_ONLY)
-    for field, constraint in kernel.constraints:
-        value = getattr(request, field)
-        if value is not None:
-            problem = constraint.check(field, value, request)
-            if problem:
-                out.append(problem)
-    for feature in kernel.unsupported_features:
-        if getattr(request, feature):
-            out.append(f"needs {feature}: unsupported")
-    for exclusion in kernel.exclude:
-        if exclusion.matches(request):
-            out.append(f"excluded: {exclusion.reason} ({exclusion.ref})")
-    missing = library_reason(kernel, manifest, platform)
-    if missing:
-        out.append(missing)
-    if kernel.name in unavailable:
-        out.append(unavailable[kernel.name])
-    return tuple(out)
+    if perf is None or perf.arch is not request.arch or not eligible:
+        return _BY_PRIORITY
+    names = [k.name for k in op.in_manifest_order if eligible >> op.bit[k.name] & 1]
+    estimates = estimate(perf, request, names, predict=predict)
+    times = estimates.times
+    return Ranking(tuple(b for _, b in sorted((us, op.bit[name]) for name, us in times.items())), estimates)
 
 
-def platform_reasons(
-    kernel: KernelSpec,
-    manifest: Manifest,
-    platform: Platform,
-    overrides: Overrides = Overrides(),
-    unavailable: Mapping[str, str] = _NONE,
-) -> tuple[str, ...]:
-    """The reasons of ``reasons()`` that hold for every request on ``platform``, worded the same.
-
-    Disabled, the arch outside the kernel's range (when the platform's arch is
-    known), a required distribution not installed, the adapter unavailable.
-    What ``kernelsel doctor`` shows per kernel, without a request.
-    """
-    out: list[str] = []
-    if kernel.name in overrides.disable:
-        out.append(DISABLED)
-    if platform.arch is not None:
-        problem = kernel.arch.check("arch", platform.arch)
-        if problem:
-            out.append(problem)
-    missing = library_reason(kernel, manifest, platform)
-    if missing:
-        out.append(missing)
-    if kernel.name in unavailable:
-        out.append(unavailable[kernel.name])
-    return tuple(out)
-
-
-def library_reason(kernel: KernelSpec, manifest: Manifest, platform: Platform) -> Optional[str]:
-    """Why ``platform`` lacks a distribution ``kernel``'s solution requires (package metadata only), or None."""
-    info = manifest.solutions[kernel.solution]
-    missing = [d for d in info.requires if not platform.has(d)]
-    return f"needs {', '.join(missing)}, not installed: {info.install}" if missing else None
-
-
-def _rank_key(kernel: KernelSpec) -> tuple[int, str]:
-    return (-kernel.priority, kernel.name)
-
-
-def _timed_rank_key(times: dict[str, float]):
-    """Measured or predicted time first (kernels with neither last), then priority, then name: total, deterministic."""
-    inf = float("inf")
-    return lambda k: (times.get(k.name, inf), -k.priority, k.name)
-
-
-def _why(winner: KernelSpec, ranked: list[KernelSpec], total: int, estimates: Estimates = NO_ESTIMATES) -> str:
-    if len(ranked) == 1:
+def _why(winner: KernelSpec, runner_up: Optional[KernelSpec], count: int, total: int,
+         estimates: Estimates = NO_ESTIMATES) -> str:
+    """One sentence on why ``winner`` (first of ``count`` eligible; ``runner_up`` second) was chosen."""
+    if runner_up is None:
         return f"only eligible kernel (1 of {total})"
     times, source = estimates.times, estimates.source
     if winner.name in times:
-        runner_up = ranked[1]
         how = "measured" if winner.name in estimates.measured else "predicted"
         if runner_up.name in times:
             ratio = times[runner_up.name] / times[winner.name]
             kind = estimates.kind.replace(" and ", " or ")
             return (
-                f"fastest {kind} of {len(ranked)} eligible: {times[winner.name]:.1f} us vs "
+                f"fastest {kind} of {count} eligible: {times[winner.name]:.1f} us vs "
                 f"{runner_up.name} {times[runner_up.name]:.1f} us ({ratio:.2f}x) [{source}]"
             )
         return f"only eligible kernel {how} ({times[winner.name]:.1f} us) [{source}]"
-    runner_up = ranked[1]
     if runner_up.priority == winner.priority:
         return (
             f"tied at priority {winner.priority} with {runner_up.name}; the name breaks the tie "
-            f"({len(ranked)} of {total} eligible)"
+            f"({count} of {total} eligible)"
         )
     return (
-        f"highest priority {winner.priority} ({band_name(winner.priority)}) of {len(ranked)} eligible; "
+        f"highest priority {winner.priority} ({band_name(winner.priority)}) of {count} eligible; "
         f"next {runner_up.name} at {runner_up.priority} ({band_name(runner_up.priority)})"
     )
 
@@ -161,7 +105,7 @@ def solve(
     *,
     unavailable_kernels: Optional[UnavailableKernels] = None,
 ) -> Selection:
-    """Evaluate every kernel of ``request.op``; pick the forced or best-ranked eligible one.
+    """Find the eligible kernels of ``request.op``; pick the forced or best-ranked one.
 
     Eligible kernels rank by time when ``perf`` (a table for this arch) gives
     them one -- measured in the request's bucket, else predicted from its other
@@ -174,54 +118,51 @@ def solve(
     the same kernel (a process group: why another rank cannot run it).
     """
     record = unavailable_kernels if unavailable_kernels is not None else UnavailableKernels()
-    unavailable = {**record.reasons(request), **unavailable}
+    recorded = record.reasons(request)
+    unavailable = {**recorded, **unavailable} if (recorded or unavailable) else _NONE
     if request.arch is None:
         raise RequestError(
             "request.arch: not given and no CUDA device was detected; pass arch='sm_90' (or 9.0, sm90)"
         )
     kernels = manifest.by_op[request.op]
-    for name in sorted(overrides.disable):
-        if name not in manifest.by_name:
-            raise RequestError(f"KERNELSEL_DISABLE: no kernel named {name!r}{did_you_mean(name, list(manifest.by_name))}")
+    if overrides.disable:  # a disabled name the manifest lacks fails every op
+        for problem in overrides.problems(manifest):
+            if problem.startswith(ENV_DISABLE):
+                raise RequestError(problem)
     forced_name, forced_by = _forced(request, overrides)
     if forced_name is not None:
-        spec = manifest.by_name.get(forced_name)
-        if spec is None:
-            raise RequestError(
-                f"{forced_by}: no kernel named {forced_name!r}{did_you_mean(forced_name, list(manifest.by_name))}; "
-                f"kernels for {request.op.value}: {', '.join(k.name for k in kernels)}"
-            )
-        if spec.op is not request.op:
-            raise RequestError(f"{forced_by}: kernel {forced_name!r} implements {spec.op.value}, not {request.op.value}")
+        problem = forced_kernel_problem(manifest, request.op, forced_name, forced_by)
+        if problem:
+            raise RequestError(problem)
 
-    verdicts = tuple(
-        Verdict(k, reasons(k, request, manifest, platform, overrides, forced=(k.name == forced_name),
-                           unavailable=unavailable))
-        for k in kernels
-    )
-    eligible = [v.kernel for v in verdicts if v.eligible]
-    estimates = estimate(perf, request, [k.name for k in eligible], predict=overrides.predict)
-    times = estimates.times
-    ranked = sorted(eligible, key=_timed_rank_key(times) if times else _rank_key)
+    op = compiled(manifest, platform, overrides).op(request.op)
+    eligible = op.eligible(request, forced_name, unavailable)
+    ranking = rank(op, eligible, request, perf, overrides.predict)
     if forced_name is not None:
-        forced_verdict = next(v for v in verdicts if v.kernel.name == forced_name)
-        chosen: Optional[KernelSpec] = forced_verdict.kernel if forced_verdict.eligible else None
+        eligible_forced = eligible >> op.bit[forced_name] & 1
+        chosen: Optional[KernelSpec] = manifest.by_name[forced_name] if eligible_forced else None
         why = f"forced by {forced_by}" if chosen else f"forced by {forced_by}, but it is not eligible"
     else:
-        chosen = ranked[0] if ranked else None
-        why = _why(chosen, ranked, len(kernels), estimates) if chosen else f"no eligible kernel (0 of {len(kernels)})"
+        first, second = op.leading(eligible, ranking.first)
+        chosen = op.kernels[first] if first is not None else None
+        why = (_why(chosen, op.kernels[second] if second is not None else None, eligible.bit_count(), len(kernels),
+                    ranking.estimates)
+               if chosen else f"no eligible kernel (0 of {len(kernels)})")
     return Selection(
         request=request,
         platform=platform,
         manifest=manifest,
         kernel=chosen,
-        eligible=tuple(ranked),
-        verdicts=verdicts,
         why=why,
         forced_by=forced_by if forced_name is not None else None,
-        overrides=tuple(overrides.applied(request.op)),
-        estimates=estimates,
+        overrides=op.applied_overrides,
+        estimates=ranking.estimates,
         unavailable_kernels=record,
+        _op=op,
+        _eligible=eligible,
+        _first=ranking.first,
+        _forced=forced_name,
+        _unavailable=unavailable,
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import itertools
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -28,14 +29,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Se
 
 from pydantic import Field, ValidationError
 
-from registry.errors import KernelselError, ManifestError, RequestError
+from registry.errors import KernelselError, ManifestError, RequestError, brief
 from registry.ops import RAGGED_OPS
-from registry.loader import bundled_perf_dir, load_perf_table
-from registry.yaml_reader import read_yaml, validation_problems
+from registry.loader import load_perf_table
+from registry.yaml_reader import located, read_yaml, validation_problems
 from registry.perf import PerfTable, entry_data, gpu_slug, merge_entries, request_key, table_text  # noqa: F401 (gpu_slug re-exported)
 from registry.schema import KernelSpec, StrictModel
 from registry.vocab import Arch, Op, Solution
-from selector.request import KernelRequest
+from selector.request import MAX_INT, KernelRequest
 from selector.timing import DEFAULT_REPEATS, DEFAULT_WARMUP, CudaTimer, Timer, Timing, WallTimer, default_timer  # noqa: F401 (re-exported for bench scripts)
 
 if TYPE_CHECKING:
@@ -44,6 +45,10 @@ if TYPE_CHECKING:
 
 SIZE_FIELDS = ("batch", "kv_len", "new_len")
 """Sizes of a bench case: requests in the batch, KV tokens per request (new ones included), new tokens (mha_extend)."""
+
+MAX_CASES = 4096
+"""Most cases one bench run (a grid or a suite) may hold: each takes about a second on a GPU, and the
+cases are built before timing starts (two axes of 3,000 values were 3.7 GB before the first timing)."""
 
 
 
@@ -92,6 +97,15 @@ def make_case(op: Any, arch: Any, fields: Mapping[str, Any]) -> BenchCase:
     sizes = {f: fields.pop(f, None) for f in SIZE_FIELDS}
     if "batch_size" in fields:
         raise RequestError("give the batch as batch (the size run); the request's batch_size bucket follows from it")
+    for given in ("op", "arch"):
+        if given in fields:
+            raise RequestError(f"{given} is set by the {'group' if given == 'op' else 'run (--arch or the GPU)'}, "
+                               f"not by a case's fields", [f"request.{given}: set by the "
+                                                           f"{'group' if given == 'op' else 'run (--arch or the GPU)'}, not here"])
+    for name, size in sizes.items():  # sizes are run, not only bucketed: whole numbers, as written
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_INT):
+            raise RequestError(f"{name}: expected a positive whole number, got {brief(size)}",
+                               [f"{name}: expected a positive whole number, got {brief(size)}"])
     batch = sizes["batch"] if sizes["batch"] is not None else 1
     kv_len = sizes["kv_len"]
     if kv_len is None and str(getattr(op, "value", op)) == Op.MHA_PREFILL.value:
@@ -104,8 +118,24 @@ def make_case(op: Any, arch: Any, fields: Mapping[str, Any]) -> BenchCase:
     return BenchCase(request, batch, kv[0], new_len)
 
 
+def grid_size(axes: Mapping[str, Sequence[Any]]) -> int:
+    """How many cases the cartesian product of ``axes`` holds, counted without building them."""
+    return math.prod(len(v) for v in axes.values())
+
+
+def check_grid_size(axes: Mapping[str, Sequence[Any]], already: int = 0, where: str = "the grid") -> int:
+    """``already`` plus the grid's cases; RequestError before anything is built when that passes MAX_CASES."""
+    total = already + grid_size(axes)
+    if total > MAX_CASES:
+        shape = " x ".join(f"{len(v):,} {k}" for k, v in axes.items() if len(v) > 1) or "one case each"
+        raise RequestError(f"{where} has {total:,} cases ({shape}), over the limit of {MAX_CASES:,} for one run; "
+                           f"time it in several runs (they merge into one table)")
+    return total
+
+
 def grid(op: Any, arch: Any, fixed: Mapping[str, Any], axes: Mapping[str, Sequence[Any]]) -> list[BenchCase]:
     """The cartesian product of ``axes`` (request fields or sizes), each point on top of ``fixed``."""
+    check_grid_size(axes)
     names = list(axes)
     return [make_case(op, arch, {**fixed, **dict(zip(names, values))})
             for values in itertools.product(*(axes[n] for n in names))]
@@ -157,6 +187,9 @@ def load_suite(path: os.PathLike | str, arch: Any) -> list[BenchCase]:
         suite = Suite.model_validate(data)
     except ValidationError as exc:
         raise KernelselError("invalid suite:\n" + "\n".join(validation_problems(exc, marks, filename))) from None
+    total = 0
+    for i, g in enumerate(suite.groups):  # counted before any case is built
+        total = check_grid_size({**g.grid, "cases": g.cases or [{}]}, total, where=f"{filename}: the suite")
     cases: list[BenchCase] = []
     for i, g in enumerate(suite.groups):
         points = [dict(c) for c in g.cases] or [{}]
@@ -164,8 +197,9 @@ def load_suite(path: os.PathLike | str, arch: Any) -> list[BenchCase]:
             try:
                 cases += [dataclasses.replace(c, group=g.name) for c in grid(g.op, arch, {**g.request, **point}, g.grid)]
             except RequestError as exc:
-                where = f"groups[{i}] ({g.name})" + (f".cases[{j}]" if g.cases else "")
-                raise KernelselError(f"{path}: {where}: {exc}") from None
+                where = ("groups", i) + (("cases", j) if g.cases else ())
+                raise KernelselError("invalid suite:\n" + located(marks, filename, where, f"({g.name}) "
+                                                                   + "; ".join(exc.problems))) from None
     return cases
 
 
@@ -260,7 +294,14 @@ def time_case(
     result = CaseResult(case, not_eligible=not_eligible)
     if not specs and not extra:
         return result
-    work = make_workload(case.request, device=device, seed=seed, **case.sizes())
+    try:
+        work = make_workload(case.request, device=device, seed=seed, **case.sizes())
+    except Exception as exc:  # noqa: BLE001 - too large for this device, say: every kernel of the case fails
+        _release(device)
+        why = _error_text("the workload", exc)
+        result.kernels = [KernelTiming(spec.name, error=why) for spec in specs]
+        result.extra = [KernelTiming(name, error=why) for name in (extra or {})]
+        return result
     result.kv_bytes = work.kv_bytes
     try:
         for spec in specs:
@@ -288,8 +329,7 @@ def _time_one(name: str, build: Callable[[], Callable[[], Any]], kv_bytes: int, 
         timing = timer(build())
     except Exception as exc:  # noqa: BLE001 - a kernel that fails here is reported and skipped, not a crash
         _release(device)
-        text = str(exc).strip().splitlines()
-        return KernelTiming(name, error=f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": "))
+        return KernelTiming(name, error=_error_text("", exc))
     us = max(timing.us, 1e-3)
     return KernelTiming(name, median_us=us, tbps=kv_bytes / us / 1e6 if kv_bytes else None, mode=timing.mode)
 
@@ -313,6 +353,12 @@ def copy_bandwidth(device: str, timer: Timer, nbytes: int = 1 << 30) -> Optional
         src = dst = None
         _release(device)
     return 2 * nbytes / us / 1e6
+
+
+def _error_text(what: str, exc: BaseException) -> str:
+    """``[what: ]Type: first line`` of an exception, cut short, for a timing's error."""
+    text = str(exc).strip().splitlines()
+    return (f"{what}: " if what else "") + f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
 
 
 def _release(device: str) -> None:
@@ -384,8 +430,12 @@ def environment(manifest: Any, device: str = "cuda", arch: Optional[str] = None)
 
 
 def default_table_path(gpu: str, arch: Arch) -> Path:
-    """``perf/<gpu>-<arch>.yaml`` beside the bundled manifest, e.g. ``perf/nvidia-h200-sm_90.yaml``."""
-    return bundled_perf_dir() / f"{gpu_slug(gpu)}-{arch.value}.yaml"
+    """``perf/<gpu>-<arch>.yaml`` under the current directory, e.g. ``perf/nvidia-h200-sm_90.yaml``.
+
+    Never the bundled tables' directory: on a wheel install that is inside site-packages.  Run from a
+    checkout's root, it is the committed table.
+    """
+    return Path("perf") / f"{gpu_slug(gpu)}-{arch.value}.yaml"
 
 
 # ----------------------------------------------------------------- the table

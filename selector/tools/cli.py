@@ -10,6 +10,7 @@ stderr, ``kernelsel COMMAND: --flag: message``, never a traceback or click's usa
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -18,7 +19,7 @@ import click
 import yaml
 
 from registry.errors import KernelselError, ManifestError, RequestError, brief
-from registry.loader import load_manifest
+from registry.loader import load_manifest, load_perf_table
 from registry.perf_policy import PERF_OFF, choose_perf_table
 from registry.priority import band_name
 from registry.provenance import provenance
@@ -27,6 +28,7 @@ from registry.schema import Manifest
 from registry.vocab import Backend, DType, Op, Solution, did_you_mean, parse_arch, parse_dtype
 from selector.api import Selector
 from selector.overrides import ENV_MANIFEST, ENV_PERF, Overrides
+from selector.perf_check import perf_table_problems
 from selector.platform import NVIDIA_SMI, Platform, detect_gpus, installed_versions, required_distributions
 from registry.perf import PerfTable, overlay
 from selector.tools.tune import DEFAULT_BATCHES, DEFAULT_KV_LENS, DEFAULT_NEW_LENS
@@ -71,6 +73,37 @@ class _Spelling(click.ParamType):
 
 
 ARCH, DTYPE = _Spelling("arch", parse_arch), _Spelling("dtype", parse_dtype)
+
+
+class _FilePath(click.Path):
+    """A file named on the command line; an empty one is an error, never a silent "use the default"."""
+
+    def __init__(self, **kw: Any):
+        super().__init__(dir_okay=False, **kw)
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        if isinstance(value, str) and not value.strip():
+            what = "leave the option out for the default" if isinstance(param, click.Option) else "give a file"
+            self.fail(f"an empty path; {what}", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+FILE = _FilePath()
+
+
+class _Device(click.ParamType):
+    """Where verify and bench run: cuda, cuda:N or cpu (anything else would fail deep inside torch)."""
+
+    name = "device"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        text = str(value).strip().lower()
+        if text == "cpu" or re.fullmatch(r"cuda(:[0-9]{1,3})?", text):
+            return text
+        self.fail(f"{brief(value)} is not a device; expected cuda, cuda:N or cpu", param, ctx)
+
+
+DEVICE = _Device()
 
 
 class _Command(click.Command):
@@ -140,11 +173,11 @@ def _request_message(exc: RequestError) -> str:
     return "; ".join(parts)
 
 
-def _manifest_failure(exc: ManifestError, source: str) -> Failure:
+def _manifest_failure(exc: ManifestError, source: str, lister: str = "kernelsel validate") -> Failure:
     """The first problem on one line, the count of the rest, and where to see them all."""
     first = exc.problems[0] if exc.problems else str(exc)
     more = len(exc.problems) - 1
-    tail = f" (and {more} more problem{'s' if more != 1 else ''}; `kernelsel validate` lists them all)" if more > 0 else ""
+    tail = f" (and {more} more problem{'s' if more != 1 else ''}; `{lister}` lists them all)" if more > 0 else ""
     return Failure(f"{source}: {first}{tail}", EXIT_USAGE)
 
 
@@ -232,8 +265,8 @@ def request_options(f):
         click.option("--solution", type=_choice(Solution.values()), help="restrict to one solution"),
         click.option("--backend", type=_choice(Backend.values()), help="restrict to one backend"),
         click.option("--kernel", help="force one kernel by name"),
-        click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="manifest or overlay (default: bundled)"),
-        click.option("--perf", "perf_path", type=click.Path(dir_okay=False), help="rank eligible kernels by this perf table"),
+        click.option("--manifest", "manifest_path", type=FILE, help="manifest or overlay (default: bundled)"),
+        click.option("--perf", "perf_path", type=FILE, help="rank eligible kernels by this perf table"),
         allow_adapter_option,
         click.option("--installed-only", is_flag=True, help="with --arch: only libraries installed here count"),
         click.option("--json", "as_json", is_flag=True, help="machine-readable output"),
@@ -255,11 +288,20 @@ def _build(op: Optional[str], kw: dict) -> tuple[Selector, KernelRequest]:
     if op is not None:
         fields["op"] = op
     flag = "--perf" if kw.get("perf_path") else ENV_PERF
+    setting = kw.get("perf_path") or overrides.perf
     try:  # the device name is known only for a detected GPU: a hypothetical --arch has no committed table
-        perf = choose_perf_table(kw.get("perf_path") or overrides.perf, platform.device_name, platform.arch,
-                                 setting_name=flag).table
+        choice = choose_perf_table(setting, platform.device_name, platform.arch, setting_name=flag)
+        perf = choice.table
+        if perf is not None and choice.source == flag:  # a table the user names must fit the manifest
+            problems = perf_table_problems(perf, manifest)
+            if problems:
+                raise ManifestError(problems)
     except ManifestError as exc:
-        raise _manifest_failure(exc, flag) from None
+        raise _manifest_failure(exc, flag, f"kernelsel validate --perf {setting}") from None
+    if kw.get("perf_path") and perf is not None and perf.arch is not platform.arch:
+        raise Failure(f"--perf: {perf.path} was recorded on {perf.arch.value} ({perf.gpu}), the request is for "
+                      f"{platform.arch.value}: give a table recorded on {platform.arch.value}, or leave --perf out",
+                      EXIT_USAGE)
     off = (kw.get("perf_path") or overrides.perf or "").strip().lower() == PERF_OFF
     if platform.device_name and not off:  # this GPU: what it tuned ranks too, as in the runtime
         from selector.tuning import TuneCache, TuningError, cache_dir, software_key
@@ -318,7 +360,7 @@ def plan(**kw: Any) -> None:
 
 @cli.command("list")
 @click.option("--op", type=_choice(Op.values()))
-@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False))
+@click.option("--manifest", "manifest_path", type=FILE)
 @allow_adapter_option
 @click.option("--json", "as_json", is_flag=True)
 def list_kernels(op: Optional[str], manifest_path: Optional[str], as_json: bool) -> None:
@@ -339,7 +381,7 @@ def list_kernels(op: Optional[str], manifest_path: Optional[str], as_json: bool)
 
 @cli.command()
 @click.argument("name")
-@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False))
+@click.option("--manifest", "manifest_path", type=FILE)
 @allow_adapter_option
 @click.option("--json", "as_json", is_flag=True)
 def show(name: str, manifest_path: Optional[str], as_json: bool) -> None:
@@ -376,18 +418,43 @@ def _plain(data: Any) -> Any:
 
 
 @cli.command()
-@click.argument("path", required=False, type=click.Path(exists=True, dir_okay=False, readable=True))
+@click.argument("path", nargs=-1, type=_FilePath(exists=True, readable=True))
+@click.option("--perf", "perf_paths", multiple=True, type=_FilePath(exists=True, readable=True),
+              help="also check this perf table against each manifest (repeat)")
 @allow_adapter_option
-def validate(path: Optional[str]) -> None:
-    """Check a manifest; print every problem as file:line:col: path: message (exit 1 if any)."""
-    try:
-        manifest = load_manifest(path, adapter_allowlist=_adapter_allowlist())
-    except ManifestError as exc:
-        for problem in exc.problems:
-            click.echo(problem, err=True)
-        click.echo(f"{len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}", err=True)
+def validate(path: tuple[str, ...], perf_paths: tuple[str, ...]) -> None:
+    """Check manifests (default: the bundled one); print every problem as file:line:col: path: message (exit 1 if any).
+
+    Takes several paths, so a pre-commit hook can pass every changed manifest at once.  With --perf, each
+    perf table must load and fit each manifest (known kernels of the entry's op, buckets a request can fall in).
+    """
+    allow = _adapter_allowlist()
+    count = 0
+    for one in path or (None,):
+        try:
+            manifest = load_manifest(one, adapter_allowlist=allow)
+        except ManifestError as exc:
+            for problem in exc.problems:
+                click.echo(problem, err=True)
+            count += len(exc.problems)
+            continue
+        click.echo(f"{manifest.path}: ok ({len(manifest.kernels)} kernels, schema {manifest.schema_version}, "
+                   f"sha {manifest.digest})")
+        for table_path in perf_paths:
+            try:
+                table = load_perf_table(table_path)
+                problems = perf_table_problems(table, manifest)
+            except ManifestError as exc:
+                problems = exc.problems
+            for problem in problems:
+                click.echo(problem, err=True)
+            count += len(problems)
+            if not problems:
+                click.echo(f"{table.path}: ok ({len(table.entries)} buckets, {table.gpu}, {table.arch.value}; "
+                           f"fits {manifest.path})")
+    if count:
+        click.echo(f"{count} problem{'s' if count != 1 else ''}", err=True)
         sys.exit(EXIT_INVALID)
-    click.echo(f"{manifest.path}: ok ({len(manifest.kernels)} kernels, schema {manifest.schema_version}, sha {manifest.digest})")
 
 
 # ------------------------------------------------------- manifest review
@@ -432,7 +499,13 @@ def diff(base: str, head: str, as_json: bool, markdown: bool) -> None:
     if as_json and markdown:
         raise Failure("give --json or --markdown, not both", EXIT_USAGE)
     allow = _adapter_allowlist()
-    report = diff_manifests(read_manifest(base, adapter_allowlist=allow), read_manifest(head, adapter_allowlist=allow))
+    manifests = []
+    for name, spec in (("BASE", base), ("HEAD", head)):
+        try:
+            manifests.append(read_manifest(spec, adapter_allowlist=allow))
+        except ManifestError as exc:
+            raise _manifest_failure(exc, name) from None
+    report = diff_manifests(*manifests)
     if as_json:
         _echo_json(report.to_dict())
     elif markdown:
@@ -443,9 +516,9 @@ def diff(base: str, head: str, as_json: bool, markdown: bool) -> None:
 
 
 @cli.command()
-@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="manifest (default: bundled)")
+@click.option("--manifest", "manifest_path", type=FILE, help="manifest (default: bundled)")
 @allow_adapter_option
-@click.option("--out", type=click.Path(dir_okay=False), help="write the matrix here, e.g. docs/support-matrix.md")
+@click.option("--out", type=FILE, help="write the matrix here, e.g. docs/support-matrix.md")
 @click.option("--check", is_flag=True, help="exit 1 if --out (default docs/support-matrix.md) is stale")
 def matrix(manifest_path: Optional[str], out: Optional[str], check: bool) -> None:
     """The Markdown support matrix: per op a row per kernel, and what wins by default per arch."""
@@ -456,7 +529,7 @@ def matrix(manifest_path: Optional[str], out: Optional[str], check: bool) -> Non
 
 
 @cli.command()
-@click.option("--out", type=click.Path(dir_okay=False), help="write the schema here, e.g. docs/kernels.schema.json")
+@click.option("--out", type=FILE, help="write the schema here, e.g. docs/kernels.schema.json")
 @click.option("--check", is_flag=True, help="exit 1 if --out (default docs/kernels.schema.json) is stale")
 def schema(out: Optional[str], check: bool) -> None:
     """The manifest's JSON Schema (draft 2020-12), describing kernels.yaml as written."""
@@ -470,11 +543,11 @@ def schema(out: Optional[str], check: bool) -> None:
 @click.option("--kernel", help="only this kernel")
 @click.option("--solution", type=_choice(Solution.values()), help="only kernels of this solution")
 @click.option("--quick", is_flag=True, help="one case per declared value instead of the cross product")
-@click.option("--device", default="cuda", show_default=True, help="cuda (arch detected) or cpu")
-@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False))
+@click.option("--device", type=DEVICE, default="cuda", show_default=True, help="cuda, cuda:N (arch detected) or cpu")
+@click.option("--manifest", "manifest_path", type=FILE)
 @allow_adapter_option
 @click.option("--json", "as_json", is_flag=True, help="the full report as JSON")
-@click.option("--out", type=click.Path(dir_okay=False), help="also write the JSON report here")
+@click.option("--out", type=FILE, help="also write the JSON report here")
 def verify(op: Optional[str], kernel: Optional[str], solution: Optional[str], quick: bool, device: str,
            manifest_path: Optional[str], as_json: bool, out: Optional[str]) -> None:
     """Run every kernel the manifest declares for this GPU against the torch reference (exit 1 on any failure)."""
@@ -522,7 +595,7 @@ def _forced_kernels(values: tuple) -> dict[str, str]:
 @click.option("--page-size", type=click.IntRange(min=1), default=16, show_default=True, help="tokens per KV page")
 @click.option("--solution", type=_choice(Solution.values()), help="restrict every op to one solution")
 @click.option("--kernel", "kernels", multiple=True, metavar="OP=NAME", help="force a kernel for an op (repeat)")
-@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="manifest or overlay (default: bundled)")
+@click.option("--manifest", "manifest_path", type=FILE, help="manifest or overlay (default: bundled)")
 @click.option("--verbose", is_flag=True, help="also every kernel's verdict per op (the full explain)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def model(config_path: str, arch: Optional[str], installed_only: bool, dtype_: Optional[str], page_size: int,
@@ -566,7 +639,7 @@ def model(config_path: str, arch: Optional[str], installed_only: bool, dtype_: O
 @click.option("--prompt-lengths", help="prompt lengths (comma-separated; default 12,7,9 tiny, 4096,3072,2048 real)")
 @click.option("--no-generate-batch", is_flag=True, help="skip continuous batching")
 @click.option("--json", "as_json", is_flag=True, help="the full report as JSON")
-@click.option("--out", type=click.Path(dir_okay=False), help="also write the JSON report here")
+@click.option("--out", type=FILE, help="also write the JSON report here")
 def verify_model(archs: str, device: str, dtype_: Optional[str], solution: Optional[str], size: str, page_sizes: str,
                  each_kernel: bool, new_tokens: int, prompt_lengths: Optional[str], no_generate_batch: bool,
                  as_json: bool, out: Optional[str]) -> None:
@@ -608,8 +681,9 @@ def _list(text: Optional[str], flag: str, kind: type = str) -> list[Any]:
     values = [v.strip() for v in str(text).split(",") if v.strip()]
     if not values:
         raise Failure(f"{flag}: give at least one value", EXIT_USAGE)
-    if kind is int:
-        bad = [v for v in values if not v.isdigit() or int(v) < 1]
+    if kind is int:  # ASCII digits, at most 18 (int() would take '²' and choke on 5,000 digits)
+        bad = [v if v.isascii() and v.isprintable() and len(v) <= 20 else brief(v, 20)
+               for v in values if not re.fullmatch(r"[0-9]{1,18}", v) or int(v) < 1]
         if bad:
             raise Failure(f"{flag}: {', '.join(bad)} is not a positive integer (comma-separated list)", EXIT_USAGE)
         return [int(v) for v in values]
@@ -618,7 +692,7 @@ def _list(text: Optional[str], flag: str, kind: type = str) -> list[Any]:
 
 @cli.command()
 @click.option("--op", type=_choice(Op.values()), help="the op to time over the grid below (or give --suite)")
-@click.option("--suite", "suite_path", type=click.Path(dir_okay=False), help="time exactly the requests of this suite file")
+@click.option("--suite", "suite_path", type=FILE, help="time exactly the requests of this suite file")
 @click.option("--batch", default="1,8,64", show_default=True, help="batch sizes (comma-separated)")
 @click.option("--kv-len", default="512,4096,32768", show_default=True,
               help="KV tokens per request, new ones included (comma-separated)")
@@ -640,12 +714,12 @@ def _list(text: Optional[str], flag: str, kind: type = str) -> list[Any]:
               help="time only these kernels (repeat, or comma-separated); a reference kernel is timed only when named")
 @click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True, help="timed runs per kernel (median)")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="untimed runs first")
-@click.option("--device", default="cuda", show_default=True, help="cuda, or cpu (wall-clock timing; needs --arch)")
+@click.option("--device", type=DEVICE, default="cuda", show_default=True, help="cuda, cuda:N, or cpu (wall-clock timing; needs --arch)")
 @click.option("--arch", help="with --device cpu: the nominal arch selection runs for (on a GPU: its own)")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="manifest or overlay (default: bundled)")
+@click.option("--manifest", "manifest_path", type=FILE, help="manifest or overlay (default: bundled)")
 @allow_adapter_option
-@click.option("--out", type=click.Path(dir_okay=False), help="perf table to merge into (default: perf/<gpu>-<arch>.yaml)")
+@click.option("--out", type=FILE, help="perf table to merge into (default: perf/<gpu>-<arch>.yaml under the current directory)")
 @click.option("--json", "as_json", is_flag=True, help="also print every timing as JSON")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="also draw achieved bandwidth per op and context length into this PNG (pip install 'kernelsel[plot]')")
@@ -684,6 +758,7 @@ def bench(op: Optional[str], suite_path: Optional[str], kernels: tuple, repeats:
         elif axes["new_len"] != [None]:
             raise Failure(f"--new-len is for mha_extend and mha_prefill; {op} takes --q-len", EXIT_USAGE)
         axes = {k: v for k, v in axes.items() if v != [None]}
+        bench_module.check_grid_size(axes)
     if importlib.util.find_spec("torch") is None:
         raise Failure("bench needs torch (pip install torch)", EXIT_USAGE)
     overrides = Overrides.from_env()
@@ -699,7 +774,7 @@ def bench(op: Optional[str], suite_path: Optional[str], kernels: tuple, repeats:
         if name not in manifest.by_name:
             raise Failure(f"--kernel: no kernel named {name!r}{did_you_mean(name, list(manifest.by_name))}", EXIT_USAGE)
     selector = Selector(manifest, env.platform, overrides)
-    path = out or str(bench_module.default_table_path(env.gpu, env.arch))
+    path = out or str(bench_module.default_table_path(env.gpu, env.arch))  # in the current directory
     report = bench_module.run_bench(cases, selector, env, timer=bench_module.default_timer(device, repeats, warmup),
                                     out=path, kernels=names or None, seed=seed)
     if plot_path is not None and report.table is not None:
@@ -834,7 +909,7 @@ def tune(model_path: str, tp: int, batch: str, kv_len: str, new_len: str, ops: s
             click.echo(line)
 @cli.command()
 @click.option("--arch", type=ARCH, help="inspect a hypothetical GPU of this arch (sm_90, 9.0) with this machine's libraries")
-@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), help="manifest or overlay (default: bundled)")
+@click.option("--manifest", "manifest_path", type=FILE, help="manifest or overlay (default: bundled)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @allow_adapter_option
 def doctor(arch: Optional[str], manifest_path: Optional[str], as_json: bool) -> None:

@@ -6,45 +6,16 @@ text diff: which requests now get another kernel, which lose every kernel
 from sm_90 to sm_100 silently left Hopper users restricted to FlashInfer with nothing),
 which gain one, and which kernel entries changed, field by field.
 
-How the request space is enumerated (exact for the values probed, no blind
-cross product):
+How:
 
-1. Per op, the kernels of that op in *both* manifests are pooled.  An op whose
-   kernels (and solutions) are identical in both is skipped: the solver is a
-   pure function of them, so no request of that op can change.
-2. Request fields are split into groups that are set together because one
-   defaults from another: ``arch``; ``q_dtype/kv_dtype/out_dtype``;
-   ``num_qo_heads/num_kv_heads`` (with the derived ``gqa_group_size``);
-   ``head_dim_qk/head_dim_vo``; then every other shape field and every
-   feature flag alone.  Groups joined by an equals constraint (``page_size:
-   {equals: topk}``) are one group, so the relation is checked on whole
-   assignments.  A group takes part only when some pooled kernel constrains
-   one of its fields (a declared constraint, the field an equals constraint
-   names, an undeclared feature, or an exclusion's ``when``); the others stay
-   unset.
-3. Candidate values come from the constraints: every arch and dtype of the
-   vocabulary; for an int field, each listed value and its neighbours, each
-   range's min-1/min/max/max+1, a multiple and a non-multiple of each step,
-   powers of two and a non-power; a field related by an equals constraint
-   also takes the other field's values and each ``or`` value, so equal and
-   unequal combinations are both probed.  Each candidate gets a *profile*: for every
-   pooled kernel, whether its constraints on the group's fields allow it, and
-   for every exclusion, whether its ``when`` fields in the group match.
-   Candidates with equal profiles are one equivalence class (one
-   representative, e.g. sm_80/sm_86/sm_89 when every arch bound agrees);
-   a class that no pooled kernel allows is dropped.
-4. The classes are combined group by group, merging partial requests whose
-   combined profile is equal (a kernel is eligible iff every group allows it
-   and no exclusion matches in every group).  The result is one request per
-   distinct (arch class, eligible kernels in BASE, eligible kernels in HEAD)
-   -- every reachable outcome, each solved once -- times the ``solution``
-   restriction (none, then each solution with a kernel of the op).
-5. Each request is solved with ``solve()`` on ``Platform.hypothetical(arch)``
+1. ``selector.tools.request_space`` gives, per op whose kernels changed, one
+   request per distinct outcome the pooled kernels of both manifests can produce.
+2. Each request is solved with ``solve()`` on ``Platform.hypothetical(arch)``
    in both manifests.  A request whose winner differs is minimised: fields
    are reset to their defaults one at a time while the outcome stays the same
    (same old -> new winner; for a loss or gain, still a loss or gain), so
    the report names only the fields that matter.
-6. Findings are grouped: the same change with the same fields is one finding
+3. Findings are grouped: the same change with the same fields is one finding
    over all its (op, arch); findings over the same (op, arch) whose fields
    differ in one value are joined (``q_dtype=fp16|fp8_e4m3``); a finding that
    only specialises another (more fields, values inside it) is folded into
@@ -52,8 +23,11 @@ cross product):
 
 Limits: only values derived from the constraints are probed (a class no
 probe value falls into is not seen), the ``backend`` and ``kernel`` request
-fields are not varied, and an overlay read from a git object resolves
-``base:`` only when it is ``bundled``.
+fields are not varied, and an overlay read from a git object must have
+``base: bundled``.  The work is bounded (``MAX_STATES``, ``MANY_CHANGES``,
+``MAX_MINIMISED``): the outcomes of many independently constrained kernels
+grow exponentially, so past those bounds some request classes are not probed
+or not named, and the report's ``limits`` say which.
 """
 
 from __future__ import annotations
@@ -65,16 +39,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from registry.constraints import Equals, IntRange, OneOf
-from registry.errors import KernelselError
+from registry.errors import KernelselError, brief
 from registry.loader import load_manifest
-from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
+from registry.priority import priority_rank_key
+from registry.yaml_reader import MAX_BYTES, read_yaml
 from registry.schema import Features, KernelSpec, Manifest, Shapes
-from registry.vocab import Arch, DType, Op
+from registry.vocab import Arch, Op
 from selector.platform import Platform
 from selector.request import KernelRequest
 from selector.selection import Selection
-from selector.solver import solve
+from selector.solver import reasons, restriction_reasons, solve
+from selector.tools.request_space import enumerate_requests
 
 
 class DiffError(KernelselError):
@@ -85,307 +60,61 @@ class DiffError(KernelselError):
 
 
 def read_manifest(spec: str, *, adapter_allowlist: Optional[Iterable[str]] = None) -> Manifest:
-    """Load a manifest from a path, or from ``REF:PATH`` through ``git show`` (a path on disk wins).
+    """Load a manifest from a path, or from ``REF:PATH`` through git (a path on disk wins).
 
     A git object is shown under its own name (``main:kernels.yaml:41``) in
     every message and origin.  ``adapter_allowlist`` as in ``load_manifest``.
     """
+    if not spec.strip():
+        raise DiffError(f"{spec!r}: an empty argument; give a manifest path or a git object like main:kernels.yaml")
     if Path(spec).exists():
         return load_manifest(spec, adapter_allowlist=adapter_allowlist)
     if ":" not in spec:
-        raise DiffError(f"{spec}: no such file; give a manifest path or a git object like main:kernels.yaml")
-    return load_manifest(spec, text=git_show(spec), adapter_allowlist=adapter_allowlist)
+        raise DiffError(f"{brief(spec)}: no such file; give a manifest path or a git object like main:kernels.yaml")
+    raw = git_show(spec)
+    data, _, _, _ = read_yaml(spec, text=raw)
+    base = data.get("base") if isinstance(data, dict) else None
+    if base is not None and base != "bundled":
+        raise DiffError(f"{brief(spec)}: an overlay read from git can only have base: bundled (its base {brief(base)} "
+                        f"would be read from the working tree, not from the same commit); check out the commit instead")
+    return load_manifest(spec, text=raw, adapter_allowlist=adapter_allowlist)
 
 
-def git_show(spec: str) -> str:
-    """The text of ``REF:PATH`` from git (run in the current directory), or a DiffError saying why not."""
+def git_show(spec: str) -> bytes:
+    """The bytes of the blob ``REF:PATH`` from git (run in the current directory), or a DiffError saying why not.
+
+    ``spec`` is never taken as an option: one starting with ``-`` is refused, and git's options end
+    before it (``--output=FILE`` would make ``git show`` write a file).  The blob's size is checked
+    before it is read; its bytes are decoded by the manifest reader (a non-UTF-8 byte is a located error).
+    """
+    if spec.startswith("-"):
+        raise DiffError(f"{brief(spec)}: starts with '-'; give a manifest path or a git object like main:kernels.yaml")
     git = shutil.which("git")
     if git is None:
-        raise DiffError(f"{spec}: not a file, and git is not installed to read it as REF:PATH")
-    try:
-        proc = subprocess.run([git, "show", spec], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise DiffError(f"{spec}: git show failed: {exc}") from None
-    if proc.returncode != 0:
-        detail = (proc.stderr.strip().splitlines() or ["unknown error"])[0]
-        raise DiffError(f"{spec}: not a file, and git cannot read it as REF:PATH: {detail}")
-    return proc.stdout
+        raise DiffError(f"{brief(spec)}: not a file, and git is not installed to read it as REF:PATH")
 
-
-# ------------------------------------------------------------ request space
-
-_JOINT_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("q_dtype", "kv_dtype", "out_dtype"),
-    ("num_qo_heads", "num_kv_heads", "gqa_group_size"),
-    ("head_dim_qk", "head_dim_vo"),
-)
-"""Fields set together because one defaults from (or is derived from) another."""
-
-
-@dataclass(frozen=True)
-class _Constraint:
-    """One pooled check on one request field: a kernel constraint or a feature flag."""
-
-    field: str
-    allows: Any  # (value, request) -> bool; an equals constraint reads the request's other field
-
-
-@dataclass
-class _Pool:
-    """The kernels of one op in both manifests, flattened to what the enumeration checks."""
-
-    op: Op
-    kernels: list[KernelSpec]
-    checks: list[list[_Constraint]]  # per kernel
-    exclusions: list[tuple[int, dict[str, Any]]]  # (kernel index, when)
-
-    @classmethod
-    def of(cls, op: Op, manifests: Iterable[Manifest]) -> "_Pool":
-        kernels = [k for m in manifests for k in m.by_op[op]]
-        features = FEATURE_FIELDS_BY_OP[op]
-        checks = []
-        for k in kernels:
-            cs = [_Constraint(f, c.allows) for f, c in k.constraints]  # c.allows(value, request)
-            cs += [_Constraint(f, _false) for f in k.unsupported_features if f in features]
-            checks.append(cs)
-        # an exclusion clause on a field this op cannot take is decided by the field's fixed default
-        settable = {"arch", "q_dtype", "kv_dtype", "out_dtype"} | SHAPE_FIELDS_BY_OP[op] | features
-        fixed = KernelRequest(op=op)
-        exclusions = []
-        for i, k in enumerate(kernels):
-            for e in k.exclude:
-                when = {f: c for f, c in e.when.items() if f in settable}
-                constant = [getattr(fixed, f) is not None and c.allows(getattr(fixed, f))
-                            for f, c in e.when.items() if f not in settable]
-                if all(constant):
-                    exclusions.append((i, when))
-        return cls(op, kernels, checks, exclusions)
-
-    def relations(self) -> set[tuple[str, str]]:
-        """(field, the field it must equal) for every equals constraint of the pooled kernels."""
-        return {(f, c.equals) for k in self.kernels for f, c in k.constraints if isinstance(c, Equals)}
-
-    def constrained(self) -> set[str]:
-        out = {c.field for cs in self.checks for c in cs} | {b for _, b in self.relations()}
-        return out | {f for _, when in self.exclusions for f in when}
-
-    def values_for(self, name: str) -> list[Any]:
-        """The constraint objects (kernel and exclusion) that mention a field or a field it is related to by equals."""
-        related = {name} | {b for a, b in self.relations() if a == name} | {a for a, b in self.relations() if b == name}
-        found = [c for k in self.kernels for f, c in k.constraints if f in related]
-        return found + [when[name] for _, when in self.exclusions if name in when]
-
-
-def _false(value: Any, request: Any = None) -> bool:  # an undeclared feature allows only "not needed"
-    return not value
-
-
-def _int_points(constraints: list[Any]) -> list[int]:
-    """Probe values for an int field: declared values and bounds first, then their neighbours."""
-    declared: list[int] = []
-    probes: list[int] = []
-    top = 1
-    for c in constraints:
-        if isinstance(c, OneOf):
-            ints = [v for v in c.values if isinstance(v, int) and not isinstance(v, bool)]
-            declared += ints
-            probes += [v + d for v in ints for d in (-1, 1)]
-            top = max([top, *ints])
-        elif isinstance(c, Equals):
-            ints = [v for v in c.alternatives if isinstance(v, int) and not isinstance(v, bool)]
-            declared += ints
-            probes += [v + d for v in ints for d in (-1, 1)]
-            top = max([top, *ints])
-        elif isinstance(c, IntRange):
-            for bound in (c.min, c.max):
-                if bound is not None:
-                    declared.append(bound)
-                    probes += [bound - 1, bound + 1]
-                    top = max(top, bound)
-            if c.multiple_of:
-                m = c.multiple_of
-                base = m * max(1, -(-(c.min or m) // m))
-                declared += [base, base + m]
-                probes += [base + 1]
-                top = max(top, base + m)
-    if any(isinstance(c, IntRange) and c.power_of_two for c in constraints):
-        powers = [1 << i for i in range(0, (2 * top).bit_length() + 1)]
-        declared += powers
-        probes += [3 * p for p in powers if p > 1]
-    probes.append(2 * top + 1)  # above everything, odd, not a power of two
-    out: list[int] = []
-    for v in declared + probes:
-        if v >= 0 and v not in out:
-            out.append(v)
-    return out
-
-
-@dataclass(frozen=True)
-class _Class:
-    """An equivalence class of one field group: the fields to set and its profile."""
-
-    assignment: tuple[tuple[str, Any], ...]
-    passes: tuple[bool, ...]
-    matches: tuple[bool, ...]
-    members: tuple[Any, ...] = ()
-
-
-def _candidates(pool: _Pool, group: tuple[str, ...], constrained: set[str]) -> list[dict[str, Any]]:
-    """Field assignments to probe for one group (settable fields only)."""
-    op_fields = SHAPE_FIELDS_BY_OP[pool.op] | FEATURE_FIELDS_BY_OP[pool.op]
-
-    def ints(name: str) -> list[Optional[int]]:
-        return _int_points(pool.values_for(name)) if name in constrained else [None]
-
-    if group == ("arch",):
-        return [{"arch": a} for a in Arch]
-    if group == _JOINT_GROUPS[0]:
-        # defaulted kv/out first, so a class is represented by the plainest request in it
-        qs = [DType.BF16] + [d for d in DType if d is not DType.BF16]
-        kvs = [None] + list(DType) if "kv_dtype" in constrained else [None]
-        outs = [None] + list(DType) if "out_dtype" in constrained else [None]
-        return [{"q_dtype": q, "kv_dtype": kv, "out_dtype": o} for o, kv, q in itertools.product(outs, kvs, qs)]
-    if group == _JOINT_GROUPS[1]:
-        qos = [v for v in ints("num_qo_heads") if v]
-        if "num_kv_heads" not in op_fields:
-            return [{"num_qo_heads": qo} for qo in qos]
-        kvs = [v for v in ints("num_kv_heads") if v] or [1]
-        gs = [v for v in ints("gqa_group_size") if v] or [1]
-        pairs = [(kv * g, kv) for kv in kvs for g in gs]
-        pairs += [(qo, kv) for qo in qos for kv in kvs if qo % kv == 0]
-        pairs += [(qo, qo // g) for qo in qos for g in gs if qo % g == 0]
-        return [{"num_qo_heads": qo, "num_kv_heads": kv} for qo, kv in pairs]
-    if group == _JOINT_GROUPS[2]:
-        vos = [None] + [v for v in ints("head_dim_vo") if v is not None]
-        return [{"head_dim_qk": qk, "head_dim_vo": vo} for qk in ints("head_dim_qk") for vo in vos]
-    (name,) = group
-    if name in Features.model_fields:
-        return [{name: False}, {name: True}]
-    return [{name: v} for v in ints(name)]
-
-
-_Unit = tuple[tuple[str, ...], ...]
-"""Field groups enumerated together: one group, or several joined by equals constraints."""
-
-_ARCH: _Unit = (("arch",),)
-
-
-def _units(groups: list[tuple[str, ...]], relations: set[tuple[str, str]]) -> list[_Unit]:
-    """Join the groups that an equals constraint relates (transitively), keeping their order."""
-    units: list[list[tuple[str, ...]]] = [[g] for g in groups]
-    for a, b in sorted(relations):
-        ua = next((u for u in units if any(a in g for g in u)), None)
-        ub = next((u for u in units if any(b in g for g in u)), None)
-        if ua is not None and ub is not None and ua is not ub:
-            ua += ub
-            units.remove(ub)
-    return [tuple(u) for u in units]
-
-
-def _unit_candidates(pool: _Pool, unit: _Unit, constrained: set[str]) -> list[dict[str, Any]]:
-    """Every combination of the unit's groups' candidates."""
-    per_group = [_candidates(pool, g, constrained) for g in unit]
-    return [dict(kv for part in combo for kv in part.items()) for combo in itertools.product(*per_group)]
-
-
-def _classes(pool: _Pool, unit: _Unit, constrained: set[str]) -> list[_Class]:
-    """The unit's candidates reduced to equivalence classes (equal profiles), none that no kernel allows."""
-    found: dict[tuple, _Class] = {}
-    fields = [f for g in unit for f in g]
-    for assignment in _unit_candidates(pool, unit, constrained):
-        assignment = {k: v for k, v in assignment.items() if v is not None}
-        if not assignment:
-            continue
+    def cat_file(*args: str) -> subprocess.CompletedProcess:
         try:
-            request = KernelRequest(op=pool.op, **assignment)
-        except KernelselError:
-            continue  # not a valid request (e.g. head dim 0): nobody can send it
-        values = {f: getattr(request, f) for f in fields}
-        passes = tuple(
-            all(values[c.field] is None or c.allows(values[c.field], request) for c in cs if c.field in values)
-            for cs in pool.checks
-        )
-        matches = tuple(
-            all(values[f] is not None and c.allows(values[f]) for f, c in when.items() if f in values)
-            for _, when in pool.exclusions
-        )
-        if not any(passes):
-            continue
-        key = (passes, matches)
-        if key in found:
-            if unit == _ARCH:
-                prev = found[key]
-                found[key] = _Class(prev.assignment, passes, matches, prev.members + (assignment["arch"],))
-            continue
-        members = (assignment["arch"],) if unit == _ARCH else ()
-        found[key] = _Class(tuple(assignment.items()), passes, matches, members)
-    return list(found.values())
+            return subprocess.run([git, "cat-file", *args, "--end-of-options", spec], capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise DiffError(f"{brief(spec)}: git failed: {exc}") from None
+
+    size = cat_file("-s")
+    if size.returncode != 0:
+        detail = (size.stderr.decode("utf-8", "replace").strip().splitlines() or ["unknown error"])[0]
+        raise DiffError(f"{brief(spec)}: not a file, and git cannot read it as REF:PATH: {detail}")
+    if int(size.stdout.strip() or 0) > MAX_BYTES:
+        raise DiffError(f"{brief(spec)}: {int(size.stdout):,} bytes, over the {MAX_BYTES // (1024 * 1024)} MiB limit of a manifest")
+    blob = cat_file("blob")
+    if blob.returncode != 0:
+        detail = (blob.stderr.decode("utf-8", "replace").strip().splitlines() or ["unknown error"])[0]
+        raise DiffError(f"{brief(spec)}: not a file in git (REF:PATH names a {_object_type(git, spec)}): {detail}")
+    return blob.stdout
 
 
-@dataclass(frozen=True)
-class Probe:
-    """One representative request, the arch class it stands for, and the kernels expected eligible.
-
-    ``expected`` holds, per manifest (base, head), the kernel names whose
-    constraints, features and exclusions admit the request -- before the
-    solution restriction and the reference rule, which the solver applies.
-    """
-
-    request: KernelRequest
-    archs: tuple[Arch, ...]
-    expected: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
-
-
-def request_space(op: Op, base: Manifest, head: Manifest) -> list[Probe]:
-    """One request per distinct outcome the pooled kernels of ``op`` can produce (see the module docstring)."""
-    pool = _Pool.of(op, (base, head))
-    if not pool.kernels:
-        return []
-    constrained = pool.constrained()
-    joint = {f for g in _JOINT_GROUPS for f in g}
-    groups: list[tuple[str, ...]] = [g for g in _JOINT_GROUPS if constrained & set(g)]
-    groups += [(f,) for f in Shapes.model_fields if f in constrained and f not in joint]
-    groups += [(f,) for f in Features.model_fields if f in constrained]
-    units = _units(groups, pool.relations())
-    n_excl = len(pool.exclusions)
-
-    def owner(i: int) -> int:
-        return pool.exclusions[i][0]
-
-    # arch classes start the states; states never merge across arch classes
-    states: dict[tuple, tuple[int, dict[str, Any]]] = {}
-    arch_classes = _classes(pool, _ARCH, constrained)
-    for ai, cls in enumerate(arch_classes):
-        states.setdefault((ai, cls.passes, cls.matches), (ai, dict(cls.assignment)))
-    for unit in units:
-        classes = _classes(pool, unit, constrained)
-        merged: dict[tuple, tuple[int, dict[str, Any]]] = {}
-        for (ai, passes, matches), (_, assignment) in states.items():
-            for cls in classes:
-                p2 = tuple(a and b for a, b in zip(passes, cls.passes))
-                if not any(p2):
-                    continue
-                m2 = tuple(matches[i] and cls.matches[i] and p2[owner(i)] for i in range(n_excl))
-                key = (ai, p2, m2)
-                if key not in merged:
-                    merged[key] = (ai, assignment | dict(cls.assignment))
-        states = merged
-    outcomes: dict[tuple, tuple[int, dict[str, Any]]] = {}
-    for (ai, passes, matches), (_, assignment) in states.items():
-        excluded = {owner(i) for i in range(n_excl) if matches[i]}
-        eligible = tuple(p and i not in excluded for i, p in enumerate(passes))
-        if any(eligible):  # none eligible in either manifest: nothing can change
-            outcomes.setdefault((ai, eligible), assignment)
-    n_base = len(base.by_op[op])
-    solutions = [None] + sorted({k.solution for k in pool.kernels}, key=lambda s: list(type(s)).index(s))
-    probes = []
-    for (ai, eligible), assignment in outcomes.items():
-        names = [k.name for k, ok in zip(pool.kernels, eligible) if ok]
-        expected = (frozenset(names[:sum(eligible[:n_base])]), frozenset(names[sum(eligible[:n_base]):]))
-        for solution in solutions:
-            fields = assignment | ({"solution": solution} if solution is not None else {})
-            probes.append(Probe(KernelRequest(op=op, **fields), arch_classes[ai].members, expected))
-    return probes
+def _object_type(git: str, spec: str) -> str:
+    proc = subprocess.run([git, "cat-file", "-t", "--end-of-options", spec], capture_output=True, timeout=60)
+    return proc.stdout.decode("utf-8", "replace").strip() or "non-blob object"
 
 
 # ------------------------------------------------------------------ finding
@@ -465,11 +194,18 @@ _MINIMISE_ORDER = tuple(Features.model_fields) + tuple(Shapes.model_fields) + ("
 
 
 class _Solver:
-    """solve() in both manifests, cached per request (minimisation revisits requests)."""
+    """solve() in both manifests, cached per request; and the winners alone, fast, for minimising.
+
+    ``winners`` walks each manifest's kernels of the op in priority order and stops at the first the
+    solver's own ``reasons()`` finds nothing against: the same winner as ``solve()`` (the diff's platform
+    is hypothetical, with no overrides or perf table), without wording every other kernel's reasons.
+    """
 
     def __init__(self, base: Manifest, head: Manifest):
         self.base, self.head = base, head
         self.cache: dict[KernelRequest, tuple[Selection, Selection]] = {}
+        self.winner_cache: dict[KernelRequest, tuple[str, str]] = {}
+        self.ranked = {id(m): {op: sorted(m.by_op[op], key=priority_rank_key) for op in Op} for m in (base, head)}
 
     def both(self, request: KernelRequest) -> tuple[Selection, Selection]:
         hit = self.cache.get(request)
@@ -479,16 +215,45 @@ class _Solver:
             self.cache[request] = hit
         return hit
 
+    def winners(self, request: KernelRequest) -> tuple[str, str]:
+        hit = self.winner_cache.get(request)
+        if hit is None:
+            platform = Platform.hypothetical(request.arch)
+            hit = tuple(next((k.name for k in self.ranked[id(m)][request.op] if not reasons(k, request, m, platform)), "")
+                        for m in (self.base, self.head))
+            self.winner_cache[request] = hit
+        return hit
 
-def _outcome(old: Selection, new: Selection) -> Optional[tuple]:
-    """None when the winner is the same; else what a minimised request must keep."""
-    if old.name == new.name:
+
+def _outcome(old: Any, new: Any) -> Optional[tuple]:
+    """None when the winner is the same; else what a minimised request must keep (selections or kernel names)."""
+    old, new = getattr(old, "name", old), getattr(new, "name", new)
+    if old == new:
         return None
-    if not new.name:
+    if not new:
         return ("lost",)
-    if not old.name:
+    if not old:
         return ("gained",)
-    return ("changed", old.name, new.name)
+    return ("changed", old, new)
+
+
+class _Rankings:
+    """Per manifest and solution restriction, the op's kernels that restriction leaves, in priority order."""
+
+    def __init__(self, op: Op, base: Manifest, head: Manifest):
+        self.op, self.manifests, self.lists = op, (base, head), {}
+
+    def winners(self, probe: Any) -> tuple[str, str]:
+        """The winners a probe's expected eligible kernels give (the request space's profile, no solve)."""
+        solution = probe.request.solution
+        lists = self.lists.get(solution)
+        if lists is None:
+            restricted = KernelRequest(op=self.op, solution=solution)
+            lists = self.lists[solution] = [
+                [k.name for k in sorted(m.by_op[self.op], key=priority_rank_key) if not restriction_reasons(k, restricted)]
+                for m in self.manifests]
+        names = [next((n for n in ranked if n in expected), "") for ranked, expected in zip(lists, probe.expected)]
+        return names[0], names[1]
 
 
 def _default(request: KernelRequest, name: str) -> Any:
@@ -525,7 +290,7 @@ def _minimise(solver: _Solver, request: KernelRequest, outcome: tuple) -> Kernel
                 candidate = KernelRequest(op=request.op, arch=request.arch, **trial)
             except KernelselError:
                 continue
-            if _outcome(*solver.both(candidate)) == outcome:
+            if _outcome(*solver.winners(candidate)) == outcome:
                 fields, changed = trial, True
     return KernelRequest(op=request.op, arch=request.arch, **fields)
 
@@ -647,10 +412,16 @@ def _mentions(line: str, ops: Iterable[Op]) -> bool:
 
 
 def _collapse(findings: list[Finding]) -> list[Finding]:
-    findings = list(findings)
-    while _step(findings):
-        pass
-    return [part for f in findings for part in _split(f)]
+    """Join findings step by step; only findings of the same change can join, so each change is joined apart."""
+    by_change: dict[tuple, list[Finding]] = {}
+    for f in findings:
+        by_change.setdefault((f.kind, f.before, f.after), []).append(f)
+    out = []
+    for group in by_change.values():
+        while _step(group):
+            pass
+        out += group
+    return [part for f in out for part in _split(f)]
 
 
 # ------------------------------------------------------------- kernel diff
@@ -731,6 +502,7 @@ class DiffReport:
     kernels_changed: list[KernelChange]
     ops_compared: list[str]
     requests_checked: int
+    limits: list[str] = field(default_factory=list)  # where the diff is bounded (not every class probed or named)
 
     @property
     def has_changes(self) -> bool:
@@ -750,6 +522,7 @@ class DiffReport:
             "head": side(self.head),
             "ops_compared": self.ops_compared,
             "requests_checked": self.requests_checked,
+            "limits": self.limits,
             "lost": [f.to_dict() for f in self.lost],
             "gained": [f.to_dict() for f in self.gained],
             "changed": [f.to_dict() for f in self.changed],
@@ -770,6 +543,7 @@ class DiffReport:
             f"checked   {self.requests_checked} request classes over "
             f"{', '.join(self.ops_compared) or 'no op (no op has kernel changes)'}",
         ]
+        lines += [f"{'limit' if i == 0 else '':<9} {text}" for i, text in enumerate(self.limits)]
         if not self.has_changes:
             lines.append("no changes")
             return "\n".join(lines)
@@ -810,6 +584,7 @@ class DiffReport:
                        f"**lose every candidate kernel** with this change.")
             out.append("")
         out.append(f"{self.requests_checked} request classes checked over {', '.join(self.ops_compared)}.")
+        out += [f"> [!NOTE]\n> Bounded: {_md(text)}." for text in self.limits]
         tables = (
             ("Requests that lose all candidates", self.lost, "what they had, and why it is gone"),
             ("Selection changes", self.changed, "before → after, and why"),
@@ -839,25 +614,49 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+MAX_STATES = 200
+"""Partial request classes kept per arch class while enumerating an op (``enumerate_requests``): bounds the work
+of a diff of many independently constrained kernels (the bundled manifest needs far fewer)."""
+MANY_CHANGES = 300
+"""Past this many changed request classes in an op, each change (same solution restriction, old and new winner)
+is named once and its other classes are counted with it; and only the first ``MAX_MINIMISED`` named ones are
+minimised (the others show every field their request sets)."""
+MAX_MINIMISED = 40
+
+
 def diff_manifests(base: Manifest, head: Manifest, *, skip_identical_ops: bool = True) -> DiffReport:
     """Compare two manifests request by request (the method is in the module docstring)."""
     solver = _Solver(base, head)
     findings: dict[str, list[Finding]] = {"lost": [], "gained": [], "changed": []}
-    compared = []
+    compared: list[str] = []
+    limits: list[str] = []
     checked = 0
     same_solutions = base.solutions == head.solutions
     for op in Op:
         if skip_identical_ops and same_solutions and _op_dump(base, op) == _op_dump(head, op):
             continue
         compared.append(op.value)
-        for probe in request_space(op, base, head):
-            checked += 1
-            old, new = solver.both(probe.request)
-            outcome = _outcome(old, new)
-            if outcome is None:
-                continue
+        space = enumerate_requests(op, base, head, max_states=MAX_STATES)
+        if not space.complete:
+            limits.append(f"{op.value}: more request classes than {MAX_STATES:,} per arch class; those past the limit "
+                          f"were not probed, so a change among them is not shown")
+        checked += len(space.probes)
+        rankings = _Rankings(op, base, head)
+        changes = [(p, o) for p in space.probes if (o := _outcome(*rankings.winners(p))) is not None]
+        bounded = len(changes) > MANY_CHANGES
+        per_change: dict[tuple, Finding] = {}
+        counted = minimised = 0
+        for probe, outcome in changes:
             kind = outcome[0]
-            small = _minimise(solver, probe.request, outcome)
+            key = (outcome, probe.request.solution)
+            shown = per_change.get(key)
+            if bounded and shown is not None:
+                shown.classes += 1  # counted with its change, not named
+                counted += 1
+                continue
+            small = probe.request
+            if not bounded or minimised < MAX_MINIMISED:
+                small, minimised = _minimise(solver, probe.request, outcome), minimised + 1
             old_m, new_m = solver.both(small)
             findings[kind].append(Finding(
                 kind=kind,
@@ -868,8 +667,13 @@ def diff_manifests(base: Manifest, head: Manifest, *, skip_identical_ops: bool =
                 because=_because(old_m, new_m, kind, op.value),
                 now=new_m.why if new_m.kernel is not None else "",
                 examples=[{"op": op.value, "archs": [a.value for a in probe.archs], "request": probe.request.given(),
-                           "before": old.name or None, "after": new.name or None}],
+                           "before": old_m.name or None, "after": new_m.name or None}],
             ))
+            per_change.setdefault(key, findings[kind][-1])
+        if bounded:
+            limits.append(f"{op.value}: {len(changes):,} request classes change; each change is named once (the first "
+                          f"{MAX_MINIMISED} cut down to the fields that matter) and its other {counted:,} classes "
+                          f"are counted with it")
     added, removed, kernels_changed = kernel_changes(base, head)
 
     def order(f: Finding) -> tuple:
@@ -881,7 +685,7 @@ def diff_manifests(base: Manifest, head: Manifest, *, skip_identical_ops: bool =
         gained=sorted(_collapse(findings["gained"]), key=order),
         changed=sorted(_collapse(findings["changed"]), key=order),
         added=added, removed=removed, kernels_changed=kernels_changed,
-        ops_compared=compared, requests_checked=checked,
+        ops_compared=compared, requests_checked=checked, limits=limits,
     )
 
 

@@ -26,6 +26,7 @@ from registry.provenance import provenance
 from registry.vocab import Arch, Solution, parse_arch
 from selector.availability import UNAVAILABLE, adapter_class, describe_exception, probe
 from selector.overrides import ENV_MANIFEST, ENV_PERF, Overrides
+from selector.perf_check import perf_table_problems
 from selector.platform import NVIDIA_SMI, TORCH, GpuDetection, Platform, detect_gpus, installed_versions, required_distributions
 from selector.solver import REFERENCE_ONLY, library_reason, platform_reasons
 
@@ -91,8 +92,11 @@ def _imports(manifest: Any) -> dict[str, str]:
     return out
 
 
-def _perf(overrides: Overrides, gpu: str, arch: Optional[Arch]) -> dict[str, Any]:
-    """The perf table the default selector would use here (``registry.perf_policy``), and the committed ones."""
+def _perf(overrides: Overrides, gpu: str, arch: Optional[Arch], manifest: Any) -> dict[str, Any]:
+    """The perf table the default selector would use here (``registry.perf_policy``), and the committed ones.
+
+    A table ``KERNELSEL_PERF`` names must fit the manifest (``selector.perf_check``), as the CLI and the
+    default selector require."""
     directory = bundled_perf_dir()
     committed = []
     for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else []:
@@ -109,6 +113,9 @@ def _perf(overrides: Overrides, gpu: str, arch: Optional[Arch]) -> dict[str, Any
     t = choice.table
     if t is None:
         return out | {"path": None, "source": choice.source, "note": choice.note}
+    problems = perf_table_problems(t, manifest) if choice.source == ENV_PERF else []
+    if problems:
+        return out | {"path": t.path, "source": ENV_PERF, "error": "; ".join(problems)}
     return out | {"path": t.path, "source": choice.source, "gpu": t.gpu, "arch": t.arch.value, "buckets": len(t.entries)}
 
 
@@ -181,9 +188,12 @@ def diagnose(*, arch: Optional[str] = None, manifest_path: Optional[str] = None,
         return report
     report["manifest"] = {"path": manifest.path, "source": source, "schema_version": manifest.schema_version,
                           "kernels": len(manifest.kernels), "digest": manifest.digest}
+    problems = overrides.problems(manifest)  # e.g. KERNELSEL_DISABLE=nope: every selection would fail
+    if problems:
+        report["overrides_error"] = "; ".join(filter(None, [report.get("overrides_error"), *problems]))
     dists = required_distributions(manifest.solutions)
     report["libraries"] = _libraries(list(dists) + list(CORE), _imports(manifest))
-    report["perf"] = _perf(overrides, gpu_name if target is None else "", target or gpu_arch)
+    report["perf"] = _perf(overrides, gpu_name if target is None else "", target or gpu_arch, manifest)
     platform = Platform(arch=target or gpu_arch, libraries=installed_versions(dists), device_name=gpu_name)
     report["kernels"] = _kernels(manifest, platform, overrides)
     return report
@@ -200,7 +210,7 @@ def _libraries(distributions: list[str], imports: dict[str, str]) -> dict[str, A
 
 
 def exit_status(report: dict[str, Any]) -> int:
-    """0 normally; 1 when the manifest (or a perf table or override it names) does not load."""
+    """0 normally; 1 when the manifest, the perf table or an override does not load or does not fit the manifest."""
     bad = "error" in report.get("manifest", {}) or "error" in report.get("perf", {}) or "overrides_error" in report
     return 1 if bad else 0
 

@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Any, Optional
 
 from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
-from registry.priority import band_name
+from registry.priority import band_name, priority_rank_key
 from registry.provenance import provenance
 from registry.schema import Features, KernelSpec, Manifest, Shapes
 from registry.vocab import Arch, DType, Op
@@ -89,7 +89,7 @@ def _cell(text: str) -> str:
 
 
 def _op_table(manifest: Manifest, op: Op) -> list[str]:
-    kernels = sorted(manifest.by_op[op], key=lambda k: (-k.priority, k.name))
+    kernels = sorted(manifest.by_op[op], key=priority_rank_key)
     if not kernels:
         return []
     header = ["kernel", "solution / backend", "arch", "q dtype", "kv dtype", "head dims", "page sizes",

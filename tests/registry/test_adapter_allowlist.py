@@ -73,6 +73,7 @@ def test_paths_outside_the_adapter_package_are_refused_saying_what_is_accepted(m
     "registry/adapters/triton.py:TritonMHADecode", "registry.adapters.triton:TritonMHADecode.run",
     "registry.adapters.triton", "registry.adapters.triton:", ":TritonMHADecode", " registry.adapters.triton:TritonMHADecode",
     "registry.adapters.triton:TritonMHADecode;os:system", "registry.adаpters.triton:TritonMHADecode",  # Cyrillic а
+    "registry.adapters.triton:TritonMHADecode\n",  # a `$` regex would take it, and the name would not resolve
 ])
 def test_malformed_and_relative_paths_are_refused(monkeypatch, tmp_path, adapter):
     monkeypatch.delenv(ENV_ADAPTER_ALLOWLIST, raising=False)

@@ -25,7 +25,7 @@ import selector
 from registry.errors import KernelselError
 from registry.vocab import Op
 from selector import KernelRequest, Platform, Selector, select_kernel
-from selector.tools.diff import request_space
+from selector.tools.request_space import request_space
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,7 +116,7 @@ for m in modules:
 from registry.loader import load_manifest, bundled_perf_dir, load_perf_table
 from registry.vocab import Op
 from selector import KernelRequest, Platform, Selector, Overrides
-from selector.tools.diff import request_space
+from selector.tools.request_space import request_space
 
 manifest = load_manifest()
 tables = [load_perf_table(p) for p in sorted(bundled_perf_dir().glob("*.yaml"))]
@@ -180,3 +180,63 @@ def test_overrides_parse_the_same_under_any_hash_seed(seed):
     env = {**os.environ, "PYTHONHASHSEED": seed}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, check=True)
     assert "KERNELSEL_DISABLE=a,b,c,d,e" in out.stdout
+
+
+# ------------------------------------------------------------------ reset and the environment under load
+
+
+def _hammer(requests, work, seconds_switch=1e-6, threads=8, calls=500):
+    """Run ``work`` in a thread beside ``threads`` threads selecting ``requests``; every raw exception they see."""
+    raw: list[BaseException] = []
+    done = threading.Event()
+
+    def select_many(i):
+        for j in range(calls):
+            try:
+                select_kernel(requests[(i * 31 + j) % len(requests)])
+            except KernelselError:
+                pass
+            except Exception as exc:  # noqa: BLE001 - what the test looks for
+                raw.append(exc)
+
+    def disturb():
+        while not done.is_set():
+            work()
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(seconds_switch)
+    try:
+        side = threading.Thread(target=disturb)
+        side.start()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(select_many, range(threads)))
+        done.set()
+        side.join()
+    finally:
+        sys.setswitchinterval(old)
+    return raw
+
+
+def test_reset_while_threads_select_never_breaks_a_call(toy_env):
+    """reset() between default_selector()'s check and its return handed back None (AttributeError in 31 of 12,000)."""
+    requests = _requests(toy_env)[:40]
+    raw = _hammer(requests, selector.reset)
+    assert not raw, f"{len(raw)} raw exceptions, e.g. {raw[0]!r}"
+
+
+def test_the_environment_changing_while_threads_select_never_breaks_a_call(toy_env, monkeypatch):
+    """Reading KERNELSEL_FORCE_* by iterating os.environ raised KeyError when another thread unset a variable."""
+    requests = _requests(toy_env)[:40]
+    names = [f"KERNELSEL_FORCE_MHA_DECODE_X{i}" for i in range(20)] + [f"UNRELATED_{i}" for i in range(20)]
+    for name in names:
+        monkeypatch.setenv(name, "x")  # restored by monkeypatch; the side thread unsets and sets them
+
+    def churn():
+        for name in names:
+            os.environ.pop(name, None)
+        selector.reset()
+        for name in names[20:]:
+            os.environ[name] = "x"
+
+    raw = _hammer(requests, churn)
+    assert not raw, f"{len(raw)} raw exceptions, e.g. {raw[0]!r}"

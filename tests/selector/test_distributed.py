@@ -101,6 +101,12 @@ run("perf", ALL, {"op": entry.op.value, "arch": table.arch.value, **entry.shape}
 run("forced", ALL, {**MHA, "kernel": "triton-mha-decode"})
 run("forced-one", ALL, {**MHA, "kernel": "triton-mha-decode"} if rank == 0 else MHA)
 
+# a rank whose request cannot even be built (a bad field, not a request at all) must not leave the others waiting
+out["bad-request"] = outcome(lambda: select_kernel(**(dict(MHA, head_dim_qk=0) if rank == 2 else MHA), group=dist.group.WORLD))
+out["bad-type"] = outcome(lambda: select_kernel({"op": "mha_decode"} if rank == 1 else KernelRequest(**MHA),
+                                                group=dist.group.WORLD))
+out["bad-group"] = outcome(lambda: select_kernel(KernelRequest(**MHA), group=[1]))
+
 # the default selector (this machine's platform; this process's environment: rank 1 disables every
 # mha_decode kernel but the reference), cached per request
 sys.modules.pop("flashinfer", None)
@@ -197,6 +203,22 @@ def test_a_local_error_reaches_every_rank_instead_of_a_hang(ranks):
     assert results[0]["error"] == "GroupSelectionError"
     assert "\n  rank 2 (sm_90; " in results[0]["message"]
     assert "RequestError: KERNELSEL_DISABLE: no kernel named 'no-such-kernel'" in results[0]["message"]
+
+
+def test_a_request_that_cannot_be_built_on_one_rank_reaches_every_rank_instead_of_a_hang(ranks):
+    """select_kernel(**bad fields, group=) raised before the collective: the other ranks waited for the timeout."""
+    results = _same(ranks, "bad-request")
+    assert results[0]["error"] == "GroupSelectionError"
+    assert "rank 2 (" in results[0]["message"] and "request.head_dim_qk: must be >= 1, got 0" in results[0]["message"]
+    results = _same(ranks, "bad-type")
+    assert results[0]["error"] == "GroupSelectionError"
+    assert "rank 1 (" in results[0]["message"] and "select_kernel takes a KernelRequest or keyword fields" in results[0]["message"]
+
+
+def test_a_group_that_is_not_a_process_group_is_named(ranks):
+    results = _same(ranks, "bad-group")
+    assert results[0]["error"] == "RequestError"
+    assert results[0]["message"].startswith("group= takes a torch.distributed process group")
 
 
 def test_ranks_with_different_perf_tables_follow_the_first_rank(ranks):

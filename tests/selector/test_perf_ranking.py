@@ -189,7 +189,7 @@ def test_extend_buckets_without_new_len_ask_for_a_re_recording(tmp_path):
     lines += [f"      {k}: {v}" for k, v in EXTEND_SHAPE.items()]
     lines += ["    median_us: {fast-extend: 10.0}"]
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ManifestError, match=r"old\.yaml:4:\d+: entries\[0\]: .*an mha_extend bucket needs new_len \(new "
+    with pytest.raises(ManifestError, match=r"old\.yaml:5:\d+: entries\[0\]\.shape: .*an mha_extend bucket needs new_len \(new "
                                             r"tokens per request, a power of two\).* must be re-recorded"):
         load_perf_table(path)
     decode = tmp_path / "decode.yaml"

@@ -38,6 +38,8 @@ def test_requests_are_frozen():
         ({"op": "mha_decode", "page_size": -16}, r"request\.page_size: must be >= 1, got -16"),
         ({"op": "mha_decode", "kv_dtype": "bf17"}, r"request\.kv_dtype: 'bf17' is not a dtype; expected one of bf16, .*\(did you mean 'bf16'\?\)"),
         ({"op": "mha_decode", "arch": "sm_95"}, r"request\.arch: 'sm_95' is not an SM like sm_90; expected one of "),
+        ({"op": "mha_decode", "arch": "9" * 5000}, r"request\.arch: '9+\.\.\. is not an SM like sm_90; expected one of "),
+        ({"op": "mha_decode", "arch": "sm_\u0669\u0660"}, r"request\.arch: .* is not an SM like sm_90"),  # Arabic-Indic 90
         ({"op": "mha_decode", "pagesize": 16}, r"request\.pagesize: unknown request field \(did you mean 'page_size'\?\)"),
         ({"op": "mha_decode", "kv_lora_rank": 512}, r"kv_lora_rank means nothing for op mha_decode"),
         ({"op": "mha_prefill", "q_len": 2}, r"q_len 2 means nothing for op mha_prefill"),

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 from registry.errors import KernelselError, RequestError  # noqa: E402
 from registry.loader import load_manifest, load_perf_table  # noqa: E402
 from registry.perf import bucket  # noqa: E402
-from registry.vocab import Op  # noqa: E402
+from registry.vocab import Arch, Op  # noqa: E402
 from selector import KernelRequest, Platform, Selector  # noqa: E402
 from selector.tools import bench  # noqa: E402
 from selector.tools.cli import main  # noqa: E402
@@ -153,8 +153,60 @@ def test_suite_problems_are_located(tmp_path):
     with pytest.raises(KernelselError, match=r"suite.yaml:5:5: groups\[0\]\.gird: unknown key"):
         bench.load_suite(path, ARCH)
     path.write_text("groups:\n  - name: d\n    op: mha_decode\n    request: {head_dim: 64}\n    grid: {kv_len: [8]}\n")
-    with pytest.raises(KernelselError, match=r"suite.yaml: groups\[0\] \(d\): invalid kernel request:\n  request.head_dim: unknown"):
+    with pytest.raises(KernelselError, match=r"suite.yaml:2:5: groups\[0\]: \(d\) request.head_dim: unknown"):
         bench.load_suite(path, ARCH)
+    path.write_text("groups:\n  - name: d\n    op: mha_decode\n    cases:\n      - {kv_len: 8}\n      - {kv_len: 0}\n")
+    with pytest.raises(KernelselError, match=r"suite.yaml:6:9: groups\[0\]\.cases\[1\]: \(d\) kv_len: expected a positive whole number, got 0"):
+        bench.load_suite(path, ARCH)
+
+
+def test_a_grid_or_suite_over_the_case_limit_is_refused_before_any_case_is_built(tmp_path, monkeypatch):
+    """Two axes of 3,000 values were 3.7 GB of cases before timing started."""
+    built = []
+    monkeypatch.setattr(bench, "make_case", lambda *a: built.append(a))
+    many = list(range(1, 3001))
+    with pytest.raises(RequestError, match=r"^the grid has 9,000,000 cases \(3,000 batch x 3,000 kv_len\), over the limit of "):
+        bench.grid("mha_decode", ARCH, {}, {"batch": many, "kv_len": many})
+    path = tmp_path / "suite.yaml"
+    path.write_text(f"groups:\n  - {{name: a, op: mha_decode, grid: {{batch: {many[:100]}, kv_len: {many[:50]}}}}}\n")
+    with pytest.raises(KernelselError, match=r"suite\.yaml: the suite has 5,000 cases \(100 batch x 50 kv_len\), over the limit"):
+        bench.load_suite(path, ARCH)
+    assert built == []
+
+
+@pytest.mark.parametrize("case, message", [
+    ("{batch: '8', kv_len: 64}", r"batch: expected a positive whole number, got '8'"),
+    ("{batch: 8, kv_len: 64.5}", r"kv_len: expected a positive whole number, got 64\.5"),
+    ("{batch: true, kv_len: 64}", r"batch: expected a positive whole number, got True"),
+    ("{op: mla_decode, kv_len: 64}", r"request\.op: set by the group, not here"),
+    ("{arch: sm_100, kv_len: 64}", r"request\.arch: set by the run"),
+])
+def test_suite_case_sizes_and_fields_of_the_wrong_kind_are_located(tmp_path, case, message):
+    """A quoted size reached the workload as text (TypeError); op or arch in a case was a TypeError too."""
+    path = tmp_path / "suite.yaml"
+    path.write_text(f"groups:\n  - name: d\n    op: mha_decode\n    cases:\n      - {case}\n")
+    with pytest.raises(KernelselError, match=r"suite\.yaml:5:9: groups\[0\]\.cases\[0\]: \(d\) " + message):
+        bench.load_suite(path, ARCH)
+
+
+def test_a_workload_too_large_for_the_device_fails_the_case_not_the_run(monkeypatch):
+    """Building the workload is outside the per-kernel guard: an out-of-memory error was a traceback."""
+    import registry.workloads
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory\nmore")
+
+    monkeypatch.setattr(registry.workloads, "make_workload", no_memory)
+    case = decode_cases()[0]
+    result = bench.time_case(case, Selector(MANIFEST, Platform.hypothetical(ARCH)), timer=FakeTimer(1.0), device="cpu",
+                             kernels=[reference_for("mha_decode").name])
+    assert [t.error for t in result.kernels] == ["the workload: RuntimeError: DefaultCPUAllocator: can't allocate memory"]
+
+
+def test_the_default_table_is_under_the_current_directory_never_site_packages():
+    """A wheel install keeps the bundled tables in site-packages: bench must not write there by default."""
+    path = bench.default_table_path("NVIDIA H200", Arch.SM_90)
+    assert path == pathlib.Path("perf") / "nvidia-h200-sm_90.yaml" and not path.is_absolute()
 
 
 # ------------------------------------------------------------ the harness and the table

@@ -12,6 +12,10 @@ import sys
 
 import pytest
 
+from registry.loader import load_manifest
+from registry.vocab import Op
+from selector import KernelRequest, Platform, solve
+
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 
@@ -70,6 +74,51 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(cli, argv, message):
     assert "Traceback" not in err + out
 
 
+def test_validate_takes_several_paths_and_reports_each(cli, tmp_path, monkeypatch):
+    """The pre-commit hook passes every changed manifest: one command, every problem, exit 1 if any."""
+    monkeypatch.chdir(tmp_path)
+    good = ROOT / "tests/registry/broken/_valid.yaml"
+    broken = [ROOT / "tests/registry/broken" / n for n in ("bad_dtype.yaml", "unknown_op.yaml")]
+    code, out, err = cli("validate", good, *broken, ROOT / "kernels.yaml")
+    assert code == 1
+    assert out.count(": ok (") == 2 and "_valid.yaml: ok (1 kernels" in out
+    assert [line.split(":")[0].rsplit("/", 1)[-1] for line in err.splitlines()[:-1]] == ["bad_dtype.yaml", "unknown_op.yaml"]
+    assert err.splitlines()[-1] == "2 problems"
+    assert cli("validate", good, ROOT / "kernels.yaml")[0] == 0
+
+
+def test_validate_perf_checks_a_table_against_the_manifest_and_lists_every_problem(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code, out, _ = cli("validate", "--perf", "perf/nvidia-h200-sm_90.yaml")
+    assert code == 0 and re.search(r"^perf/nvidia-h200-sm_90\.yaml: ok \(\d+ buckets, NVIDIA H200, sm_90; fits kernels\.yaml\)$",
+                                   out, re.M)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("schema_version: 1\ngpu: x\narch: sm_90\nentries:\n"
+                   "- {op: mha_decode, shape: {q_dtype: bf16}, median_us: {triton-mha-decod: 1, triton-mla-decode: 2}}\n")
+    code, _, err = cli("validate", "--perf", bad)
+    assert code == 1 and err.splitlines()[-1] == "3 problems"
+    assert [line.split(": ", 2)[1] for line in err.splitlines()[:-1]] == [
+        "entries[0].median_us.triton-mha-decod", "entries[0].median_us.triton-mla-decode", "entries[0].shape"]
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs the git checkout")
+def test_the_pre_commit_hooks_run_as_pre_commit_runs_them(tmp_path):
+    """Each hook's entry with its args and, when pass_filenames, every tracked file its pattern matches."""
+    import yaml
+
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT).stdout.split()
+    for config in (".pre-commit-hooks.yaml", ".pre-commit-config.yaml"):
+        data = yaml.safe_load((ROOT / config).read_text())
+        hooks = data if isinstance(data, list) else [h for repo in data["repos"] for h in repo["hooks"]]
+        for hook in hooks:
+            files = [f for f in tracked if re.search(hook.get("files", ""), f)]
+            argv = hook["entry"].split() + hook.get("args", []) + (files if hook.get("pass_filenames", True) else [])
+            assert argv[0] == "kernelsel"
+            proc = subprocess.run([sys.executable, "-m", "selector.tools.cli", *argv[1:]], capture_output=True,
+                                  text=True, cwd=ROOT)
+            assert proc.returncode == 0, (config, hook["id"], argv, proc.stderr)
+
+
 def test_validate_ok_and_broken(cli):
     code, out, _ = cli("validate")
     assert code == 0 and re.match(r"kernels\.yaml: ok \(\d+ kernels, schema 1, sha [0-9a-f]{12}\)", out.strip().split("/")[-1])
@@ -91,6 +140,24 @@ def test_list_and_show(cli, manifest):
 def test_plan_command(cli):
     code, out, _ = cli("plan", "--arch", "sm_100", "--q-dtype", "fp8_e4m3")
     assert code == 0 and out.startswith("plan      prewrite")
+
+
+_PLAN_KERNELS = [k for op in (Op.MHA_PREFILL, Op.MHA_EXTEND) for k in load_manifest().by_op[op]]
+
+
+@pytest.mark.parametrize("spec", _PLAN_KERNELS, ids=lambda k: k.name)
+def test_plan_kernel_forces_the_kernel_and_the_mode_it_implies(cli, spec):
+    """``plan --kernel`` used to force the name on both the prefill and the extend request: always an error."""
+    arch = spec.arch.members()[-1]
+    q = next(d for d in spec.dtypes.q_dtype.values if not d.is_fp8) if spec.op is Op.MHA_PREFILL else spec.dtypes.q_dtype.values[0]
+    request = KernelRequest(op=spec.op, arch=arch, q_dtype=q, kernel=spec.name)
+    eligible = solve(load_manifest(), Platform.hypothetical(arch), request).kernel is not None
+    code, out, err = cli("plan", "--arch", arch.value, "--q-dtype", q.value, "--kernel", spec.name)
+    assert code == (0 if eligible else 3), err
+    if eligible:
+        mode = "postwrite" if spec.op is Op.MHA_PREFILL else "prewrite"
+        assert out.startswith(f"plan      {mode}\nwhy       forced by kernel={spec.name} (an {spec.op.value} kernel: {mode})")
+        assert re.search(rf"^selected  {re.escape(spec.name)} ", out, re.M)
 
 
 @pytest.mark.skipif(shutil.which("kernelsel") is None, reason="console script not installed (pip install -e .)")

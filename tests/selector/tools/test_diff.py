@@ -7,12 +7,14 @@ manifests built from its own solutions and adapters), never restated facts.
 from __future__ import annotations
 
 import copy
+import os
 import itertools
 import json
 import pathlib
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -20,7 +22,8 @@ import yaml
 from registry.loader import load_manifest
 from registry.vocab import Arch, DType, Op, Solution
 from selector import KernelRequest, Platform, solve
-from selector.tools.diff import diff_manifests, read_manifest, request_space
+from selector.tools.diff import diff_manifests, read_manifest
+from selector.tools.request_space import request_space
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 BUNDLED = ROOT / "kernels.yaml"
@@ -240,9 +243,52 @@ def test_git_objects_are_read_with_git_show_and_named_by_their_ref(cli, tmp_path
     assert "mha_decode/mha_extend with solution=flashinfer: loses all candidates" in out
 
     code, _, err = cli("diff", "no-such-ref:kernels.yaml", "kernels.yaml")
-    assert code == 2 and re.search(r"^kernelsel diff: no-such-ref:kernels\.yaml: not a file, and git cannot read it", err)
+    assert code == 2 and re.search(r"^kernelsel diff: 'no-such-ref:kernels\.yaml': not a file, and git cannot read it", err)
     code, _, err = cli("diff", "HEAD:missing.yaml", "kernels.yaml")
     assert code == 2 and "missing.yaml" in err and "Traceback" not in err
+
+
+def _repo(tmp_path: pathlib.Path, files: dict[str, bytes]) -> pathlib.Path:
+    """A git repository with one commit holding ``files``."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=kernelsel", "-c", "user.email=kernelsel@example.invalid", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    for name, data in files.items():
+        (repo / name).write_bytes(data)
+    subprocess.run(git + ["add", *files], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "base"], cwd=repo, check=True)
+    return repo
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+@pytest.mark.parametrize("ref", ["--output={out}", "--output={out}:x", "-o{out}:x", "--textconv", "-p"])
+def test_a_ref_is_never_an_option_to_git(cli, tmp_path, monkeypatch, ref):
+    """``git show --output=FILE`` writes a file: a ref that starts with '-' is refused and nothing is written."""
+    repo = _repo(tmp_path, {"kernels.yaml": BUNDLED.read_bytes()})
+    monkeypatch.chdir(repo)
+    out = tmp_path / "written"
+    code, _, err = cli("diff", "--", ref.format(out=out), "kernels.yaml")
+    assert code == 2 and ("starts with '-'" in err or "no such file" in err), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not list(tmp_path.glob("written*")), "git was handed the ref as an option"
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_a_git_blob_that_is_not_utf8_is_a_located_error(cli, tmp_path, monkeypatch):
+    repo = _repo(tmp_path, {"k.yaml": b"schema_version: 1\nx: \"\xe9\"\n"})
+    monkeypatch.chdir(repo)
+    code, _, err = cli("diff", "HEAD:k.yaml", "k.yaml")
+    assert code == 2 and err == ("kernelsel diff: BASE: HEAD:k.yaml:2:5: not UTF-8: byte 0xe9 cannot be decoded "
+                                 "(invalid continuation byte); save the file as UTF-8\n")
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_an_overlay_from_git_with_a_path_base_is_refused_not_mixed_with_the_working_tree(cli, tmp_path, monkeypatch):
+    repo = _repo(tmp_path, {"kernels.yaml": BUNDLED.read_bytes(), "ov.yaml": b"base: kernels.yaml\ndisable: [triton-mha-decode]\n"})
+    monkeypatch.chdir(repo)
+    code, _, err = cli("diff", "HEAD:ov.yaml", "kernels.yaml")
+    assert code == 2 and err.startswith("kernelsel diff: 'HEAD:ov.yaml': an overlay read from git can only have base: bundled")
 
 
 def test_a_path_on_disk_wins_over_a_git_object(tmp_path, monkeypatch, base):
@@ -255,7 +301,7 @@ def test_a_path_on_disk_wins_over_a_git_object(tmp_path, monkeypatch, base):
 
 def test_bad_arguments_exit_2_with_a_message(cli, base):
     code, _, err = cli("diff", "nowhere.yaml", base)
-    assert code == 2 and err.startswith("kernelsel diff: nowhere.yaml: no such file")
+    assert code == 2 and err.startswith("kernelsel diff: 'nowhere.yaml': no such file")
     code, _, err = cli("diff", base, base, "--json", "--markdown")
     assert code == 2 and "not both" in err
 
@@ -374,3 +420,112 @@ def test_the_enumeration_reaches_every_outcome_with_equals_across_field_groups(t
         if any(eligible):
             swept.add(eligible)
     assert len(swept) > 2 and swept <= reached, sorted(swept - reached)
+
+
+# ------------------------------------------------------------- fuzzing git refs
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+REF_PARTS = st.sampled_from(["-", "--", "--output=", "-o", "--textconv", "--ext-diff", "HEAD", "HEAD~1", "main", "@{-1}",
+                             ":", "::", "kernels.yaml", "ov.yaml", "bin.yaml", "../", "/etc/passwd", " ", "\u00e9", "^{tree}",
+                             "x:y", "\\", "*", "?", "$(touch pwned)", ";touch pwned", "`touch pwned`", "pwned"])
+REFS = st.lists(REF_PARTS | st.text(max_size=4).filter(lambda t: "\x00" not in t), min_size=1, max_size=5).map("".join)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+@settings(max_examples=int(os.environ.get("KERNELSEL_PROPERTY_EXAMPLES", 80)), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=REFS)
+def test_any_ref_reads_a_manifest_or_fails_cleanly_and_writes_nothing(tmp_path_factory, spec):
+    from registry.errors import KernelselError
+
+    root = tmp_path_factory.mktemp("refs")
+    repo = _repo(root, {"kernels.yaml": BUNDLED.read_bytes(), "ov.yaml": b"base: kernels.yaml\n",
+                        "bin.yaml": b"schema_version: 1\nx: \"\xff\"\n"})
+    before = sorted(p.relative_to(root) for p in root.rglob("*") if ".git" not in p.parts)
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        read_manifest(spec)
+    except KernelselError as exc:
+        assert "Traceback" not in str(exc)
+    finally:
+        os.chdir(cwd)
+    after = sorted(p.relative_to(root) for p in root.rglob("*") if ".git" not in p.parts)
+    assert after == before, f"{spec!r} made git write {set(after) - set(before)}"
+
+
+# ------------------------------------------------------------- bounded work
+
+def random_kernels(n: int, seed: int) -> list[dict]:
+    """``n`` mha_decode kernels, each constraining many fields independently (the case that blew up)."""
+    import random
+
+    rng = random.Random(seed)
+    archs = [a.value for a in sorted(Arch)]
+    dtypes = [d.value for d in DType if d is not DType.FP32]
+    backends = {k["solution"]: k["backend"] for k in bundled_data()["kernels"] if k["op"] == Op.MHA_DECODE.value}
+    solutions = [s for s in backends if s != Solution.REFERENCE.value]
+    out = []
+    for i in range(n):
+        lo = rng.randrange(len(archs))
+        solution = rng.choice(solutions)
+        kernel = {
+            "name": f"k{i:03d}", "solution": solution, "backend": backends[solution],
+            "arch": {"min": archs[lo], "max": archs[rng.randrange(lo, len(archs))]},
+            "dtypes": {"q_dtype": rng.sample(dtypes[:2], rng.randint(1, 2)), "kv_dtype": rng.sample(dtypes, rng.randint(1, 4))},
+            "shapes": {"head_dim_qk": sorted(rng.sample([64, 96, 128, 192, 256], rng.randint(1, 4))),
+                       "page_size": {"min": rng.choice([1, 8, 16]), "max": rng.choice([64, 128, 256])},
+                       "num_qo_heads": {"max": rng.choice([64, 128, 256])}, "q_len": {"max": rng.choice([1, 2, 4, 8])}},
+            "features": {f: rng.random() < 0.5 for f in ("sinks", "sliding_window", "logits_soft_cap", "return_lse")},
+            "priority": rng.randint(4, 15),
+        }
+        if rng.random() < 0.3:
+            kernel["exclude"] = [{"when": {"kv_dtype": rng.choice(dtypes[2:]), "head_dim_qk": 128},
+                                  "reason": "random", "ref": "tests/selector/tools/test_diff.py"}]
+        out.append(kernel)
+    return out
+
+
+def test_the_bundled_manifest_is_enumerated_completely_within_the_bound():
+    """The bound on partial request classes never cuts a real manifest short (it needs a quarter of it)."""
+    from selector.tools import diff
+    from selector.tools.request_space import enumerate_requests
+
+    m = load_manifest(BUNDLED)
+    for op in Op:
+        space = enumerate_requests(op, m, m, max_states=diff.MAX_STATES // 4)
+        assert space.complete and len(space.probes) == len(request_space(op, m, m)), op
+
+
+def test_a_diff_of_100_changed_kernels_is_bounded_and_what_it_names_is_real(tmp_path):
+    """24 random kernels took 250 s and 480 MB, 32 did not finish in 600 s: the request classes grow
+    exponentially.  Now the work is bounded (under 5 s of CPU for 100 changed kernels) and the report says
+    where; every loss and change it names is one the solver confirms."""
+    import random
+
+    kernels = random_kernels(100, seed=5)
+    rng = random.Random(6)
+    changed = copy.deepcopy(kernels)
+    for k in changed:  # every kernel changes: a priority step and one head dim in or out
+        k["priority"] = max(4, min(15, k["priority"] + rng.choice([-1, 1])))
+        k["shapes"]["head_dim_qk"] = sorted(set(k["shapes"]["head_dim_qk"]) ^ {rng.choice([64, 96, 128, 192, 256])}) or [128]
+    base, head = write(tmp_path, "base.yaml", synthetic(kernels)), write(tmp_path, "head.yaml", synthetic(changed))
+    probe = ("import json, sys, time\nfrom registry.loader import load_manifest\nfrom selector.tools.diff import diff_manifests\n"
+             "b, h = load_manifest(sys.argv[1]), load_manifest(sys.argv[2])\nt = time.process_time()\n"
+             "report = diff_manifests(b, h)\nprint(json.dumps({'cpu': time.process_time() - t, **report.to_dict()}))")
+    out = subprocess.run([sys.executable, "-c", probe, str(base), str(head)], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads(out.stdout)
+    assert data["cpu"] < 5.0, f"{data['cpu']:.1f} s of CPU"
+    assert data["limits"] and all(line.startswith("mha_decode: ") for line in data["limits"])
+    assert data["changed"] and data["lost"], "100 changed kernels change and lose some requests"
+    m_base, m_head = load_manifest(base), load_manifest(head)
+    for finding in data["lost"] + data["changed"]:
+        for example in finding["examples"]:
+            request = KernelRequest(**example["request"])
+            old = solve(m_base, Platform.hypothetical(request.arch), request).name or None
+            new = solve(m_head, Platform.hypothetical(request.arch), request).name or None
+            assert (old, new) == (example["before"], example["after"]) and old != new, example

@@ -13,7 +13,7 @@ from importlib import metadata
 import pytest
 
 import selector.tools.doctor as doctor
-from registry.vocab import Arch
+from registry.vocab import Arch, Op
 from selector.availability import adapter_class
 from selector.platform import GPU_SOURCES, NVIDIA_SMI, TORCH, Gpu
 
@@ -124,6 +124,19 @@ def test_overrides_in_effect_are_shown_and_applied(no_gpu, manifest, tmp_path):
     assert "disabled by KERNELSEL_DISABLE" in _kernels(report)[victim]["reasons"]
     assert any(n.startswith("forced by KERNELSEL_FORCE_") for n in _kernels(report)[manifest.kernels[1].name]["notes"])
     assert re.search(r"^perf       off \(KERNELSEL_PERF=off: eligible kernels rank by priority\)$", doctor.render(report), re.M)
+
+
+@pytest.mark.parametrize("variable, value, problem", [
+    ("KERNELSEL_DISABLE", "nope", r"KERNELSEL_DISABLE: no kernel named 'nope'"),
+    ("KERNELSEL_FORCE_MHA_DECODE", "nope", r"KERNELSEL_FORCE_MHA_DECODE=nope: no kernel named 'nope'; kernels for mha_decode: "),
+    ("KERNELSEL_FORCE_MHA_DECODE", "{mla}", r"KERNELSEL_FORCE_MHA_DECODE=\S+: kernel '\S+' implements mla_decode, not mha_decode"),
+])
+def test_an_override_the_manifest_cannot_meet_exits_1(cli, no_gpu, monkeypatch, manifest, variable, value, problem):
+    """Every selection (of the op) fails with these set: doctor must not say all is well."""
+    monkeypatch.setenv(variable, value.format(mla=manifest.by_op[Op.MLA_DECODE][0].name))
+    code, out, _ = cli("doctor", "--arch", "sm_90")
+    assert code == 1
+    assert re.search(rf"^overrides  invalid: {problem}", out, re.M), out
 
 
 def test_manifest_from_the_environment_and_a_broken_one(cli, no_gpu, monkeypatch, tmp_path):
