@@ -60,6 +60,14 @@ def test_without_a_measured_ceiling_there_is_no_ceiling_line(tmp_path):
     assert not [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_label() == "_ceiling"]
 
 
+def test_a_copy_figure_below_what_kernels_reached_is_not_drawn_as_a_ceiling(tmp_path):
+    """Kernels reach 3.0 TB/s here; a 2.7 TB/s copy (the copy engines) would be a false ceiling: said, not drawn."""
+    fig = plot.plot(results(copy_tbps=2.7), tmp_path / "p.png")
+    assert not [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_label() == "_ceiling"]
+    note = fig.get_suptitle()
+    assert "not drawn as a ceiling" in note and "2.70" in note
+
+
 def test_cli_plots_an_existing_results_file_without_a_gpu(tmp_path, capsys):
     src, out = tmp_path / "results.json", tmp_path / "docs" / "plot.png"
     src.write_text(json.dumps(results()))
@@ -105,3 +113,16 @@ def test_a_cpu_bench_run_draws_its_own_plot(tmp_path, capsys):
     assert png.stat().st_size > 10_000 and data["meta"]["copy_tbps"] > 0
     # the reference kernel is timed when named but never selected automatically: nothing is ringed
     assert all("selected" not in c or c["selected"] != "torch-mha-decode" for c in data["cases"])
+
+
+def test_points_of_different_shapes_are_not_joined(tmp_path):
+    """Two models' heads in one panel (a held-out suite): one line per shape, one legend entry per kernel."""
+    data = results()
+    for c in data["cases"]:
+        if c["op"] == "mha_decode" and c["batch"] == 1 and c["kv_len"] == 4096:
+            c["fields"] = {**c["fields"], "num_qo_heads": 64, "num_kv_heads": 8}
+    fig = plot.plot(data, tmp_path / "p.png")
+    panel = next(ax for ax in fig.axes if ax.get_title().startswith("mha_decode") and "batch 1" in ax.get_title())
+    kernel_a = [ln for ln in panel.get_lines() if ln.get_label() in ("kernel-a", "_kernel-a")]
+    assert sorted(len(ln.get_xdata()) for ln in kernel_a) == [1, 2]
+    assert [ln.get_label() for ln in kernel_a].count("kernel-a") == 1
