@@ -10,6 +10,7 @@ stderr, ``kernelsel COMMAND: --flag: message``, never a traceback or click's usa
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -659,13 +660,18 @@ def verify_model(archs: str, device: str, dtype_: Optional[str], solution: Optio
         raise Failure("--device cuda: torch sees no CUDA device here; use --device cpu", EXIT_USAGE)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(dtype_) if dtype_ else None
     lengths = tuple(_list(prompt_lengths, "--prompt-lengths", int)) if prompt_lengths else None
+    def write(report: dict) -> None:  # after every run: a run stopped by a time limit keeps what it checked
+        if out:
+            tmp = f"{out}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2, default=str)
+            os.replace(tmp, out)
+
     report = mc.verify_models(names, device=device, dtype=dtype, solution=solution, size=size,
                               page_sizes=tuple(_list(page_sizes, "--page-size", int)), each_kernel=each_kernel,
                               new_tokens=new_tokens, prompt_lengths=lengths, continuous_batching=not no_generate_batch,
-                              log=lambda msg: click.echo(msg, err=True))
-    if out:
-        with open(out, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, default=str)
+                              log=lambda msg: click.echo(msg, err=True), on_result=write)
+    write(report)
     if as_json:
         _echo_json(report)
     else:

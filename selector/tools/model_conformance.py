@@ -351,12 +351,15 @@ def verify(model32: Any, name: str, *, dtype: Any, backend: Any, new_tokens: int
 def verify_models(archs: Any = ARCHITECTURES, *, device: str = "cpu", dtype: Any = None, solution: Optional[str] = None,
                   size: str = "tiny", page_sizes: tuple[int, ...] = (16,), each_kernel: bool = False,
                   new_tokens: int = 6, prompt_lengths: Optional[tuple[int, ...]] = None,
-                  continuous_batching: bool = True, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+                  continuous_batching: bool = True, log: Optional[Callable[[str], None]] = None,
+                  on_result: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
     """The conformance report of ``kernelsel verify-model``: per architecture and page size, the backend with
     the kernels kernelsel selects, then (``each_kernel``) with each eligible kernel of each op forced in turn.
     The page size is both the dense backend's and transformers' continuous-batching block size.
 
     ``device="cpu"`` defaults to float32 and the torch reference; ``"cuda"`` to bf16 and the best kernels.
+    ``on_result`` gets the report so far (``complete: False``) after every run, so a long run that is
+    stopped keeps what it checked.
     """
     import torch
     import transformers
@@ -406,13 +409,25 @@ def verify_models(archs: Any = ARCHITECTURES, *, device: str = "cpu", dtype: Any
                 if skipped and forced is None and "prompt_logits" in report:
                     report["generate_batch"] = {"skipped": skipped, "ok": True}
                 results.append({"arch": arch, "page_size": page, "forced": forced, **report})
+                say(f"verify-model: {'pass' if report.get('passed') else 'FAIL'} {label}")
+                if on_result is not None:
+                    on_result(_report(results, device, dtype, size, lengths, complete=False))
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
+    return _report(results, device, dtype, size, lengths, complete=True)
+
+
+def _report(results: list[dict[str, Any]], device: str, dtype: Any, size: str, lengths: tuple[int, ...], *,
+            complete: bool) -> dict[str, Any]:
+    import torch
+    import transformers
+
     gpu = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else None
     return {"transformers": transformers.__version__, "torch": torch.__version__, "device": device, "gpu": gpu,
             "dtype": str(dtype).removeprefix("torch."), "size": size, "prompt_lengths": list(lengths),
-            "results": results, "passed": sum(r["passed"] for r in results), "failed": sum(not r["passed"] for r in results)}
+            "complete": complete, "results": list(results), "passed": sum(r["passed"] for r in results),
+            "failed": sum(not r["passed"] for r in results)}
 
 
 def render_report(report: dict[str, Any]) -> str:

@@ -103,6 +103,31 @@ def test_cli_verify_model_cpu_report(cli):
     assert run["passed"] and run["kernels"]["mha_decode"] == {"torch-mha-decode": 2 * 5 * 2}
 
 
+def test_cli_verify_model_writes_out_after_every_run(cli, tmp_path, monkeypatch):
+    """A long GPU run stopped by a time limit keeps what it checked: --out holds the report after each run."""
+    from selector.tools import model_conformance as mc
+
+    seen = []
+    real = mc.verify_models
+
+    def spy(*args, on_result=None, **kwargs):
+        def record(report):
+            seen.append(json.loads((tmp_path / "r.json").read_text()) if (tmp_path / "r.json").exists() else None)
+            on_result(report)
+            seen.append(json.loads((tmp_path / "r.json").read_text()))
+        return real(*args, on_result=record, **kwargs)
+
+    monkeypatch.setattr(mc, "verify_models", spy)
+    code, out, err = cli("verify-model", "--arch", "mistral", "--no-generate-batch", "--page-size", "16,8",
+                         "--out", str(tmp_path / "r.json"))
+    assert code == 0, err
+    assert [None if r is None else (r["complete"], len(r["results"])) for r in seen] == [
+        None, (False, 1), (False, 1), (False, 2)]
+    final = json.loads((tmp_path / "r.json").read_text())
+    assert final["complete"] and [r["page_size"] for r in final["results"]] == [16, 8] and final["passed"] == 2
+    assert "verify-model: pass mistral page_size=8 selected" in err
+
+
 def test_importing_the_integration_imports_neither_torch_nor_transformers():
     probe = ("import sys, selector.integrations.transformers\n"
              "print(','.join(m for m in ('torch', 'transformers', 'triton') if m in sys.modules))")
