@@ -14,7 +14,7 @@ of the bucket's kernels, and compares with what was measured there:
 Three data sets: ``table`` (leave-one-out within the perf table), ``regret_run``
 (within the times of a regret report, ``--regret``: every eligible kernel
 measured in one run), and ``table_to_run`` (fit to the table minus the bucket,
-score against the regret run's times of that bucket: the table and the
+score against the regret run's times of that bucket, for the table's buckets the run measured: the table and the
 measurements from different device sessions, as in real use).  ``--ablations``
 repeats all of it for simpler designs (the cost model without the local
 correction, each kernel's correction around its own cost model, interpolation
@@ -66,12 +66,15 @@ def _priority_pick(manifest: Any, platform: Platform, request: KernelRequest, ke
     return eligible[0] if eligible else min(kernels)
 
 
-def leave_one_out(train: PerfTable, truth: Sequence[dict[str, float]], manifest: Any,
+def leave_one_out(train: PerfTable, truth: Sequence[Optional[dict[str, float]]], manifest: Any,
                   design: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Score predictions of each bucket of ``train`` (fitted without it) against ``truth[i]`` (kernel -> us)."""
+    """Score predictions of each bucket of ``train`` (fitted without it) against ``truth[i]`` (kernel -> us;
+    ``None``: a bucket that only trains, not scored)."""
     platform = Platform.hypothetical(train.arch.value)
     rows = []
     for i, entry in enumerate(train.entries):
+        if truth[i] is None:
+            continue
         rest = PerfTable(gpu=train.gpu, arch=train.arch, entries=train.entries[:i] + train.entries[i + 1:])
         model = prediction.PerfModel(rest, **(design or {}))
         request = _request(entry, train.arch)
@@ -149,8 +152,8 @@ def run(table_path: Path, regret_path: Optional[Path], suite: Path, ablations: b
         run_table, run_truth = regret_run_table(regret_path, suite, table.arch)
         by_key = {e.key: t for e, t in zip(run_table.entries, run_truth)}
         sets["regret_run"] = lambda d: leave_one_out(run_table, run_truth, manifest, d)
-        if all(e.key in by_key for e in table.entries):
-            sets["table_to_run"] = lambda d: leave_one_out(table, [by_key[e.key] for e in table.entries], manifest, d)
+        if any(e.key in by_key for e in table.entries):  # the run's buckets, each predicted from the rest of the table
+            sets["table_to_run"] = lambda d: leave_one_out(table, [by_key.get(e.key) for e in table.entries], manifest, d)
     designs = DESIGNS if ablations else {k: v for k, v in list(DESIGNS.items())[:1]}
     result: dict[str, Any] = {
         "meta": {"table": str(table_path.relative_to(ROOT) if table_path.is_relative_to(ROOT) else table_path),
