@@ -61,12 +61,15 @@ def reasons(
     for exclusion in kernel.exclude:
         if exclusion.matches(request):
             out.append(f"excluded: {exclusion.reason} ({exclusion.ref})")
-    missing = library_reason(kernel, manifest, platform)
-    if missing:
-        out.append(missing)
-    if kernel.name in unavailable:
-        out.append(unavailable[kernel.name])
+    out.extend(_availability_reasons(kernel, manifest, platform, unavailable))
     return tuple(out)
+
+
+def _availability_reasons(kernel: KernelSpec, manifest: Manifest, platform: Platform,
+                          unavailable: Mapping[str, str]) -> list[str]:
+    """A required distribution not installed; the adapter failed to import or build (recorded earlier)."""
+    missing = library_reason(kernel, manifest, platform)
+    return ([missing] if missing else []) + ([unavailable[kernel.name]] if kernel.name in unavailable else [])
 
 
 def restriction_reasons(kernel: KernelSpec, request: KernelRequest, *, forced: bool = False) -> list[str]:
@@ -101,11 +104,7 @@ def platform_reasons(
         problem = kernel.arch.check("arch", platform.arch)
         if problem:
             out.append(problem)
-    missing = library_reason(kernel, manifest, platform)
-    if missing:
-        out.append(missing)
-    if kernel.name in unavailable:
-        out.append(unavailable[kernel.name])
+    out.extend(_availability_reasons(kernel, manifest, platform, unavailable))
     return tuple(out)
 
 
