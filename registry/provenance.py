@@ -99,12 +99,15 @@ def _list(items: tuple[str, ...], most: int = 3) -> str:
 
 
 _SOURCE = re.compile(r"^(?P<src>[\w.\-]+/[\w.\-/]+?(?:#\d+|\.\w+))(?::[\d,\- ]+)?")
+_REPO_FILE = re.compile(r"^(?P<src>[\w.\-]+/[\w.\-]+ [\w.\-/]+\.\w+)(?::[\d,\- ]+)?(?:\s|$)")
 
 
 def source_of(ref: str) -> str:
     """The document a ref points at: ``flashinfer/decode.py:4205 trtllm_...`` -> ``flashinfer/decode.py``,
-    ``NVIDIA/TensorRT-LLM#12606 (...)`` -> ``NVIDIA/TensorRT-LLM#12606``; else the ref's first words."""
-    m = _SOURCE.match(ref.strip())
+    ``NVIDIA/TensorRT-LLM#12606 (...)`` -> ``NVIDIA/TensorRT-LLM#12606``, ``owner/repo path/file.py NAME`` ->
+    ``owner/repo path/file.py``; else the ref's first words."""
+    ref = ref.strip()
+    m = _REPO_FILE.match(ref) or _SOURCE.match(ref)
     if m:
         return m.group("src")
     return " ".join(ref.split()[:4])

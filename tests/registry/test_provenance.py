@@ -81,6 +81,9 @@ def test_an_unreadable_results_file_is_skipped_not_fatal(tmp_path):
          "flashinfer/data/include/flashinfer/trtllm/fmha/fmhaKernels.cuh"),
         ("NVIDIA/TensorRT-LLM#12606 (MLA generation on trtllm-gen)", "NVIDIA/TensorRT-LLM#12606"),
         ("registry/contracts.py (the semantics it defines)", "registry/contracts.py"),
+        ("NVIDIA/TensorRT-LLM tensorrt_llm/_torch/attention_backend/fmha/flashinfer_trtllm_gen.py "
+         "SUPPORTED_DTYPE_COMBOS_GENERATION: (q, KV) = (e4m3, e4m3)",
+         "NVIDIA/TensorRT-LLM tensorrt_llm/_torch/attention_backend/fmha/flashinfer_trtllm_gen.py"),
     ],
 )
 def test_source_of_a_ref_is_the_document_it_points_at(ref, source):
