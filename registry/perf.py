@@ -45,11 +45,17 @@ T = TypeVar("T")
 
 
 def bucket(n: Optional[int]) -> Optional[int]:
-    """The power-of-two bucket of a batch size or KV length (next power of two, at least 1)."""
+    """The power-of-two bucket of a batch size or KV length (next power of two, at least 1).
+
+    A bucket is its own bucket, the same int object: a request built from
+    another's values (the selector's completed request) shares its numbers.
+    """
     if n is None:
         return None
     n = int(n)
-    return 1 << (n - 1).bit_length() if n > 1 else 1
+    if n <= 1:
+        return 1
+    return n if n & (n - 1) == 0 else 1 << (n - 1).bit_length()
 
 
 def _number(value: Any) -> Any:

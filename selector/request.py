@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from registry.contracts import output_dtype
 from registry.errors import RequestError, brief
@@ -67,9 +67,6 @@ class KernelRequest(BaseModel):
     solution: Optional[Solution] = Field(default=None, description="restrict to one solution")
     backend: Optional[Backend] = Field(default=None, description="restrict to one backend")
     kernel: Optional[str] = Field(default=None, description="force one kernel by name")
-
-    _key: tuple = PrivateAttr(default=())  # every field's value, defaults filled: what equality compares
-    _hash: int = PrivateAttr(default=0)
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -137,11 +134,7 @@ class KernelRequest(BaseModel):
             if getattr(self, field) and field not in features:
                 raise ValueError(f"{field} means nothing for op {self.op.value}")
         self._new_tokens()
-        # keyed and hashed once the defaults are in: equal requests (kv_dtype given or defaulted) are equal
-        key = tuple(getattr(self, f) for f in type(self).model_fields)
         self._share_given_set()
-        object.__setattr__(self, "_key", key)
-        object.__setattr__(self, "_hash", hash(key))
         return self
 
     def _new_tokens(self) -> None:
@@ -173,6 +166,28 @@ class KernelRequest(BaseModel):
             shared = _GIVEN_SETS.setdefault(frozenset(given), set(given))
         if shared is not None:
             object.__setattr__(self, "__pydantic_fields_set__", shared)
+
+    def __getattr__(self, name: str) -> Any:
+        """``_key`` (every field's value, defaults filled: what equality compares) and ``_hash``, made on first use.
+
+        Kept in the instance once made, so a hash or a comparison reads them
+        as plain attributes (this method runs only while they are missing).
+        Made on first use, not when built: a request the selector completes
+        for a selection (the detected arch filled in) is read but never
+        hashed, and a cached entry then keeps no key for it (~300 bytes).
+        """
+        if name == "_key" or name == "_hash":
+            key = tuple(self.__dict__[f] for f in _FIELD_NAMES)  # the defaults are in: kv_dtype given or not, equal
+            object.__setattr__(self, "_key", key)
+            object.__setattr__(self, "_hash", hash(key))
+            return self.__dict__[name]
+        return super().__getattr__(name)
+
+    def __getstate__(self) -> dict[Any, Any]:
+        """Pickled without ``_key`` and ``_hash``: an enum's hash differs between processes, so they are made again."""
+        state = super().__getstate__()
+        state["__dict__"] = {k: v for k, v in state["__dict__"].items() if k != "_key" and k != "_hash"}
+        return state
 
     def __hash__(self) -> int:  # cached: a cache hit must cost about a dict lookup
         return self._hash
@@ -218,6 +233,9 @@ class KernelRequest(BaseModel):
     def describe(self) -> str:
         """``op=mla_decode arch=sm_120 q_dtype=bf16 ...`` (what explain prints)."""
         return " ".join(f"{k}={'true' if v is True else v}" for k, v in self.given().items())
+
+
+_FIELD_NAMES: tuple[str, ...] = tuple(KernelRequest.model_fields)
 
 
 def _request_problems(exc: ValidationError) -> list[str]:

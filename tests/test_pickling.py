@@ -5,7 +5,10 @@ Each comes back equal, with its message, its problems and what it remembers abou
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -41,6 +44,21 @@ def test_requests_come_back_equal_with_the_same_hash(op, arch, q, batch):
     request = KernelRequest(op=op, arch=arch, q_dtype=q, batch_size=batch)
     back = roundtrip(request)
     assert back == request and hash(back) == hash(request)
+
+
+def test_a_request_pickled_in_one_process_hashes_as_the_next_process_does():
+    """A str enum's hash depends on the process's hash seed: a request that carried its hash over would equal the
+    same request made there but miss it in every dict (a cache, a process group's agreed selections)."""
+    request = "KernelRequest(op='mla_decode', arch='sm_90', kv_dtype='fp8_e4m3', batch_size=8)"
+    dump = f"import pickle, sys\nfrom selector import KernelRequest\nr = {request}\nhash(r)\nsys.stdout.buffer.write(pickle.dumps(r))"
+    load = (f"import pickle, sys\nfrom selector import KernelRequest\nback, here = pickle.loads(sys.stdin.buffer.read()), {request}\n"
+            "print(back == here, hash(back) == hash(here), {here: 'hit'}.get(back))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
+    pickled = subprocess.run([sys.executable, "-c", dump], capture_output=True, check=True,
+                             env={**env, "PYTHONHASHSEED": "1"}).stdout
+    out = subprocess.run([sys.executable, "-c", load], input=pickled, capture_output=True, check=True,
+                         env={**env, "PYTHONHASHSEED": "2"}).stdout.decode().split()
+    assert out == ["True", "True", "hit"]
 
 
 def test_manifests_tables_platforms_and_overrides_keep_where_they_came_from():

@@ -5,7 +5,7 @@
 * ``select_kernel(op=..., ...)`` keys its raw arguments (``batch_size``/``kv_len`` bucketed): a hit builds no
   request, a growing KV length keeps hitting, and anything it cannot key safely raises what it always raised.
 * A cached selection is small whatever the manifest's size: under 3 KB per entry -- request, selection and key
-  -- on a 1000-kernel op (a size bound measured with tracemalloc, not a timing).
+  -- on a 1000-kernel op, with the arch given or detected (a size bound measured with tracemalloc, not a timing).
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import selector
 import selector.api as api
 from registry.errors import RequestError
 from registry.loader import load_manifest
+from registry.vocab import Arch
 from selector import KernelRequest, Platform, Selector, select_kernel
-from selector.overrides import ENV_ADAPTER_ALLOWLIST, ENV_CACHE_SIZE, ENV_MANIFEST
+from selector.overrides import ENV_ADAPTER_ALLOWLIST, ENV_CACHE_SIZE, ENV_MANIFEST, ENV_PERF
+from selector.platform import GPU_SOURCES, TORCH, Gpu
 
 DECODE = dict(op="mha_decode", arch="sm_90", q_dtype="bf16", head_dim_qk=128)
 
@@ -192,21 +194,38 @@ def _bytes_per_entry(fill) -> float:
         tracemalloc.stop()
 
 
-def test_a_cached_selection_takes_under_3_kb_on_a_1000_kernel_op(tmp_path):
+NO_ARCH = {k: v for k, v in MLA.items() if k != "arch"}
+H200 = Gpu("NVIDIA H200", "9.0", Arch("sm_90"), "570.86.15")
+
+
+@pytest.mark.parametrize("arch_given", [True, False], ids=["arch given", "arch detected"])
+def test_a_cached_selection_takes_under_3_kb_on_a_1000_kernel_op(tmp_path, arch_given):
+    """Arch detected (an engine's usual request): the entry keeps the caller's request as its key and the selection
+    the completed one, with the arch."""
+    fields = MLA if arch_given else NO_ARCH
     manifest = load_manifest(_big_manifest(tmp_path))
     sel = Selector(manifest, Platform.hypothetical("sm_90"), cache_size=len(BUCKETS) + 1)
-    assert len(sel.solve(KernelRequest(**MLA)).eligible) > 300  # compiled, and a large eligible set
-    per_entry = _bytes_per_entry(lambda: [sel.solve(KernelRequest(**MLA, batch_size=b, kv_len=k)) for b, k in BUCKETS])
+    first = sel.solve(KernelRequest(**fields))
+    assert len(first.eligible) > 300 and first.request.arch == "sm_90"  # compiled, a large eligible set, completed
+    per_entry = _bytes_per_entry(lambda: [sel.solve(KernelRequest(**fields, batch_size=b, kv_len=k)) for b, k in BUCKETS])
     assert len(sel._cache) == len(BUCKETS) + 1
+    assert all(s.request.arch == "sm_90" for s in sel._cache.values())
     assert per_entry <= 3 * 1024, per_entry
 
 
-def test_a_keyword_cache_entry_takes_under_3_kb_on_a_1000_kernel_op(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch_given", [True, False], ids=["arch given", "arch detected"])
+def test_a_keyword_cache_entry_takes_under_3_kb_on_a_1000_kernel_op(tmp_path, monkeypatch, arch_given):
+    """The keyword form keeps its key, the request built from it and the selection (arch detected: also the
+    completed request)."""
+    fields = MLA if arch_given else NO_ARCH
     monkeypatch.setenv(ENV_MANIFEST, str(_big_manifest(tmp_path)))
     monkeypatch.setenv(ENV_CACHE_SIZE, str(2 * len(BUCKETS)))
+    monkeypatch.setenv(ENV_PERF, "off")  # no committed table for a GPU that is not there
     monkeypatch.delenv(ENV_ADAPTER_ALLOWLIST, raising=False)
+    monkeypatch.setitem(GPU_SOURCES, TORCH, lambda: ((H200,), ""))  # as if torch saw an H200
     selector.reset()
-    assert len(select_kernel(**MLA).eligible) > 300
-    per_entry = _bytes_per_entry(lambda: [select_kernel(**MLA, batch_size=b, kv_len=k) for b, k in BUCKETS])
+    first = select_kernel(**fields)
+    assert len(first.eligible) > 300 and first.request.arch == "sm_90"
+    per_entry = _bytes_per_entry(lambda: [select_kernel(**fields, batch_size=b, kv_len=k) for b, k in BUCKETS])
     assert len(selector.default_selector()._by_fields) == len(BUCKETS) + 1
     assert per_entry <= 3 * 1024, per_entry
