@@ -66,14 +66,14 @@ class Selection:
     are a bitmask over the op's compiled kernels (``selector.compiled``), and
     ``eligible``, ``verdicts`` and ``rejected`` are built from it when read --
     the verdicts by ``reasons()``, the one function that words eligibility --
-    and not kept.
+    and not kept; so is ``why``, unless the maker gave its own (a process
+    group's).
     """
 
     request: "KernelRequest"
     platform: "Platform"
     manifest: "Manifest"
     kernel: Optional[KernelSpec]
-    why: str
     forced_by: Optional[str] = None
     overrides: tuple[str, ...] = ()
     estimates: Estimates = NO_ESTIMATES  # measured and predicted times from the perf table (selector.ranking)
@@ -88,9 +88,10 @@ class Selection:
     _unavailable: Mapping[str, str] = field(default_factory=lambda: _NONE, repr=False)  # kernel -> why unusable
     _adapter: Any = field(default=None, repr=False)  # built on first use
     _fallback: tuple = field(default=(), repr=False)  # ((kernel, reason)..., used kernel) once one failed
+    _why: Optional[str] = field(default=None, repr=False)  # the maker's own sentence; None: worded from the above
 
     def __init__(self, request: "KernelRequest", platform: "Platform", manifest: "Manifest", kernel: Optional[KernelSpec],
-                 why: str, forced_by: Optional[str] = None, overrides: tuple[str, ...] = (),
+                 why: Optional[str] = None, forced_by: Optional[str] = None, overrides: tuple[str, ...] = (),
                  estimates: Estimates = NO_ESTIMATES, group: str = "",
                  unavailable_kernels: Optional[UnavailableKernels] = None, _op: Any = None, _eligible: int = 0,
                  _first: tuple[int, ...] = (), _forced: Optional[str] = None, _unavailable: Mapping[str, str] = _NONE,
@@ -101,7 +102,7 @@ class Selection:
         put(self, "platform", platform)
         put(self, "manifest", manifest)
         put(self, "kernel", kernel)
-        put(self, "why", why)
+        put(self, "_why", why)
         put(self, "forced_by", forced_by)
         put(self, "overrides", overrides)
         put(self, "estimates", estimates)
@@ -148,6 +149,21 @@ class Selection:
     @property
     def name(self) -> str:
         return self.kernel.name if self.kernel else ""
+
+    @property
+    def why(self) -> str:
+        """One sentence on why this kernel (or none) was chosen, worded when read: a cached selection keeps no text."""
+        if self._why is not None:
+            return self._why
+        op = self._op
+        total = len(op.kernels)
+        if self.forced_by is not None:
+            return f"forced by {self.forced_by}" if self.kernel else f"forced by {self.forced_by}, but it is not eligible"
+        if self.kernel is None:
+            return f"no eligible kernel (0 of {total})"
+        _, second = op.leading(self._eligible, self._first)
+        runner_up = op.kernels[second] if second is not None else None
+        return _why_chosen(self.kernel, runner_up, self._eligible.bit_count(), total, self.estimates)
 
     @property
     def measured(self) -> dict[str, float]:
@@ -386,6 +402,33 @@ class Selection:
 
     def __str__(self) -> str:
         return self.explain()
+
+
+def _why_chosen(winner: KernelSpec, runner_up: Optional[KernelSpec], count: int, total: int,
+                estimates: Estimates = NO_ESTIMATES) -> str:
+    """One sentence on why ``winner`` (first of ``count`` eligible; ``runner_up`` second) was chosen."""
+    if runner_up is None:
+        return f"only eligible kernel (1 of {total})"
+    times, source = estimates.times, estimates.source
+    if winner.name in times:
+        how = "measured" if winner.name in estimates.measured else "predicted"
+        if runner_up.name in times:
+            ratio = times[runner_up.name] / times[winner.name]
+            kind = estimates.kind.replace(" and ", " or ")
+            return (
+                f"fastest {kind} of {count} eligible: {times[winner.name]:.1f} us vs "
+                f"{runner_up.name} {times[runner_up.name]:.1f} us ({ratio:.2f}x) [{source}]"
+            )
+        return f"only eligible kernel {how} ({times[winner.name]:.1f} us) [{source}]"
+    if runner_up.priority == winner.priority:
+        return (
+            f"tied at priority {winner.priority} with {runner_up.name}; the name breaks the tie "
+            f"({count} of {total} eligible)"
+        )
+    return (
+        f"highest priority {winner.priority} ({band_name(winner.priority)}) of {count} eligible; "
+        f"next {runner_up.name} at {runner_up.priority} ({band_name(runner_up.priority)})"
+    )
 
 
 def _variant_dict(variant: Optional[VariantChoice]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ finds nothing against it.  A solve does not call it: it reads the op's
 compiled masks (``selector.compiled``), which say the same for every kernel
 at once, in a few integer operations; the selection asks ``reasons()`` for
 the words only when explain, ``to_dict``, ``rejected``, ``verdicts`` or an
-error needs them.  Then the eligible kernels are ranked -- a separate step:
+error needs them, and words ``why`` when it is read.  Then the eligible kernels are ranked -- a separate step:
 by time where the perf table gives them one (measured in the request's
 bucket, else predicted: ``selector.ranking``), else by priority and name (the
 masks' bit order).  ``platform_reasons()`` (what
@@ -21,7 +21,6 @@ from types import MappingProxyType
 from typing import Mapping, Optional
 
 from registry.errors import RequestError
-from registry.priority import band_name
 from registry.perf import PerfTable
 from registry.schema import KernelSpec, Manifest
 from selector.availability import UnavailableKernels
@@ -68,33 +67,6 @@ def rank(op: CompiledOp, eligible: int, request: KernelRequest, perf: Optional[P
     return Ranking(tuple(b for _, b in sorted((us, op.bit[name]) for name, us in times.items())), estimates)
 
 
-def _why(winner: KernelSpec, runner_up: Optional[KernelSpec], count: int, total: int,
-         estimates: Estimates = NO_ESTIMATES) -> str:
-    """One sentence on why ``winner`` (first of ``count`` eligible; ``runner_up`` second) was chosen."""
-    if runner_up is None:
-        return f"only eligible kernel (1 of {total})"
-    times, source = estimates.times, estimates.source
-    if winner.name in times:
-        how = "measured" if winner.name in estimates.measured else "predicted"
-        if runner_up.name in times:
-            ratio = times[runner_up.name] / times[winner.name]
-            kind = estimates.kind.replace(" and ", " or ")
-            return (
-                f"fastest {kind} of {count} eligible: {times[winner.name]:.1f} us vs "
-                f"{runner_up.name} {times[runner_up.name]:.1f} us ({ratio:.2f}x) [{source}]"
-            )
-        return f"only eligible kernel {how} ({times[winner.name]:.1f} us) [{source}]"
-    if runner_up.priority == winner.priority:
-        return (
-            f"tied at priority {winner.priority} with {runner_up.name}; the name breaks the tie "
-            f"({count} of {total} eligible)"
-        )
-    return (
-        f"highest priority {winner.priority} ({band_name(winner.priority)}) of {count} eligible; "
-        f"next {runner_up.name} at {runner_up.priority} ({band_name(runner_up.priority)})"
-    )
-
-
 def solve(
     manifest: Manifest,
     platform: Platform,
@@ -124,7 +96,6 @@ def solve(
         raise RequestError(
             "request.arch: not given and no CUDA device was detected; pass arch='sm_90' (or 9.0, sm90)"
         )
-    kernels = manifest.by_op[request.op]
     if overrides.disable:  # a disabled name the manifest lacks fails every op
         for problem in overrides.problems(manifest):
             if problem.startswith(ENV_DISABLE):
@@ -141,19 +112,14 @@ def solve(
     if forced_name is not None:
         eligible_forced = eligible >> op.bit[forced_name] & 1
         chosen: Optional[KernelSpec] = manifest.by_name[forced_name] if eligible_forced else None
-        why = f"forced by {forced_by}" if chosen else f"forced by {forced_by}, but it is not eligible"
     else:
-        first, second = op.leading(eligible, ranking.first)
+        first, _ = op.leading(eligible, ranking.first)
         chosen = op.kernels[first] if first is not None else None
-        why = (_why(chosen, op.kernels[second] if second is not None else None, eligible.bit_count(), len(kernels),
-                    ranking.estimates)
-               if chosen else f"no eligible kernel (0 of {len(kernels)})")
-    return Selection(
+    return Selection(  # its why is worded when read, from what it keeps
         request=request,
         platform=platform,
         manifest=manifest,
         kernel=chosen,
-        why=why,
         forced_by=forced_by if forced_name is not None else None,
         overrides=op.applied_overrides,
         estimates=ranking.estimates,
