@@ -309,6 +309,11 @@ class CompiledOp:
         head = tuple(kernels[b] for b in first)
         return head + tuple(compress(kernels, map("1".__eq__, bin(rest)[:1:-1])))
 
+    def names(self, mask: int) -> list[str]:
+        """The names of the kernels of ``mask``, in manifest order (what a perf table's estimates are listed in)."""
+        bit = self.bit
+        return [k.name for k in self.in_manifest_order if mask >> bit[k.name] & 1]
+
     @staticmethod
     def leading(mask: int, first: tuple[int, ...] = ()) -> tuple[Optional[int], Optional[int]]:
         """The first two bits of ``ranked(mask, first)`` (None where there are fewer), without listing the rest."""

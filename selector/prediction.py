@@ -87,7 +87,7 @@ def _distance2(a: dict[str, float], b: dict[str, float]) -> float:
     return sum((a[f] - b[f]) ** 2 for f in a.keys() & b.keys())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Prediction:
     """A predicted median time, the number of measured buckets behind it and its model's held-out error."""
 
@@ -302,21 +302,31 @@ class PerfModel:
 
     def predict(self, request: Any, kernels: Sequence[str]) -> tuple[dict[str, Prediction], dict[str, str]]:
         """Predicted times of ``kernels`` for ``request``, and for the others why there is none."""
+        predictions = self.predictions(request, kernels)
+        return predictions, self.no_predictions(request, [k for k in kernels if k not in predictions])
+
+    def predictions(self, request: Any, kernels: Sequence[str]) -> dict[str, Prediction]:
+        """Predicted times of those of ``kernels`` the table has a model of (what ranking needs: no words)."""
         try:
             cost = request_cost(request)
-        except RequestError as exc:
-            return {}, {k: f"no prediction: {exc}" for k in kernels}
+        except RequestError:
+            return {}
+        model, _ = self.group(request.op, request.q_dtype, request.kv_dtype)
+        if model is None:
+            return {}
         position = _position(request)
-        model, counts = self.group(request.op, request.q_dtype, request.kv_dtype)
-        predictions: dict[str, Prediction] = {}
-        missing: dict[str, str] = {}
-        for name in kernels:
-            if model is None or name not in model.fits:
-                n = counts.get(name, 0)
-                missing[name] = (f"no prediction: {n} measured {request.op.value} "
-                                 f"{request.q_dtype.value}/{request.kv_dtype.value} bucket{'' if n == 1 else 's'}, "
-                                 f"a model needs {MIN_BUCKETS}")
-                continue
-            us = model.predict(name, cost, position, self.terms)
-            predictions[name] = Prediction(us, len(model.points[name]), model.errors[name])
-        return predictions, missing
+        fits = model.fits
+        return {name: Prediction(model.predict(name, cost, position, self.terms), len(model.points[name]),
+                                 model.errors[name])
+                for name in kernels if name in fits}
+
+    def no_predictions(self, request: Any, kernels: Sequence[str]) -> dict[str, str]:
+        """Why each of ``kernels`` (ones the table has no model of) has no predicted time for ``request``."""
+        try:
+            request_cost(request)
+        except RequestError as exc:
+            return {k: f"no prediction: {exc}" for k in kernels}
+        _, counts = self.group(request.op, request.q_dtype, request.kv_dtype)
+        group = f"{request.op.value} {request.q_dtype.value}/{request.kv_dtype.value}"
+        return {k: f"no prediction: {n} measured {group} bucket{'' if n == 1 else 's'}, a model needs {MIN_BUCKETS}"
+                for k in kernels for n in (counts.get(k, 0),)}

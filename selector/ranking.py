@@ -18,7 +18,7 @@ from registry.perf import PerfTable
 from selector.prediction import PerfModel, Prediction
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Estimates:
     """Times for the eligible kernels of one request, each measured or predicted, and why others have none."""
 
@@ -39,6 +39,50 @@ class Estimates:
 
 
 NO_ESTIMATES = Estimates()
+PREDICTIONS_OFF = "not measured (predictions off: KERNELSEL_PREDICT=off)"
+
+
+class Estimator:
+    """How one perf table times the eligible kernels of a request: one per table (and predictions on or off).
+
+    A cached selection keeps this shared object, not its estimates: they are
+    worded again when read (``estimate``; measured times are one lookup,
+    predictions deterministic), so an entry's size does not grow with the
+    number of kernels the table cannot time.  Ranking asks only for ``times``.
+    """
+
+    __slots__ = ("table", "predict")
+
+    def __init__(self, table: PerfTable, predict: bool):
+        self.table = table
+        self.predict = predict
+
+    def _measured(self, request: Any, kernels: Sequence[str]) -> dict[str, float]:
+        entry = self.table.lookup(request)
+        return {k: entry.median_us[k] for k in kernels if k in entry.median_us} if entry is not None else {}
+
+    def times(self, request: Any, kernels: Sequence[str]) -> dict[str, float]:
+        """Kernel -> microseconds for those of ``kernels`` with a time: what ranks them (no words)."""
+        measured = self._measured(request, kernels)
+        if not self.predict or len(measured) == len(kernels):
+            return measured
+        predicted = perf_model(self.table).predictions(request, [k for k in kernels if k not in measured])
+        return {**{k: p.us for k, p in predicted.items()}, **measured}
+
+    def estimate(self, request: Any, kernels: Sequence[str]) -> Estimates:
+        """The measured and predicted times of ``kernels`` (eligible for ``request``), and why the others have none."""
+        if not kernels:
+            return NO_ESTIMATES
+        measured = self._measured(request, kernels)
+        rest = [k for k in kernels if k not in measured]
+        if not rest:
+            predicted, missing = {}, {}
+        elif self.predict:
+            predicted, missing = perf_model(self.table).predict(request, rest)
+        else:
+            missing = dict.fromkeys(rest, PREDICTIONS_OFF)
+            predicted = {}
+        return Estimates(f"{self.table.path}, {self.table.gpu}", measured, predicted, missing)
 
 
 def perf_model(table: PerfTable) -> PerfModel:
@@ -46,18 +90,14 @@ def perf_model(table: PerfTable) -> PerfModel:
     return table.derived("prediction", PerfModel)
 
 
+def estimator(perf: Optional[PerfTable], request: Any, *, predict: bool = True) -> Optional[Estimator]:
+    """What times ``request``'s kernels by ``perf`` (one shared object per table), or None: no table of its arch."""
+    if perf is None or perf.arch is not request.arch:
+        return None
+    return perf.derived("estimator" if predict else "estimator, predictions off", lambda t: Estimator(t, predict))
+
+
 def estimate(perf: Optional[PerfTable], request: Any, kernels: Sequence[str], *, predict: bool = True) -> Estimates:
     """The times that rank ``kernels`` (eligible for ``request``) by ``perf``, a table of this arch or None."""
-    if perf is None or perf.arch is not request.arch or not kernels:
-        return NO_ESTIMATES
-    entry = perf.lookup(request)
-    measured = {k: entry.median_us[k] for k in kernels if k in entry.median_us} if entry is not None else {}
-    rest = [k for k in kernels if k not in measured]
-    if not rest:
-        predicted, missing = {}, {}
-    elif predict:
-        predicted, missing = perf_model(perf).predict(request, rest)
-    else:
-        missing = {k: "not measured (predictions off: KERNELSEL_PREDICT=off)" for k in rest}
-        predicted = {}
-    return Estimates(f"{perf.path}, {perf.gpu}", measured, predicted, missing)
+    timer = estimator(perf, request, predict=predict)
+    return timer.estimate(request, kernels) if timer is not None else NO_ESTIMATES

@@ -22,7 +22,7 @@ from registry.variants import LaunchEnv, VariantChoice
 from selector.availability import UnavailableKernels, adapter_class
 from selector.platform import EVERYTHING
 from selector.prediction import Prediction
-from selector.ranking import NO_ESTIMATES, Estimates
+from selector.ranking import NO_ESTIMATES, Estimates, Estimator
 
 if TYPE_CHECKING:
     from registry.schema import Manifest
@@ -76,7 +76,6 @@ class Selection:
     kernel: Optional[KernelSpec]
     forced_by: Optional[str] = None
     overrides: tuple[str, ...] = ()
-    estimates: Estimates = NO_ESTIMATES  # measured and predicted times from the perf table (selector.ranking)
     group: str = ""  # "N ranks of a process group" when the ranks agreed on the kernel (selector.distributed)
     unavailable_kernels: UnavailableKernels = field(default_factory=UnavailableKernels, repr=False)
     """Where adapter failures are recorded: the record of the Selector that made this selection, so its later
@@ -89,13 +88,15 @@ class Selection:
     _adapter: Any = field(default=None, repr=False)  # built on first use
     _fallback: tuple = field(default=(), repr=False)  # ((kernel, reason)..., used kernel) once one failed
     _why: Optional[str] = field(default=None, repr=False)  # the maker's own sentence; None: worded from the above
+    _estimates: Any = field(default=NO_ESTIMATES, repr=False)  # Estimates, or the shared Estimator that words them
+    _timed: Optional[int] = field(default=None, repr=False)  # the mask the Estimator timed; None: _eligible
 
     def __init__(self, request: "KernelRequest", platform: "Platform", manifest: "Manifest", kernel: Optional[KernelSpec],
                  why: Optional[str] = None, forced_by: Optional[str] = None, overrides: tuple[str, ...] = (),
-                 estimates: Estimates = NO_ESTIMATES, group: str = "",
+                 estimates: "Estimates | Estimator" = NO_ESTIMATES, group: str = "",
                  unavailable_kernels: Optional[UnavailableKernels] = None, _op: Any = None, _eligible: int = 0,
                  _first: tuple[int, ...] = (), _forced: Optional[str] = None, _unavailable: Mapping[str, str] = _NONE,
-                 _adapter: Any = None, _fallback: tuple = ()):
+                 _adapter: Any = None, _fallback: tuple = (), _timed: Optional[int] = None):
         # written out (not the dataclass's): a miss builds one, and each frozen field costs a call
         put = object.__setattr__
         put(self, "request", request)
@@ -105,7 +106,7 @@ class Selection:
         put(self, "_why", why)
         put(self, "forced_by", forced_by)
         put(self, "overrides", overrides)
-        put(self, "estimates", estimates)
+        put(self, "_estimates", estimates)
         put(self, "group", group)
         put(self, "unavailable_kernels", unavailable_kernels if unavailable_kernels is not None else UnavailableKernels())
         put(self, "_op", _op)
@@ -115,12 +116,14 @@ class Selection:
         put(self, "_unavailable", _unavailable)
         put(self, "_adapter", _adapter)
         put(self, "_fallback", _fallback)
+        put(self, "_timed", _timed)
 
     def __getstate__(self) -> dict:
         """Pickled as the decision (a process pool, ``all_gather_object``): not the adapter built in this process."""
         state = {name: getattr(self, name) for name in self.__slots__}
         state["_adapter"] = None
         state["_unavailable"] = dict(self._unavailable)  # a read-only view does not pickle
+        state["_estimates"], state["_timed"] = self.estimates, None  # the words, not the table behind them
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -140,9 +143,10 @@ class Selection:
         order = tuple(local._op.bit[k.name] for k in ranked)
         return cls(
             request=local.request, platform=local.platform, manifest=local.manifest, kernel=ranked[0], why=why,
-            forced_by=local.forced_by, overrides=local.overrides, estimates=local.estimates, group=group,
+            forced_by=local.forced_by, overrides=local.overrides, estimates=local._estimates, group=group,
             unavailable_kernels=local.unavailable_kernels, _op=local._op, _eligible=sum(1 << b for b in order),
             _first=order, _forced=local._forced, _unavailable=local._unavailable, _adapter=adapter,
+            _timed=local._eligible if local._timed is None else local._timed,
         )
 
     # ------------------------------------------------------------------ access
@@ -153,6 +157,10 @@ class Selection:
     @property
     def why(self) -> str:
         """One sentence on why this kernel (or none) was chosen, worded when read: a cached selection keeps no text."""
+        return self._worded_why(None)
+
+    def _worded_why(self, estimates: Optional[Estimates]) -> str:
+        """``why``, from ``estimates`` when the caller has them already (None: read them if needed)."""
         if self._why is not None:
             return self._why
         op = self._op
@@ -163,7 +171,17 @@ class Selection:
             return f"no eligible kernel (0 of {total})"
         _, second = op.leading(self._eligible, self._first)
         runner_up = op.kernels[second] if second is not None else None
-        return _why_chosen(self.kernel, runner_up, self._eligible.bit_count(), total, self.estimates)
+        return _why_chosen(self.kernel, runner_up, self._eligible.bit_count(), total,
+                           self.estimates if estimates is None else estimates)
+
+    @property
+    def estimates(self) -> Estimates:
+        """The measured and predicted times from the perf table that ranked the kernels, and why others have none
+        (``selector.ranking``): worded on each read -- a cached selection keeps only the shared ``Estimator``."""
+        e = self._estimates
+        if isinstance(e, Estimates):
+            return e
+        return e.estimate(self.request, self._op.names(self._eligible if self._timed is None else self._timed))
 
     @property
     def measured(self) -> dict[str, float]:
@@ -178,7 +196,8 @@ class Selection:
     @property
     def perf_source(self) -> str:
         """``perf/<file>.yaml, <GPU>`` when measured or predicted times ranked the kernels, else ''."""
-        return self.estimates.source if self.estimates.times else ""
+        e = self.estimates
+        return e.source if e.times else ""
 
     @property
     def eligible(self) -> tuple[KernelSpec, ...]:
@@ -276,7 +295,7 @@ class Selection:
 
     # --------------------------------------------------------------- rendering
     def to_dict(self) -> dict[str, Any]:
-        m = self.manifest
+        m, e = self.manifest, self.estimates
         return {
             "manifest": {"path": m.path, "schema_version": m.schema_version, "kernels": len(m.kernels), "digest": m.digest},
             "platform": self.platform.to_dict(),
@@ -286,9 +305,9 @@ class Selection:
             "selected": _kernel_dict(self.kernel) | {"settings": self.settings, "provenance": self._provenance(self.kernel)}
             | _variant_dict(self.variant)
             if self.kernel else None,
-            "why": self.why,
-            "perf": self._perf_dict(),
-            "eligible": [_kernel_dict(k) | {"provenance": self._provenance(k)} | self._time_dict(k.name)
+            "why": self._worded_why(e),
+            "perf": _perf_dict(e),
+            "eligible": [_kernel_dict(k) | {"provenance": self._provenance(k)} | _time_dict(e, k.name)
                          for k in self.eligible],
             "rejected": [
                 {"name": v.kernel.name, "solution": v.kernel.solution.value, "backend": v.kernel.backend.value,
@@ -305,49 +324,6 @@ class Selection:
         known = provenance(k)
         return known.to_dict() | {"summary": known.summary(self.request.arch or self.platform.arch)}
 
-    def _perf_dict(self) -> Optional[dict[str, Any]]:
-        e = self.estimates
-        if not e.source:
-            return None
-        return {"source": e.source, "ranked_by": e.kind or "priority", "median_us": dict(e.measured),
-                "predicted": {k: _prediction_dict(p) for k, p in e.predicted.items()}, "no_time": dict(e.missing)}
-
-    def _time_dict(self, name: str) -> dict[str, Any]:
-        e = self.estimates
-        if name in e.measured:
-            return {"median_us": e.measured[name]}
-        if name in e.predicted:
-            return {"predicted": _prediction_dict(e.predicted[name])}
-        return {"no_time": e.missing[name]} if name in e.missing else {}
-
-    def _perf_line(self) -> Optional[str]:
-        e = self.estimates
-        if not e.source:
-            return None
-        if e.times:
-            how = {"measured": "measured times rank the eligible kernels",
-                   "predicted": "bucket not measured: predicted times rank the eligible kernels"}
-            return f"perf      {e.source} ({how.get(e.kind, 'measured and predicted times rank the eligible kernels')})"
-        common = self._common_missing()
-        why = common or "no eligible kernel measured or predicted here"
-        return f"perf      {e.source} ({why}; priority ranks the eligible kernels)"
-
-    def _common_missing(self) -> Optional[str]:
-        """The one reason every eligible kernel lacks a time, when nothing has one (shown once, on the perf line)."""
-        reasons = set(self.estimates.missing.values())
-        return reasons.pop() if len(reasons) == 1 and not self.estimates.times else None
-
-    def _timing(self, name: str) -> str:
-        """What explain prints after an eligible kernel: its measured time, its prediction, or why it has none."""
-        e = self.estimates
-        if name in e.measured:
-            return f"  {e.measured[name]:.1f} us"
-        if name in e.predicted:
-            return f"  {e.predicted[name].describe()}"
-        if name in e.missing and self._common_missing() is None:
-            return f"  ({e.missing[name]})"
-        return ""
-
     def explain(self) -> str:
         """The fixed-section text of ``kernelsel explain``."""
         m = self.manifest
@@ -361,7 +337,9 @@ class Selection:
             lines.append(f"unchecked {', '.join(unchecked)} (not given, so not checked)")
         for o in self.overrides:
             lines.append(f"override  {o}")
-        perf_line = self._perf_line()
+        e = self.estimates
+        common = _common_missing(e)
+        perf_line = _perf_line(e, common)
         if perf_line:
             lines.append(perf_line)
         if self.kernel:
@@ -376,7 +354,7 @@ class Selection:
                 lines.append(f"variant   {variant.describe()}")
         else:
             lines.append("selected  none")
-        lines.append(f"why       {self.why}")
+        lines.append(f"why       {self._worded_why(e)}")
         if self.group:
             lines.append(f"group     agreed by {self.group}")
         if self._fallback:
@@ -392,7 +370,7 @@ class Selection:
         for v in ordered:
             head = f"  {'ok' if v.eligible else 'no'}  {v.kernel.name:<{width}}  {v.kernel.origin:<{owidth}}"
             if v.eligible:
-                timing = self._timing(v.kernel.name)
+                timing = _timing(e, v.kernel.name, common)
                 lines.append(f"{head}  #{rank[v.kernel.name]} priority {v.kernel.priority}{timing}".rstrip())
             else:
                 lines.append(f"{head}  {v.reasons[0]}")
@@ -402,6 +380,50 @@ class Selection:
 
     def __str__(self) -> str:
         return self.explain()
+
+
+def _perf_dict(e: Estimates) -> Optional[dict[str, Any]]:
+    if not e.source:
+        return None
+    return {"source": e.source, "ranked_by": e.kind or "priority", "median_us": dict(e.measured),
+            "predicted": {k: _prediction_dict(p) for k, p in e.predicted.items()}, "no_time": dict(e.missing)}
+
+
+def _time_dict(e: Estimates, name: str) -> dict[str, Any]:
+    if name in e.measured:
+        return {"median_us": e.measured[name]}
+    if name in e.predicted:
+        return {"predicted": _prediction_dict(e.predicted[name])}
+    return {"no_time": e.missing[name]} if name in e.missing else {}
+
+
+def _perf_line(e: Estimates, common: Optional[str]) -> Optional[str]:
+    if not e.source:
+        return None
+    if e.times:
+        how = {"measured": "measured times rank the eligible kernels",
+               "predicted": "bucket not measured: predicted times rank the eligible kernels"}
+        return f"perf      {e.source} ({how.get(e.kind, 'measured and predicted times rank the eligible kernels')})"
+    why = common or "no eligible kernel measured or predicted here"
+    return f"perf      {e.source} ({why}; priority ranks the eligible kernels)"
+
+
+def _common_missing(e: Estimates) -> Optional[str]:
+    """The one reason every eligible kernel lacks a time, when nothing has one (shown once, on the perf line)."""
+    reasons = set(e.missing.values())
+    return reasons.pop() if len(reasons) == 1 and not e.times else None
+
+
+def _timing(e: Estimates, name: str, common: Optional[str]) -> str:
+    """What explain prints after an eligible kernel: its measured time, its prediction, or why it has none
+    (``common``: the reason every eligible kernel shares, shown once on the perf line instead)."""
+    if name in e.measured:
+        return f"  {e.measured[name]:.1f} us"
+    if name in e.predicted:
+        return f"  {e.predicted[name].describe()}"
+    if name in e.missing and common is None:
+        return f"  ({e.missing[name]})"
+    return ""
 
 
 def _why_chosen(winner: KernelSpec, runner_up: Optional[KernelSpec], count: int, total: int,

@@ -28,7 +28,7 @@ from selector.compiled import CompiledOp, compiled
 from selector.eligibility import DISABLED, REFERENCE_ONLY, library_reason, platform_reasons, reasons, restriction_reasons
 from selector.overrides import ENV_DISABLE, Overrides, forced_kernel_problem
 from selector.platform import Platform
-from selector.ranking import NO_ESTIMATES, Estimates, estimate
+from selector.ranking import NO_ESTIMATES, Estimator, estimator
 from selector.request import KernelRequest
 from selector.selection import Selection
 
@@ -40,11 +40,11 @@ _NONE: Mapping[str, str] = MappingProxyType({})
 class Ranking:
     """How the eligible kernels are ordered: ``first`` (bits, fastest first) ahead of the rest in priority order."""
 
-    __slots__ = ("first", "estimates")
+    __slots__ = ("first", "estimator")
 
-    def __init__(self, first: tuple[int, ...] = (), estimates: Estimates = NO_ESTIMATES):
+    def __init__(self, first: tuple[int, ...] = (), estimator: Optional[Estimator] = None):
         self.first = first  # the eligible kernels with a time, by (time, priority, name)
-        self.estimates = estimates  # their measured and predicted times (selector.ranking)
+        self.estimator = estimator  # what timed them, to word their estimates when read (selector.ranking)
 
 
 _BY_PRIORITY = Ranking()
@@ -59,12 +59,11 @@ def rank(op: CompiledOp, eligible: int, request: KernelRequest, perf: Optional[P
     moves; times reorder only the kernels that have one (the others follow
     them): total and deterministic.
     """
-    if perf is None or perf.arch is not request.arch or not eligible:
+    timer = estimator(perf, request, predict=predict)
+    if timer is None or not eligible:
         return _BY_PRIORITY
-    names = [k.name for k in op.in_manifest_order if eligible >> op.bit[k.name] & 1]
-    estimates = estimate(perf, request, names, predict=predict)
-    times = estimates.times
-    return Ranking(tuple(b for _, b in sorted((us, op.bit[name]) for name, us in times.items())), estimates)
+    times = timer.times(request, op.names(eligible))
+    return Ranking(tuple(b for _, b in sorted((us, op.bit[name]) for name, us in times.items())), timer)
 
 
 def solve(
@@ -122,7 +121,7 @@ def solve(
         kernel=chosen,
         forced_by=forced_by if forced_name is not None else None,
         overrides=op.applied_overrides,
-        estimates=ranking.estimates,
+        estimates=ranking.estimator if ranking.estimator is not None else NO_ESTIMATES,
         unavailable_kernels=record,
         _op=op,
         _eligible=eligible,

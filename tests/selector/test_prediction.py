@@ -151,8 +151,8 @@ def test_explain_shows_predictions_apart_from_measurements(solve):
 def test_a_measured_bucket_and_a_cached_selection_never_predict(toy, monkeypatch):
     perf = table(GRID)
     calls = []
-    original = PerfModel.predict
-    monkeypatch.setattr(PerfModel, "predict", lambda self, *a: calls.append(a) or original(self, *a))
+    original = PerfModel.predictions  # what ranking asks (explain words the rest with predict())
+    monkeypatch.setattr(PerfModel, "predictions", lambda self, *a: calls.append(a) or original(self, *a))
     sel = Selector(toy, Platform.hypothetical("sm_90"), perf=perf)
     sel.solve(KernelRequest(**DECODE, batch_size=8, kv_len=4096))  # measured: no prediction at all
     assert calls == []
