@@ -5,7 +5,9 @@
 * ``select_kernel(op=..., ...)`` keys its raw arguments (``batch_size``/``kv_len`` bucketed): a hit builds no
   request, a growing KV length keeps hitting, and anything it cannot key safely raises what it always raised.
 * A cached selection is small whatever the manifest's size: under 3 KB per entry -- request, selection and key
-  -- on a 1000-kernel op, with the arch given or detected (a size bound measured with tracemalloc, not a timing).
+  -- on a 1000-kernel op, with the arch given or detected (a size bound measured with tracemalloc, not a timing);
+  and whatever the perf table ranking it: a table adds at most a few hundred bytes, however many kernels it
+  cannot time (measured and predicted buckets, on a 1000-kernel op and on the bundled manifest's committed table).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import pytest
 import selector
 import selector.api as api
 from registry.errors import RequestError
-from registry.loader import load_manifest
+from registry.loader import bundled_perf_dir, load_manifest, load_perf_table
+from registry.perf import PerfEntry, PerfTable, entry_data
 from registry.vocab import Arch
 from selector import KernelRequest, Platform, Selector, select_kernel
 from selector.overrides import ENV_ADAPTER_ALLOWLIST, ENV_CACHE_SIZE, ENV_MANIFEST, ENV_PERF
 from selector.platform import GPU_SOURCES, TORCH, Gpu
+from selector.tuning import ENV_TUNE_CACHE
 
 DECODE = dict(op="mha_decode", arch="sm_90", q_dtype="bf16", head_dim_qk=128)
 
@@ -229,3 +233,84 @@ def test_a_keyword_cache_entry_takes_under_3_kb_on_a_1000_kernel_op(tmp_path, mo
     per_entry = _bytes_per_entry(lambda: [select_kernel(**fields, batch_size=b, kv_len=k) for b, k in BUCKETS])
     assert len(selector.default_selector()._by_fields) == len(BUCKETS) + 1
     assert per_entry <= 3 * 1024, per_entry
+
+
+# ------------------------------------------------------------------ memory, ranked by a perf table
+
+TABLE_GAIN = 512
+"""Bytes a perf table may add to a cached entry (the ranked kernels' bits): not a string per kernel it cannot time."""
+
+
+def _synthetic_table(buckets, kernels) -> PerfTable:
+    """An H200 table of ``MLA`` buckets timing ``kernels`` (each at its own speed, varied a little by bucket)."""
+    entries = tuple(
+        PerfEntry.model_validate(entry_data(KernelRequest(**MLA, batch_size=b, kv_len=k),
+                                            {n: 10.0 + j + b * k / 1e4 + i % 3 for j, n in enumerate(kernels)}))
+        for i, (b, k) in enumerate(buckets))
+    return PerfTable(gpu="NVIDIA H200", arch="sm_90", entries=entries)
+
+
+@pytest.mark.parametrize("bucket", ["measured", "predicted"])
+@pytest.mark.parametrize("arch_given", [True, False], ids=["arch given", "arch detected"])
+def test_a_cached_selection_ranked_by_a_perf_table_takes_under_3_kb_on_a_1000_kernel_op(tmp_path, bucket, arch_given):
+    """The table times 4 kernels of the 1000: every bucket (measured) or 4 far from these (the rest predicted).  The
+    entry keeps no time and no reason for the 900-odd kernels it cannot time: explain words them when read."""
+    fields = MLA if arch_given else NO_ARCH
+    manifest = load_manifest(_big_manifest(tmp_path))
+    platform = Platform.hypothetical("sm_90")
+    fastest = [k.name for k in Selector(manifest, platform).solve(KernelRequest(**MLA)).eligible[-4:]]
+    table = _synthetic_table(BUCKETS if bucket == "measured" else [(1, 1 << 21), (64, 1 << 22), (1024, 1 << 23)], fastest)
+    sizes = {}
+    for perf in (None, table):
+        sel = Selector(manifest, platform, perf=perf, cache_size=len(BUCKETS) + 1)
+        sel.solve(KernelRequest(**fields, batch_size=3, kv_len=3))  # compiled; the table's model fitted
+        sizes[perf is None] = _bytes_per_entry(
+            lambda: [sel.solve(KernelRequest(**fields, batch_size=b, kv_len=k)) for b, k in BUCKETS])
+    timed = sel.solve(KernelRequest(**fields, batch_size=8, kv_len=512))
+    assert timed.estimates.kind == bucket and len(timed.estimates.missing) > 300
+    assert timed.name in fastest and {k.name for k in timed.eligible[:4]} == set(fastest)  # the table ranked them
+    assert sizes[False] <= 3 * 1024 and sizes[False] - sizes[True] <= TABLE_GAIN, sizes
+
+
+H200_TABLE = bundled_perf_dir() / "nvidia-h200-sm_90.yaml"
+BUNDLED_DECODE = dict(op="mha_decode", arch="sm_90", q_dtype="bf16", head_dim_qk=128, num_qo_heads=32, num_kv_heads=8,
+                      page_size=16)
+
+
+@pytest.mark.parametrize("arch_given", [True, False], ids=["arch given", "arch detected"])
+def test_a_keyword_cache_entry_ranked_by_the_committed_h200_table_takes_under_3_kb(tmp_path, monkeypatch, arch_given):
+    """The engine's case on an H200: the bundled manifest, the committed table (picked up for the GPU torch sees;
+    named by KERNELSEL_PERF when the arch is given, since then torch is not asked), the keyword form."""
+    fields = BUNDLED_DECODE if arch_given else {k: v for k, v in BUNDLED_DECODE.items() if k != "arch"}
+    monkeypatch.setenv(ENV_CACHE_SIZE, str(2 * len(BUCKETS)))
+    monkeypatch.setenv(ENV_TUNE_CACHE, str(tmp_path))  # no tuned table of this machine
+    monkeypatch.delenv(ENV_ADAPTER_ALLOWLIST, raising=False)
+    monkeypatch.setitem(GPU_SOURCES, TORCH, lambda: ((H200,), ""))  # as if torch saw an H200
+    sizes = {}
+    for perf in ("off", str(H200_TABLE) if arch_given else None):
+        if perf is None:
+            monkeypatch.delenv(ENV_PERF, raising=False)
+        else:
+            monkeypatch.setenv(ENV_PERF, perf)
+        selector.reset()
+        select_kernel(**fields, batch_size=3, kv_len=3)  # the table's model fitted
+        sizes[perf == "off"] = _bytes_per_entry(lambda: [select_kernel(**fields, batch_size=b, kv_len=k) for b, k in BUCKETS])
+    ranked = [select_kernel(**fields, batch_size=b, kv_len=k).estimates for b, k in BUCKETS]
+    assert {e.kind for e in ranked} == {"measured", "predicted"}  # 12 of the buckets measured, the others predicted
+    assert all(e.source.endswith(f"{H200_TABLE.name}, NVIDIA H200") for e in ranked)
+    assert sizes[False] <= 3 * 1024 and sizes[False] - sizes[True] <= TABLE_GAIN, sizes
+
+
+@pytest.mark.parametrize("arch_given", [True, False], ids=["arch given", "arch detected"])
+def test_a_cached_selection_ranked_by_the_committed_h200_table_takes_under_3_kb(arch_given):
+    """A request object against the bundled manifest and the committed table, measured buckets among the predicted."""
+    fields = BUNDLED_DECODE if arch_given else {k: v for k, v in BUNDLED_DECODE.items() if k != "arch"}
+    manifest, platform, table = load_manifest(), Platform.hypothetical("sm_90"), load_perf_table(H200_TABLE)
+    sizes = {}
+    for perf in (None, table):
+        sel = Selector(manifest, platform, perf=perf, cache_size=len(BUCKETS) + 1)
+        sel.solve(KernelRequest(**fields, batch_size=3, kv_len=3))
+        sizes[perf is None] = _bytes_per_entry(
+            lambda: [sel.solve(KernelRequest(**fields, batch_size=b, kv_len=k)) for b, k in BUCKETS])
+    assert {s.estimates.kind for s in sel._cache.values()} == {"measured", "predicted"}
+    assert sizes[False] <= 3 * 1024 and sizes[False] - sizes[True] <= TABLE_GAIN, sizes
