@@ -302,6 +302,8 @@ request = KernelRequest(op="mha_decode", arch="sm_90", q_dtype="bf16", head_dim_
                         num_kv_heads=2, page_size=16, batch_size=2, kv_len=64)
 s = sel.select(request, group=dist.group.WORLD)
 local = sel.solve(request, tune=False)
+dist.barrier()
+dist.destroy_process_group()  # else gloo's threads may abort the process at exit ("terminate called without ...")
 print(json.dumps({"kernel": s.kernel.name, "group": s.group, "calls": len(calls), "measured": local.measured}))
 """
 
