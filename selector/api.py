@@ -242,7 +242,7 @@ class Selector:
         full = self.complete(request)
         selection = selection if selection is not None else self.solve_excluding(full, {})
         names = eligible_to_tune(selection)
-        if not names or all(n in selection.measured for n in names):
+        if not names or set(names) <= selection.measured.keys():  # measured: worded when read, so read once
             return {}
         cache = self._tuned_table_file(full)
         if cache is None:

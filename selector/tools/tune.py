@@ -118,7 +118,7 @@ def run_tune(
         names = eligible_to_tune(before)
         if not names:
             row.skipped = "no eligible kernel"
-        elif all(n in before.measured for n in names):
+        elif set(names) <= before.measured.keys():
             row.skipped = "already measured"
         elif dry_run:
             row.skipped = "dry run"
