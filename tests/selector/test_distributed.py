@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORLD = 3
 
 WORKER = r"""
-import datetime, json, sys, types
+import datetime, json, os, sys, types
 rank, world, store = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 import torch.distributed as dist
 dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
@@ -117,7 +117,8 @@ out["default"] = {**first, "cached": same}
 out["default-env"] = outcome(lambda: select_kernel(KernelRequest(**MHA), group=dist.group.WORLD))
 dist.barrier()
 dist.destroy_process_group()
-print(json.dumps(out))
+print(json.dumps(out), flush=True)
+os._exit(0)  # torch's C++ teardown at interpreter exit sometimes aborts ("terminate called without an active exception")
 """
 
 

@@ -275,7 +275,7 @@ def test_tune_keyword_and_environment(toy_env, tmp_path, monkeypatch):
 
 
 GROUP_WORKER = r"""
-import datetime, json, sys, types
+import datetime, json, os, sys, types
 from pathlib import Path
 rank, world, store, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
 import torch.distributed as dist
@@ -303,8 +303,9 @@ request = KernelRequest(op="mha_decode", arch="sm_90", q_dtype="bf16", head_dim_
 s = sel.select(request, group=dist.group.WORLD)
 local = sel.solve(request, tune=False)
 dist.barrier()
-dist.destroy_process_group()  # else gloo's threads may abort the process at exit ("terminate called without ...")
-print(json.dumps({"kernel": s.kernel.name, "group": s.group, "calls": len(calls), "measured": local.measured}))
+dist.destroy_process_group()
+print(json.dumps({"kernel": s.kernel.name, "group": s.group, "calls": len(calls), "measured": local.measured}), flush=True)
+os._exit(0)  # torch's C++ teardown at interpreter exit sometimes aborts ("terminate called without an active exception")
 """
 
 
