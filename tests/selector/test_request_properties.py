@@ -15,12 +15,12 @@ from __future__ import annotations
 import os
 import re
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from registry.errors import KernelselError, RequestError
 from registry.loader import load_manifest
-from registry.ops import FEATURE_FIELDS_BY_OP, SHAPE_FIELDS_BY_OP
+from registry.ops import FEATURE_FIELDS_BY_OP, MLA_OPS, SHAPE_FIELDS_BY_OP
 from registry.vocab import Arch, Backend, DType, Op, Solution
 from selector import KernelRequest, NoKernelError, Platform, select_kernel
 from selector.solver import reasons
@@ -97,6 +97,7 @@ def assert_names_fields(exc: RequestError, fields: dict) -> None:
 
 @examples(300)
 @given(fields=request_fields())
+@example(fields={"head_dim_vo": 1, "op": "mla_decode", "arch": "sm_70"})  # MLA head sizes become the latent dims
 def test_random_requests_build_or_name_the_field(fields):
     try:
         request = KernelRequest(**fields)
@@ -104,8 +105,12 @@ def test_random_requests_build_or_name_the_field(fields):
         assert_names_fields(exc, fields)
         return
     assert request == KernelRequest(**fields) and hash(request) == hash(KernelRequest(**fields))
-    explicit = KernelRequest(**{**fields, "kv_dtype": request.kv_dtype, "out_dtype": request.out_dtype,
-                                "head_dim_vo": request.head_dim_vo})
+    if request.op in MLA_OPS:  # head sizes given the vLLM way are kept as the MLA dims they mean
+        spelled = {"head_dim_qk": None, "head_dim_vo": None, "kv_lora_rank": request.kv_lora_rank,
+                   "qk_rope_head_dim": request.qk_rope_head_dim}
+    else:
+        spelled = {"head_dim_vo": request.head_dim_vo}
+    explicit = KernelRequest(**{**fields, "kv_dtype": request.kv_dtype, "out_dtype": request.out_dtype, **spelled})
     assert explicit == request and hash(explicit) == hash(request), "defaults spelled out must hash the same"
     assert request.op in Op and (request.arch is None or request.arch in Arch)
     for f in SHAPE_FIELDS_BY_OP[request.op] & set(FIELDS):
