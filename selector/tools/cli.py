@@ -207,6 +207,14 @@ def _adapter_allowlist() -> tuple[str, ...]:
     return env + tuple(p for p in flags if p not in env)
 
 
+def _write_json(out: str, data: Any) -> None:
+    """A JSON report to ``out``, replaced whole: a reader (or a run stopped midway) never sees half a file."""
+    tmp = Path(out).with_name(f".{Path(out).name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, out)
+
+
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
@@ -562,8 +570,7 @@ def verify(op: Optional[str], kernel: Optional[str], solution: Optional[str], qu
     report = run_verify(manifest, op=op, kernel=kernel, solution=solution, quick=quick, device=device)
     data = report.to_dict()
     if out:
-        with open(out, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=str)
+        _write_json(out, data)
     if as_json:
         _echo_json(data)
     else:
@@ -662,10 +669,7 @@ def verify_model(archs: str, device: str, dtype_: Optional[str], solution: Optio
     lengths = tuple(_list(prompt_lengths, "--prompt-lengths", int)) if prompt_lengths else None
     def write(report: dict) -> None:  # after every run: a run stopped by a time limit keeps what it checked
         if out:
-            tmp = f"{out}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(report, f, indent=2, default=str)
-            os.replace(tmp, out)
+            _write_json(out, report)
 
     report = mc.verify_models(names, device=device, dtype=dtype, solution=solution, size=size,
                               page_sizes=tuple(_list(page_sizes, "--page-size", int)), each_kernel=each_kernel,
