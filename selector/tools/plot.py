@@ -5,7 +5,8 @@ Reads the results a bench or regret run writes (``bench/regret.py``'s JSON,
 and every kernel's median and achieved KV bandwidth, the kernel kernelsel
 selects, and the device-copy bandwidth measured in the same run
 (``meta.copy_tbps``, read and write counted), drawn as the ceiling a
-memory-bound kernel can approach.
+memory-bound kernel can approach (a kernel that only reads may pass it by a
+little, which the title then says).
 
 One row of panels per op and dtype pair, one panel per batch size; in a panel
 one line per kernel over the context length (log scale), a ring around the
@@ -24,6 +25,11 @@ from typing import Any, Optional
 from registry.errors import KernelselError
 
 INSTALL = "pip install 'kernelsel[plot]'"
+COPY_ENGINE_GAP = 1.25
+"""Kernels this much faster than the copy mean the copy was not timed on the SMs: no ceiling is drawn then.
+
+A read + write copy on the SMs runs within about 10% of what read-only kernels reach
+(H200: 4.22 against 4.57 TB/s); a copy-engine copy ran at 2.70."""
 
 
 def load_results(path: Path) -> dict[str, Any]:
@@ -85,10 +91,13 @@ def figure(data: dict[str, Any], title: str = "") -> Any:
     ceiling = (data.get("meta") or {}).get("copy_tbps")
     fastest = max((t.get("tbps") or 0.0 for c in cases for t in c["kernels"]), default=0.0)
     note = ""
-    if ceiling and fastest > ceiling * 1.05:  # not a ceiling: measured on the copy engines (older reports)
-        note = (f"this run's device-copy figure ({ceiling:.2f} TB/s) is below what kernels reached "
+    if ceiling and fastest > ceiling * COPY_ENGINE_GAP:  # older reports timed the copy engines (2.7 TB/s on an H200)
+        note = (f"this run's device-copy figure ({ceiling:.2f} TB/s) is far below what kernels reached "
                 f"({fastest:.2f} TB/s): not drawn as a ceiling")
         ceiling = None
+    elif ceiling and fastest > ceiling:  # a copy also writes: kernels that only read may pass it by a little
+        note = (f"dashed: device copy, {ceiling:.2f} TB/s read + write; kernels that only read reached "
+                f"{fastest:.2f} TB/s")
     for row, (group, by_batch) in enumerate(sorted(groups.items())):
         for col in range(ncols):
             ax = axes[row][col]
