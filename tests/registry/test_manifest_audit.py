@@ -226,6 +226,26 @@ def test_fa4_head_dim_256_with_non_contiguous_kv_is_excluded():
     assert pick(op="mha_prefill", arch="sm_100", q_dtype="bf16", head_dim_qk=256).kernel.name == "flash-attn-fa4-prefill"
 
 
-def test_fa4_is_registered_on_sm_100_only():
+def test_fa4_is_registered_on_sm_100_and_on_sm_90_as_its_own_entry():
     for arch in ("sm_90", "sm_103", "sm_120"):
         rejected(pick(op="mha_prefill", arch=arch, q_dtype="bf16", head_dim_qk=128), "flash-attn-fa4-prefill", "arch")
+    for arch in ("sm_100", "sm_103", "sm_120"):
+        rejected(pick(op="mha_prefill", arch=arch, q_dtype="bf16", head_dim_qk=128), "flash-attn-fa4-prefill-sm90",
+                 "arch")
+
+
+def test_fa4_on_sm_90_is_eligible_below_fa3_and_shown_as_verified_on_the_h200():
+    """flash-attn-4's Hopper kernel passed kernelsel verify on the H200 but ran slower than FlashInfer FA3 at
+    head_dim 128 (bench/results/fa4-sm90-prefill-h200.json): eligible, second, and forced by name it runs."""
+    sel = pick(op="mha_prefill", arch="sm_90", q_dtype="bf16", head_dim_qk=128)
+    assert sel.kernel.name == "flashinfer-fa3-prefill"
+    assert [k.name for k in sel.eligible][:2] == ["flashinfer-fa3-prefill",
+                                                    "flash-attn-fa4-prefill-sm90"]
+    forced = pick(op="mha_prefill", arch="sm_90", q_dtype="fp16", head_dim_qk=256, kernel="flash-attn-fa4-prefill-sm90")
+    assert forced.kernel.name == "flash-attn-fa4-prefill-sm90"
+    text = forced.explain()
+    assert "verified by kernelsel verify on NVIDIA H200 (sm_90)" in text and "verify-h200-fa4-sm90" in text
+    rejected(pick(op="mha_prefill", arch="sm_90", q_dtype="bf16", head_dim_qk=256, noncontiguous_kv=True),
+             "flash-attn-fa4-prefill-sm90", "excluded:", "lightseekorg/tokenspeed#445")
+    rejected(pick(op="mha_prefill", arch="sm_90", q_dtype="fp8_e4m3", head_dim_qk=128),
+             "flash-attn-fa4-prefill-sm90", "q_dtype")
