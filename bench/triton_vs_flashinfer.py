@@ -252,7 +252,7 @@ def run_decode(rec: Recorder, fi: Any, args: Any) -> list[dict]:
                 best = min(fis, key=fis.get)
                 summary.append(dict(base, triton_ms=t, splits=splits, best=best, best_ms=fis[best], ratio=fis[best] / t,
                                     triton_tbps=case.kv_bytes / t / 1e9))
-        del pools, case
+        pools = case = None  # free the pools; the lambdas that read case have run
         torch.cuda.empty_cache()
     return summary
 
@@ -303,7 +303,7 @@ def run_sweep(rec: Recorder, args: Any) -> None:
         for splits in (1, 2, 4, 8, 16, 32, 48, 64):
             attempt(rec, dict(op="mha_decode", kv="bf16", batch=batch, context=context, num_splits=splits),
                     "triton", lambda: case.triton({"num_splits": splits}), case.kv_bytes)
-    del pools, case
+    pools = case = None  # free the pools; the lambdas that read case have run
     torch.cuda.empty_cache()
     run_fp8_sweep(rec)
     pool = torch.randn(64 * 8192 // MLA_PAGE + 16, MLA_PAGE, RANK + ROPE, device=DEV).to(torch.bfloat16)
@@ -347,7 +347,7 @@ def run_fp8_sweep(rec: Recorder) -> None:
                     if splits * 64 <= context:
                         tuning = dict(cfg, num_splits=splits)
                         attempt(rec, dict(base, **tuning), "triton", lambda: case.triton(tuning), case.kv_bytes)
-    del pools, case
+    pools = case = None  # free the pools; the lambdas that read case have run
     torch.cuda.empty_cache()
 
 

@@ -26,9 +26,6 @@ Only sm_90 (warpgroup MMA) and a 16-bit cache of the same dtype as the query;
 
 from __future__ import annotations
 
-from typing import Any
-
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy

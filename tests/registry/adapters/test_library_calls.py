@@ -16,7 +16,6 @@ brings its pin.
 from __future__ import annotations
 
 import importlib
-import math
 import sys
 import types
 from typing import Any
