@@ -90,10 +90,36 @@ def perf_model(table: PerfTable) -> PerfModel:
     return table.derived("prediction", PerfModel)
 
 
-def estimator(perf: Optional[PerfTable], request: Any, *, predict: bool = True) -> Optional[Estimator]:
-    """What times ``request``'s kernels by ``perf`` (one shared object per table), or None: no table of its arch."""
-    if perf is None or perf.arch is not request.arch:
+class OtherArchTable:
+    """A perf table recorded on another arch than the request's: it times nothing, and explain says so.
+
+    A table given by ``KERNELSEL_PERF`` / ``--perf``, or this GPU's table
+    under a hypothetical ``arch=``, would otherwise be passed over in silence.
+    """
+
+    __slots__ = ("table",)
+
+    def __init__(self, table: PerfTable):
+        self.table = table
+
+    def times(self, request: Any, kernels: Sequence[str]) -> dict[str, float]:
+        return {}
+
+    def estimate(self, request: Any, kernels: Sequence[str]) -> Estimates:
+        if not kernels:
+            return NO_ESTIMATES
+        arch = request.arch.value if request.arch is not None else "no arch"
+        why = f"the table was recorded on {self.table.arch.value}, the request is for {arch}"
+        return Estimates(f"{self.table.path}, {self.table.gpu}", missing=dict.fromkeys(kernels, why))
+
+
+def estimator(perf: Optional[PerfTable], request: Any, *,
+              predict: bool = True) -> "Estimator | OtherArchTable | None":
+    """What times ``request``'s kernels by ``perf`` (one shared object per table), or None: no table."""
+    if perf is None:
         return None
+    if perf.arch is not request.arch:
+        return perf.derived("other arch", OtherArchTable)
     return perf.derived("estimator" if predict else "estimator, predictions off", lambda t: Estimator(t, predict))
 
 

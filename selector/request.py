@@ -7,6 +7,7 @@ are not checked (explain lists them); features default to "not needed".
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -27,8 +28,12 @@ def _shape(name: str, description: str = "") -> Any:
     """An optional shape field, at least its minimum (``registry.ops.shape_minimum``) and at most an int64."""
     return Field(default=None, ge=shape_minimum(name), le=MAX_INT, description=description or None)
 
-_GIVEN_SETS: dict[frozenset, set] = {}
-"""One shared set per combination of given fields: a selection cache holds thousands of requests, most alike."""
+_GIVEN_SETS: "OrderedDict[frozenset, set]" = OrderedDict()
+"""One shared set per combination of given fields: a selection cache holds thousands of requests, most alike.
+
+At most ``_GIVEN_SETS_MAX``, the oldest dropped first, so a process that once built many combinations (a
+``kernelsel diff`` over every request class, a fuzzer) still shares the sets it uses now."""
+_GIVEN_SETS_MAX = 4096
 
 BUCKETED_FIELDS: tuple[str, ...] = ("batch_size", "kv_len", "new_len")
 """Fields a request rounds up to a power of two (``registry.perf.bucket``): nearby shapes share one cache entry."""
@@ -161,11 +166,16 @@ class KernelRequest(BaseModel):
         about 700 bytes per cached request.
         """
         given = self.__pydantic_fields_set__
-        shared = _GIVEN_SETS.get(frozenset(given))
-        if shared is None and len(_GIVEN_SETS) < 4096:
-            shared = _GIVEN_SETS.setdefault(frozenset(given), set(given))
-        if shared is not None:
-            object.__setattr__(self, "__pydantic_fields_set__", shared)
+        key = frozenset(given)
+        shared = _GIVEN_SETS.get(key)
+        if shared is None:
+            shared = _GIVEN_SETS.setdefault(key, set(given))
+            if len(_GIVEN_SETS) > _GIVEN_SETS_MAX:
+                try:
+                    _GIVEN_SETS.popitem(last=False)  # requests that hold the dropped set keep it
+                except KeyError:  # another thread emptied it meanwhile
+                    pass
+        object.__setattr__(self, "__pydantic_fields_set__", shared)
 
     def __getattr__(self, name: str) -> Any:
         """``_key`` (every field's value, defaults filled: what equality compares) and ``_hash``, made on first use.

@@ -62,7 +62,7 @@ def rank(op: CompiledOp, eligible: int, request: KernelRequest, perf: Optional[P
     timer = estimator(perf, request, predict=predict)
     if timer is None or not eligible:
         return _BY_PRIORITY
-    times = timer.times(request, op.names(eligible))
+    times = timer.times(request, op.names(eligible))  # none from a table of another arch: priority, said so
     return Ranking(tuple(b for _, b in sorted((us, op.bit[name]) for name, us in times.items())), timer)
 
 

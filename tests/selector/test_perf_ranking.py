@@ -74,7 +74,20 @@ def test_other_buckets_and_archs_fall_back_to_priority(toy, tmp_path):
     same_bucket = _solve(toy, perf, **{**DECODE, "batch_size": 40, "kv_len": 3000})  # buckets to 64 / 4096
     assert same_bucket.perf_source and same_bucket.kernel.name == by_priority.eligible[-1].name
     other_arch = _solve(toy, _table(tmp_path, times, arch="sm_80", name="a100.yaml"), **DECODE)
-    assert not other_arch.perf_source
+    assert not other_arch.perf_source and other_arch.eligible == by_priority.eligible
+
+
+def test_a_table_of_another_arch_is_named_in_explain_not_passed_over_in_silence(toy, tmp_path):
+    """KERNELSEL_PERF at an A100 table on an H200 (or --arch sm_100 on a GPU with a committed table): it times
+    nothing, priority ranks, and the perf line says why."""
+    by_priority = _solve(toy, None, **DECODE)
+    perf = _table(tmp_path, {k.name: 1.0 for k in by_priority.eligible}, arch="sm_80", name="a100.yaml")
+    sel = _solve(toy, perf, **DECODE)
+    assert sel.kernel.name == by_priority.kernel.name and not sel.measured and not sel.predicted
+    line = next(ln for ln in sel.explain().splitlines() if ln.startswith("perf "))
+    assert "a100.yaml, NVIDIA H200" in line
+    assert "the table was recorded on sm_80, the request is for sm_90; priority ranks the eligible kernels" in line
+    assert "sm_80" not in _solve(toy, None, **DECODE).explain()
 
 
 def test_selection_with_a_perf_table_is_deterministic(toy, tmp_path):

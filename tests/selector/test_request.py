@@ -125,3 +125,19 @@ def test_prefill_new_len_is_its_kv_len():
 def test_bad_new_len_is_named(fields, message):
     with pytest.raises(RequestError, match=message):
         KernelRequest(arch="sm_90", **fields)
+
+
+def test_requests_that_gave_the_same_fields_share_one_set_even_after_thousands_of_other_combinations():
+    """A cached request keeps pydantic's set of given fields (~700 bytes); alike requests share one.  The
+    shared table is bounded, oldest dropped first, so a process that once built many combinations (a fuzzer,
+    ``kernelsel diff``) still shares the ones it uses now."""
+    base = dict(op="mha_decode", arch="sm_90", q_dtype="bf16", head_dim_qk=128)
+    optional = dict(sinks=False, sliding_window=False, logits_soft_cap=False, return_lse=False, non_causal=False,
+                    noncontiguous_kv=False, cuda_graph=False, page_size=16, q_len=1, num_qo_heads=32,
+                    num_kv_heads=8, batch_size=2, kv_len=100)
+    names = list(optional)
+    for mask in range(1 << len(names)):  # 8,192 combinations of given fields: twice the table's bound
+        KernelRequest(**base, **{n: optional[n] for i, n in enumerate(names) if mask >> i & 1})
+    a, b = KernelRequest(**base, batch_size=3, kv_len=7), KernelRequest(**base, batch_size=5, kv_len=9)
+    assert a.model_fields_set == {*base, "batch_size", "kv_len"}
+    assert a.model_fields_set is b.model_fields_set
