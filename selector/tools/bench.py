@@ -198,7 +198,8 @@ def load_suite(path: os.PathLike | str, arch: Any) -> list[BenchCase]:
                 cases += [dataclasses.replace(c, group=g.name) for c in grid(g.op, arch, {**g.request, **point}, g.grid)]
             except RequestError as exc:
                 where = ("groups", i) + (("cases", j) if g.cases else ())
-                raise KernelselError("invalid suite:\n" + located(marks, filename, where, f"({g.name}) "
+                name = g.name if g.name.isprintable() else brief(g.name)  # one line per problem, whatever the name
+                raise KernelselError("invalid suite:\n" + located(marks, filename, where, f"({name}) "
                                                                    + "; ".join(exc.problems))) from None
     return cases
 

@@ -84,3 +84,18 @@ def test_a_suite_loads_its_cases_or_fails_with_one_located_error(workdir, data, 
     assert 0 < len(cases) <= bench.MAX_CASES
     for case in cases:
         assert case.request.arch is arch and case.batch >= 1 and case.kv_len >= 1
+
+
+def test_a_group_name_across_lines_is_quoted_so_each_problem_stays_one_located_line(workdir):
+    """hypothesis found it: a group named "a\\nb" split the located error over two lines."""
+    path = workdir / "suite.yaml"
+    path.write_text(yaml.safe_dump({"schema_version": 1, "groups": [
+        {"name": "two\nlines", "op": "mha_decode",
+         "request": {"q_dtype": "bf16", "head_dim_qk": 128, "num_qo_heads": 32, "num_kv_heads": 8, "page_size": 16,
+                     "q_len": 0},
+         "grid": {"batch": [1], "kv_len": [512]}}]}))
+    with pytest.raises(KernelselError) as err:
+        bench.load_suite(path, Arch.SM_90)
+    lines = str(err.value).removeprefix("invalid suite:\n").splitlines()
+    assert len(lines) == 1 and LOCATED.match(lines[0]), str(err.value)
+    assert "('two\\nlines')" in lines[0] and "q_len" in lines[0]
