@@ -93,8 +93,9 @@ def perf_model(table: PerfTable) -> PerfModel:
 class OtherArchTable:
     """A perf table recorded on another arch than the request's: it times nothing, and explain says so.
 
-    A table given by ``KERNELSEL_PERF`` / ``--perf``, or this GPU's table
-    under a hypothetical ``arch=``, would otherwise be passed over in silence.
+    A table given by ``KERNELSEL_PERF`` or ``Selector(perf=...)`` (the CLI's
+    ``--perf`` refuses one), or this GPU's table under a hypothetical
+    ``arch=``, would otherwise be passed over in silence.
     """
 
     __slots__ = ("table",)

@@ -22,7 +22,7 @@ from registry.variants import LaunchEnv, VariantChoice
 from selector.availability import UnavailableKernels, adapter_class
 from selector.platform import EVERYTHING
 from selector.prediction import Prediction
-from selector.ranking import NO_ESTIMATES, Estimates, Estimator
+from selector.ranking import NO_ESTIMATES, Estimates, Estimator, OtherArchTable
 
 if TYPE_CHECKING:
     from registry.schema import Manifest
@@ -88,12 +88,12 @@ class Selection:
     _adapter: Any = field(default=None, repr=False)  # built on first use
     _fallback: tuple = field(default=(), repr=False)  # ((kernel, reason)..., used kernel) once one failed
     _why: Optional[str] = field(default=None, repr=False)  # the maker's own sentence; None: worded from the above
-    _estimates: Any = field(default=NO_ESTIMATES, repr=False)  # Estimates, or the shared Estimator that words them
+    _estimates: Any = field(default=NO_ESTIMATES, repr=False)  # Estimates, or the shared object that words them
     _timed: Optional[int] = field(default=None, repr=False)  # the mask the Estimator timed; None: _eligible
 
     def __init__(self, request: "KernelRequest", platform: "Platform", manifest: "Manifest", kernel: Optional[KernelSpec],
                  why: Optional[str] = None, forced_by: Optional[str] = None, overrides: tuple[str, ...] = (),
-                 estimates: "Estimates | Estimator" = NO_ESTIMATES, group: str = "",
+                 estimates: "Estimates | Estimator | OtherArchTable" = NO_ESTIMATES, group: str = "",
                  unavailable_kernels: Optional[UnavailableKernels] = None, _op: Any = None, _eligible: int = 0,
                  _first: tuple[int, ...] = (), _forced: Optional[str] = None, _unavailable: Mapping[str, str] = _NONE,
                  _adapter: Any = None, _fallback: tuple = (), _timed: Optional[int] = None):

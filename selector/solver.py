@@ -28,7 +28,7 @@ from selector.compiled import CompiledOp, compiled
 from selector.eligibility import DISABLED, REFERENCE_ONLY, library_reason, platform_reasons, reasons, restriction_reasons
 from selector.overrides import ENV_DISABLE, Overrides, forced_kernel_problem
 from selector.platform import Platform
-from selector.ranking import NO_ESTIMATES, Estimator, estimator
+from selector.ranking import NO_ESTIMATES, Estimator, OtherArchTable, estimator
 from selector.request import KernelRequest
 from selector.selection import Selection
 
@@ -42,7 +42,7 @@ class Ranking:
 
     __slots__ = ("first", "estimator")
 
-    def __init__(self, first: tuple[int, ...] = (), estimator: Optional[Estimator] = None):
+    def __init__(self, first: tuple[int, ...] = (), estimator: "Estimator | OtherArchTable | None" = None):
         self.first = first  # the eligible kernels with a time, by (time, priority, name)
         self.estimator = estimator  # what timed them, to word their estimates when read (selector.ranking)
 
